@@ -1,0 +1,66 @@
+"""Shared fixtures: the real samples in ../shared/data, IDX writers, a briefly trained checkpoint."""
+import gzip
+import os
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED_DATA = Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data"))
+# .ci/run sets this so that CI fails, instead of skipping, when the real samples are missing
+REQUIRE_SHARED = os.environ.get("REQUIRE_SHARED_DATA") == "1"
+
+
+def shared_path(*parts):
+    """A path under ../shared/data, or skip (fail under REQUIRE_SHARED_DATA=1) if it is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        message = f"real samples not found at {path} (the repo's ../shared/data is not beside this clone)"
+        if REQUIRE_SHARED:
+            pytest.fail(message + "; REQUIRE_SHARED_DATA=1 forbids skipping")
+        pytest.skip(message)
+    return path
+
+
+def idx_bytes(array):
+    array = np.asarray(array, dtype=np.uint8)
+    return struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+
+
+def write_idx(path, array, compress=True):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = idx_bytes(array)
+    path.write_bytes(gzip.compress(raw) if compress else raw)
+    return path
+
+
+def fake_split(count, num_classes=62, seed=0):
+    """Distinct random uint8 images with labels, stored as EMNIST stores them (transposed)."""
+    rng = np.random.default_rng(seed)
+    upright = rng.integers(0, 256, size=(count, 28, 28), dtype=np.uint8)
+    labels = np.arange(count) % num_classes
+    return upright, labels, np.ascontiguousarray(upright.transpose(0, 2, 1))
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """Decoded-array caches for read-only folders go to a per-test folder, not ~/.cache."""
+    import data
+
+    monkeypatch.setattr(data, "CACHE_DIR", tmp_path / "cache")
+
+
+@pytest.fixture(scope="session")
+def trained_lenet(tmp_path_factory):
+    """A LeNet trained for a few epochs on sklearn-digits: (workdir, checkpoint path)."""
+    import train
+
+    workdir = tmp_path_factory.mktemp("trained")
+    train.main(["--model", "lenet", "--dataset", "sklearn-digits", "--epochs", "8", "--lr", "0.05",
+                "--hub", str(workdir / "model_hub"), "--outputs", str(workdir / "outputs")])
+    return workdir, workdir / "model_hub" / "pre_trained" / "lenet.pth"
