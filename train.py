@@ -45,11 +45,15 @@ class TrainingError(Exception):
 
 # ----------------------------------------------------------------------------- command line
 
-def common_parser(description, epochs=EPOCHS):
+def common_parser(description, epochs=EPOCHS, several_models=False):
     """The flags every script shares (DESIGN.md: common command-line flags)."""
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default="alexnet", choices=sorted(MODELS), help="network")
+    if several_models:
+        parser.add_argument("--model", nargs="+", default=["alexnet"], choices=sorted(MODELS) + ["all"],
+                            help="one or more networks, or all")
+    else:
+        parser.add_argument("--model", default="alexnet", choices=sorted(MODELS), help="network")
     parser.add_argument("--dataset", default="emnist-byclass", choices=DATASETS, help="dataset")
     parser.add_argument("--data-dir", default="data", help="folder with the dataset files")
     parser.add_argument("--subset", type=int, default=None, help="train on a stratified sample of N images")
@@ -59,11 +63,17 @@ def common_parser(description, epochs=EPOCHS):
     parser.add_argument("--seed", type=int, default=0, help="seed for splits, shuffling, augmentation, init")
     parser.add_argument("--hub", default="model_hub", help="checkpoint folder")
     parser.add_argument("--outputs", default="outputs", help="folder for JSON and plots")
+    parser.add_argument("--no-download", action="store_true", help="never download missing data")
     parser.add_argument("--dry-run", action="store_true", help="one training and one validation batch, then exit")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     parser.add_argument("--channels-last", action="store_true", help="channels_last memory format (CUDA)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     return parser
+
+
+def model_names(args):
+    """The networks named by a several-models --model flag, with 'all' for the six."""
+    return sorted(MODELS) if "all" in args.model else list(dict.fromkeys(args.model))
 
 
 def plain_args(args):
@@ -151,7 +161,7 @@ def load_training_data(args, device, val_fraction=VAL_FRACTION, stats=None):
     `stats` (mean, std) reuses a checkpoint's normalisation; otherwise it is measured on
     the training part only, so nothing about the validation or test images leaks in.
     """
-    images, labels = load_images(args.dataset, train=True, data_dir=args.data_dir)
+    images, labels = load_images(args.dataset, train=True, data_dir=args.data_dir, download=not args.no_download)
     if args.subset:
         chosen = stratified_subset(labels, args.subset, args.seed)
         images, labels = images[chosen], labels[chosen]
@@ -284,7 +294,7 @@ def fit(model, optimizer, data, *, epochs, batch_size, seed=0, patience=None, cl
         val = evaluate_loss_acc(model, *data["val"], data["mean"], data["std"], **common) if data["val"] else None
         row = {"epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"],
                "val_loss": val["loss"] if val else None, "val_acc": val["acc"] if val else None,
-               "seconds": time.time() - epoch_start, "images_per_sec": train["images"] / max(train_seconds, 1e-9),
+               "seconds": time.time() - epoch_start, "images": int(train["images"]), "images_per_sec": train["images"] / max(train_seconds, 1e-9),
                "elapsed": time.time() - started}
         history.append(row)
         if rank == 0:
@@ -399,34 +409,35 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def run(args):
-    rank, world_size, device = setup_distributed(args.device)
-    log = print if rank == 0 else (lambda *_: None)
-    resolve_hyperparameters(args, args.outputs, log)
-    set_seed(args.seed)
-    best_path = Path(args.hub) / "pre_trained" / f"{args.model}.pth"
-    last_path = best_path.with_name(f"{args.model}_last.pth")
-    data = load_training_data(args, device)
-    model = build_model(args.model, len(CLASSES[args.dataset]))
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
-    history = []
-    if args.resume:
-        state = load_checkpoint(last_path, args.model, len(CLASSES[args.dataset]))
-        model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        history = state["history"]
-        log(f"resuming from {last_path} after epoch {state['epoch']}")
-    log(f"{args.model} on {args.dataset}: {len(data['train'][1]):,} train / {len(data['val'][1]):,} val images, "
-        f"device {device}, world size {world_size}, lr {args.learning_rate}, batch {args.batch_size}, "
-        f"momentum {args.momentum}, weight decay {args.weight_decay}")
+def last_checkpoint_path(best_path):
+    return Path(best_path).with_name(Path(best_path).stem + "_last.pth")
+
+
+def resume_history(args, best_path, model, optimizer, log=print):
+    """With --resume, load the last checkpoint into model and optimizer and return its history."""
+    if not args.resume:
+        return []
+    last_path = last_checkpoint_path(best_path)
+    state = load_checkpoint(last_path, args.model, len(CLASSES[args.dataset]))
+    model.load_state_dict(state["state_dict"])
+    optimizer.load_state_dict(state["optimizer"])
+    log(f"resuming from {last_path} after epoch {state['epoch']}")
+    return state["history"]
+
+
+def run_stage(args, model, optimizer, data, *, stage, best_path, meta, rank, world_size, device, patience,
+              history=(), log=print):
+    """fit() with best and resumable last checkpoints, then the history JSON and curves.
+
+    Shared by train.py, finetune.py and transfer_mnist.py: one loop, one set of files.
+    """
+    last_path = last_checkpoint_path(best_path)
     model = prepare_model(model, device, args, world_size)
     try:
         history = fit(model, optimizer, data, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-                      patience=args.patience, clip=args.clip, augment_batches=not args.no_augment, amp=args.amp,
+                      patience=patience, clip=args.clip, augment_batches=not args.no_augment, amp=args.amp,
                       channels_last=args.channels_last, rank=rank, world_size=world_size, best_path=best_path,
-                      last_path=last_path, meta=checkpoint_meta(args, data), history=history,
-                      dry_run=args.dry_run, log=log)
+                      last_path=last_path, meta=meta, history=history, dry_run=args.dry_run, log=log)
     except KeyboardInterrupt:
         log(f"\ninterrupted: the last finished epoch is saved in {last_path}; continue with --resume")
         raise SystemExit(130)
@@ -434,11 +445,30 @@ def run(args):
         log("dry run finished: one training and one validation batch ran, nothing was written")
         return history
     if rank == 0:
-        json_path = Path(args.outputs) / "train" / f"{args.model}.json"
+        json_path = Path(args.outputs) / stage / f"{args.model}.json"
         write_json(json_path, history_summary(args, history, best_path))
-        plot_history(history, json_path.with_suffix(".png"), f"{args.model} pre-training on {args.dataset}")
+        plot_history(history, json_path.with_suffix(".png"), f"{args.model} {stage} on {args.dataset}")
         log(f"wrote {best_path}, {last_path}, {json_path} and {json_path.with_suffix('.png')}")
     return history
+
+
+def run(args):
+    rank, world_size, device = setup_distributed(args.device)
+    log = print if rank == 0 else (lambda *_: None)
+    resolve_hyperparameters(args, args.outputs, log)
+    set_seed(args.seed)
+    best_path = Path(args.hub) / "pre_trained" / f"{args.model}.pth"
+    data = load_training_data(args, device)
+    model = build_model(args.model, len(CLASSES[args.dataset]))
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    history = resume_history(args, best_path, model, optimizer, log)
+    log(f"{args.model} on {args.dataset}: {len(data['train'][1]):,} train / {len(data['val'][1]):,} val images, "
+        f"device {device}, world size {world_size}, lr {args.learning_rate}, batch {args.batch_size}, "
+        f"momentum {args.momentum}, weight decay {args.weight_decay}")
+    return run_stage(args, model, optimizer, data, stage="train", best_path=best_path,
+                     meta=checkpoint_meta(args, data), rank=rank, world_size=world_size, device=device,
+                     patience=args.patience, history=history, log=log)
 
 
 def main(argv=None):

@@ -1,0 +1,149 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import finetune
+import search
+import train
+from conftest import ROOT
+from models import build_model
+
+DIGITS = ["--model", "lenet", "--dataset", "sklearn-digits"]
+
+
+def dirs(tmp_path):
+    return ["--hub", str(tmp_path / "model_hub"), "--outputs", str(tmp_path / "outputs")]
+
+
+def test_short_real_run_writes_a_reloadable_checkpoint_and_history(trained_lenet):
+    workdir, checkpoint = trained_lenet
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["model"] == "lenet" and state["num_classes"] == 10 and state["dataset"] == "sklearn-digits"
+    assert 0 < state["mean"] < 1 and 0 < state["std"] < 1
+    model = build_model(state["model"], state["num_classes"])
+    model.load_state_dict(state["state_dict"])  # no module./_orig_mod. prefixes
+    summary = json.loads((workdir / "outputs" / "train" / "lenet.json").read_text())
+    assert [row["epoch"] for row in summary["history"]] == list(range(1, 9))
+    assert summary["best_val_acc"] > 0.8  # chance is 0.1
+    assert summary["best_val_loss"] == min(row["val_loss"] for row in summary["history"])
+    assert state["epoch"] == summary["best_epoch"]
+    assert (workdir / "outputs" / "train" / "lenet.png").stat().st_size > 10_000
+    assert (workdir / "model_hub" / "pre_trained" / "lenet_last.pth").is_file()
+
+
+def test_resume_repeats_an_uninterrupted_run(tmp_path):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    train.main(DIGITS + ["--epochs", "3"] + dirs(straight))
+    train.main(DIGITS + ["--epochs", "2"] + dirs(stopped))  # as if stopped after epoch 2
+    train.main(DIGITS + ["--epochs", "3", "--resume"] + dirs(stopped))
+    rows = [json.loads((folder / "outputs" / "train" / "lenet.json").read_text())["history"]
+            for folder in (straight, stopped)]
+    assert [row["epoch"] for row in rows[1]] == [1, 2, 3]
+    for a, b in zip(*rows):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+    torch.load(stopped / "model_hub" / "pre_trained" / "lenet_last.pth", weights_only=True)
+
+
+def test_corrupt_checkpoint_gives_a_clear_error(tmp_path, capsys):
+    last = tmp_path / "model_hub" / "pre_trained" / "lenet_last.pth"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"PK\x03\x04 not really a checkpoint")
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(DIGITS + ["--epochs", "2", "--resume"] + dirs(tmp_path))
+    assert "lenet_last.pth is not a readable checkpoint" in str(exit_info.value)
+    assert "\n" not in str(exit_info.value)
+
+
+def test_checkpoint_of_another_model_is_refused(trained_lenet):
+    _, checkpoint = trained_lenet
+    with pytest.raises(train.TrainingError, match="holds a lenet checkpoint, not vggnet"):
+        train.load_checkpoint(checkpoint, "vggnet")
+    with pytest.raises(train.TrainingError, match="10 classes"):
+        train.load_checkpoint(checkpoint, "lenet", num_classes=62)
+
+
+def test_diverging_loss_stops_without_saving(tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(DIGITS + ["--epochs", "2", "--lr", "1e30", "--clip", "0"] + dirs(tmp_path))
+    assert "training loss became" in str(exit_info.value)
+    assert not (tmp_path / "model_hub" / "pre_trained" / "lenet.pth").exists()
+
+
+def test_search_writes_best_params_from_the_grid_and_train_uses_them(tmp_path, capsys):
+    search.main(DIGITS + ["--n-iter", "2", "--epochs", "1"] + dirs(tmp_path))
+    result = json.loads((tmp_path / "outputs" / "search" / "lenet.json").read_text())
+    assert len(result["trials"]) == 2
+    assert result["best_val_loss"] == min(trial["val_loss"] for trial in result["trials"])
+    for key, value in result["best_params"].items():
+        assert value in search.GRID[key]
+    train.main(DIGITS + ["--epochs", "1"] + dirs(tmp_path))
+    args = torch.load(tmp_path / "model_hub" / "pre_trained" / "lenet.pth", weights_only=True)["args"]
+    for key, value in result["best_params"].items():
+        assert args[key] == value
+    assert "hyperparameters from" in capsys.readouterr().out
+
+
+def test_search_resumes_after_an_interruption(tmp_path):
+    search.main(DIGITS + ["--n-iter", "3", "--epochs", "1"] + dirs(tmp_path))
+    path = tmp_path / "outputs" / "search" / "lenet.json"
+    complete = json.loads(path.read_text())
+    partial = dict(complete, trials=complete["trials"][:1])
+    path.write_text(json.dumps(partial))
+    search.main(DIGITS + ["--n-iter", "3", "--epochs", "1"] + dirs(tmp_path))
+    resumed = json.loads(path.read_text())
+    assert [t["params"] for t in resumed["trials"]] == [t["params"] for t in complete["trials"]]
+    assert resumed["trials"][0] == complete["trials"][0]  # kept, not re-run
+
+
+def test_finetune_writes_the_tuned_checkpoint_and_refuses_other_data(trained_lenet, tmp_path):
+    workdir, checkpoint = trained_lenet
+    finetune.main(["--model", "lenet", "--ckpt", str(checkpoint), "--epochs", "2"] + dirs(tmp_path))
+    tuned = torch.load(tmp_path / "model_hub" / "fine_tuned" / "lenet_tuned.pth", weights_only=True)
+    pretrained = torch.load(checkpoint, weights_only=True)
+    assert tuned["dataset"] == "sklearn-digits" and tuned["epoch"] == 2
+    assert tuned["mean"] == pretrained["mean"]  # the checkpoint's normalisation is kept
+    assert not torch.equal(tuned["state_dict"]["fc.weight"], pretrained["state_dict"]["fc.weight"])
+    history = json.loads((tmp_path / "outputs" / "finetune" / "lenet.json").read_text())["history"]
+    assert len(history) == 2 and history[0]["val_loss"] is None
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.main(["--model", "lenet", "--ckpt", str(checkpoint), "--dataset", "emnist-byclass"] + dirs(tmp_path))
+    assert "--replace-head" in str(exit_info.value)
+
+
+def run_script(*args, cwd, env=None):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, **(env or {})})
+
+
+def test_dry_run_smoke_test(tmp_path):
+    result = run_script(str(ROOT / "train.py"), *DIGITS, "--dry-run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "epoch   1/" in result.stdout and "dry run finished" in result.stdout
+    assert not (tmp_path / "model_hub").exists()
+
+
+def test_missing_emnist_gives_one_line_without_traceback(tmp_path):
+    result = run_script(str(ROOT / "train.py"), "--model", "alexnet", "--data-dir", str(tmp_path / "data"),
+                        "--no-download", "--dry-run", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert "emnist-byclass-train-images-idx3-ubyte.gz" in result.stderr and "sklearn-digits" in result.stderr
+
+
+def test_torchrun_two_ranks_on_cpu(tmp_path):
+    result = run_script("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                        str(ROOT / "train.py"), *DIGITS, "--epochs", "1", "--device", "cpu", *dirs(tmp_path),
+                        cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "world size 2" in result.stdout
+    assert result.stdout.count("epoch   1/1") == 1  # rank 0 alone logs
+    state = torch.load(tmp_path / "model_hub" / "pre_trained" / "lenet.pth", weights_only=True)
+    build_model("lenet", 10).load_state_dict(state["state_dict"])
+    # each rank trained on its own half: together they covered the 1,293 training images once
+    history = json.loads((tmp_path / "outputs" / "train" / "lenet.json").read_text())["history"]
+    assert history[0]["images"] == 1292  # cut to an even count so both ranks take the same steps
