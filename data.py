@@ -9,6 +9,7 @@ handled once: the official files store images transposed, and Letters labels sta
 """
 import gzip
 import hashlib
+import math
 import os
 import random
 import shutil
@@ -346,40 +347,58 @@ def iterate_batches(images, labels, batch_size, shuffle=False, generator=None, r
 
 def normalize(batch, mean, std):
     """uint8 [B, 28, 28] -> normalised float [B, 1, 28, 28]."""
-    return (batch.unsqueeze(1).float() - 255.0 * mean) * (1.0 / (255.0 * std))
+    return batch.unsqueeze(1).float().mul_(1.0 / (255.0 * std)).sub_(mean / std)
 
 
 def affine_matrices(count, generator=None, degrees=15.0, translate=0.1, scale=(0.9, 1.1), shear=3.0):
-    """Per-image inverse affine matrices [count, 2, 3] for affine_grid (normalised coordinates)."""
-    draws = torch.rand(count, 5, generator=generator) * 2 - 1  # uniform in [-1, 1]
-    angle = torch.deg2rad(draws[:, 0] * degrees)
-    shear_angle = torch.deg2rad(draws[:, 1] * shear)
-    zoom = (scale[0] + scale[1]) / 2 + draws[:, 2] * (scale[1] - scale[0]) / 2
-    shift = draws[:, 3:5] * translate * 2  # a fraction of the width is twice that in [-1, 1] units
-    cos, sin, tan = torch.cos(angle), torch.sin(angle), torch.tan(shear_angle)
-    # forward map: rotate, then shear along x, then scale; grid_sample needs its inverse
-    forward = torch.stack([
-        torch.stack([cos - tan * sin, -sin + tan * cos], 1),
-        torch.stack([sin, cos], 1),
-    ], 1) * zoom[:, None, None]
-    inverse = torch.linalg.inv(forward)
-    offset = -(inverse @ shift.unsqueeze(2))
-    return torch.cat([inverse, offset], dim=2)
+    """Per-image inverse affine matrices [count, 2, 3] in affine_grid's normalised coordinates.
+
+    The forward map rotates, shears along x, scales and shifts; grid_sample needs where each
+    output pixel comes from, so the inverse is built directly (a 2x2 inverse in closed form).
+    """
+    draws = torch.rand(5, count, generator=generator).mul_(2).sub_(1)  # uniform in [-1, 1]
+    angle = draws[0] * math.radians(degrees)
+    tan = torch.tan(draws[1] * math.radians(shear))
+    zoom = (scale[0] + scale[1]) / 2 + draws[2] * ((scale[1] - scale[0]) / 2)
+    shift_x, shift_y = draws[3] * (2 * translate), draws[4] * (2 * translate)  # [-1, 1] spans 2 widths
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    # forward = zoom * shear @ rotation = zoom * [[cos + tan sin, tan cos - sin], [sin, cos]], det = zoom^2
+    inv_zoom = 1.0 / zoom
+    a, b = cos * inv_zoom, (sin - tan * cos) * inv_zoom
+    c, d = -sin * inv_zoom, (cos + tan * sin) * inv_zoom
+    return torch.stack([a, b, -(a * shift_x + b * shift_y), c, d, -(c * shift_x + d * shift_y)], 1).view(count, 2, 3)
+
+
+_BASE_GRIDS = {}
+
+
+def sampling_grid(theta, height, width):
+    """affine_grid(theta, align_corners=False), computed elementwise: several times faster on a CPU."""
+    key = (height, width, theta.device, theta.dtype)
+    if key not in _BASE_GRIDS:
+        ys = (torch.arange(height, device=theta.device, dtype=theta.dtype) * 2 + 1) / height - 1
+        xs = (torch.arange(width, device=theta.device, dtype=theta.dtype) * 2 + 1) / width - 1
+        _BASE_GRIDS[key] = (xs.view(1, 1, width), ys.view(1, height, 1))
+    xs, ys = _BASE_GRIDS[key]
+    t = theta.view(-1, 6, 1, 1).unbind(1)
+    grid_x = t[0] * xs + t[1] * ys + t[2]
+    grid_y = t[3] * xs + t[4] * ys + t[5]
+    return torch.stack([grid_x, grid_y], dim=-1)
 
 
 def augment(batch, mean, std, generator=None, **recipe):
     """The study's random affine on a whole uint8 batch at once, returned normalised.
 
     Parameters are drawn independently per image (on the CPU generator, so runs are
-    reproducible on any device) and applied with one affine_grid + grid_sample call
-    on the batch's device. Areas moved in from outside are background (0).
+    reproducible on any device) and applied with one grid_sample call on the batch's
+    device. Areas moved in from outside are background (0).
     """
     recipe = {**AUGMENT, **recipe}
     theta = affine_matrices(len(batch), generator, **recipe).to(batch.device)
     pixels = batch.unsqueeze(1).float()
-    grid = F.affine_grid(theta, list(pixels.shape), align_corners=False)
+    grid = sampling_grid(theta, batch.shape[-2], batch.shape[-1])
     moved = F.grid_sample(pixels, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return (moved - 255.0 * mean) * (1.0 / (255.0 * std))
+    return moved.mul_(1.0 / (255.0 * std)).sub_(mean / std)
 
 
 # ----------------------------------------------------------------------------- seeds, devices

@@ -74,7 +74,8 @@ def run(args):
     log(f"fine-tuning {source} on {args.dataset}: {len(data['train'][1]):,} train / {val_count:,} val images, "
         f"device {device}, world size {world_size}, Adam lr {args.learning_rate}, batch {args.batch_size}")
     meta = dict(checkpoint_meta(args, data), pretrained=str(source))
-    return run_stage(args, model, optimizer, data, stage="finetune", best_path=best_path, meta=meta, rank=rank,
+    return run_stage(args, model, optimizer, data, json_path=Path(args.outputs) / "finetune" / f"{args.model}.json",
+                     title=f"{args.model} fine-tuning on {args.dataset}", best_path=best_path, meta=meta, rank=rank,
                      world_size=world_size, device=device, patience=args.patience if val_count else None,
                      history=history, log=log)
 

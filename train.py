@@ -425,8 +425,8 @@ def resume_history(args, best_path, model, optimizer, log=print):
     return state["history"]
 
 
-def run_stage(args, model, optimizer, data, *, stage, best_path, meta, rank, world_size, device, patience,
-              history=(), log=print):
+def run_stage(args, model, optimizer, data, *, json_path, title, best_path, meta, rank, world_size, device,
+              patience, history=(), log=print):
     """fit() with best and resumable last checkpoints, then the history JSON and curves.
 
     Shared by train.py, finetune.py and transfer_mnist.py: one loop, one set of files.
@@ -445,9 +445,8 @@ def run_stage(args, model, optimizer, data, *, stage, best_path, meta, rank, wor
         log("dry run finished: one training and one validation batch ran, nothing was written")
         return history
     if rank == 0:
-        json_path = Path(args.outputs) / stage / f"{args.model}.json"
         write_json(json_path, history_summary(args, history, best_path))
-        plot_history(history, json_path.with_suffix(".png"), f"{args.model} {stage} on {args.dataset}")
+        plot_history(history, Path(json_path).with_suffix(".png"), title)
         log(f"wrote {best_path}, {last_path}, {json_path} and {json_path.with_suffix('.png')}")
     return history
 
@@ -466,7 +465,8 @@ def run(args):
     log(f"{args.model} on {args.dataset}: {len(data['train'][1]):,} train / {len(data['val'][1]):,} val images, "
         f"device {device}, world size {world_size}, lr {args.learning_rate}, batch {args.batch_size}, "
         f"momentum {args.momentum}, weight decay {args.weight_decay}")
-    return run_stage(args, model, optimizer, data, stage="train", best_path=best_path,
+    return run_stage(args, model, optimizer, data, json_path=Path(args.outputs) / "train" / f"{args.model}.json",
+                     title=f"{args.model} pre-training on {args.dataset}", best_path=best_path,
                      meta=checkpoint_meta(args, data), rank=rank, world_size=world_size, device=device,
                      patience=args.patience, history=history, log=log)
 

@@ -1,0 +1,30 @@
+"""The study's original input pipeline, kept only to measure against: PIL images, per-sample
+torchvision RandomAffine + ToTensor + Normalize, a DataLoader with worker processes."""
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+from data import AUGMENT
+
+
+class PILDataset(Dataset):
+    def __init__(self, images, labels, mean, std, augment=True):
+        self.images = [Image.fromarray(image.numpy(), mode="L") for image in images]
+        self.labels = labels.tolist()
+        steps = [transforms.RandomAffine(degrees=AUGMENT["degrees"], translate=(AUGMENT["translate"],) * 2,
+                                         scale=AUGMENT["scale"], shear=AUGMENT["shear"])] if augment else []
+        self.transform = transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return self.transform(self.images[index]), self.labels[index]
+
+
+def original_loader(images, labels, mean, std, batch_size=64, workers=2, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(PILDataset(images, labels, mean, std), batch_size=batch_size, shuffle=True,
+                      num_workers=workers, drop_last=True, generator=generator,
+                      persistent_workers=workers > 0)

@@ -1,0 +1,126 @@
+"""Transfer a network pre-trained on EMNIST to MNIST (stage 5 of the study).
+
+    python transfer_mnist.py --model vggnet                  # EMNIST checkpoint -> MNIST, 5 epochs
+    python transfer_mnist.py --model vggnet --from-scratch   # the same network from random weights
+    python transfer_mnist.py --model lenet --data-dir ../shared/data --epochs 1
+
+Evaluates the EMNIST checkpoint (fine-tuned if present, else pre-trained, or --ckpt) zero-shot
+on MNIST, its logits restricted to the digits 0-9; gives it a 10-class head initialised from
+the old head's digit rows; fine-tunes it with Adam on the MNIST training set with the shared
+training loop; reports train and test metrics before and after. Both datasets are upright
+(data.py turns EMNIST's transposed files upright), which is what makes the transfer work.
+Writes model_hub/transfer/{model}_mnist.pth, outputs/transfer/{model}.json and
+outputs/transfer/{model}_cm_test.png ({model}_scratch... with --from-scratch).
+"""
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from data import CLASSES, DIGITS, DataError, load_images, mean_std, set_seed
+from evaluate import compute_metrics, find_checkpoint, metrics_table, plot_confusion, predict_probabilities
+from models import build_model, replace_head
+from train import (CLIP_NORM, TrainingError, common_parser, load_checkpoint, model_from_checkpoint, plain_args,
+                   run_stage, setup_distributed, unwrap, write_json)
+
+EPOCHS = 5  # as the study
+LEARNING_RATE = 1e-3  # Adam
+BATCH_SIZE = 64
+
+
+def parse_args(argv=None):
+    parser = common_parser(__doc__.splitlines()[0], epochs=EPOCHS)
+    parser.set_defaults(dataset="mnist", batch_size=BATCH_SIZE)
+    parser.add_argument("--ckpt", default=None, help="EMNIST checkpoint (default: fine-tuned, else pre-trained)")
+    parser.add_argument("--lr", dest="learning_rate", type=float, default=LEARNING_RATE, help="Adam learning rate")
+    parser.add_argument("--from-scratch", action="store_true", help="train the same network from random weights")
+    parser.add_argument("--clip", type=float, default=CLIP_NORM, help="gradient-norm clipping (0: off)")
+    parser.add_argument("--no-augment", action="store_true", help="train without the random affine")
+    args = parser.parse_args(argv)
+    if len(CLASSES[args.dataset]) != 10 or args.dataset.startswith("emnist") or args.dataset == "sklearn-digits":
+        parser.error("--dataset must be mnist or fashion-mnist")
+    return args
+
+
+def digit_rows(classes):
+    """Where the digits 0-9 sit among a checkpoint's classes, or None if it has no digits."""
+    classes = list(classes)
+    return [classes.index(digit) for digit in DIGITS] if all(digit in classes for digit in DIGITS) else None
+
+
+def split_metrics(model, splits, mean, std, device, rows=None):
+    """Metrics on each split; with `rows`, only those logits count (zero-shot digits)."""
+    result = {}
+    for split, (images, labels) in splits.items():
+        probabilities = predict_probabilities(model, images, mean, std, device)
+        if rows is not None:
+            probabilities = probabilities[:, rows]
+        result[split] = compute_metrics(labels, probabilities, DIGITS, "mnist")
+    return result
+
+
+def starting_model(args, device):
+    """(model, mean, std, source, digit rows) for pre-trained transfer or --from-scratch."""
+    if args.from_scratch:
+        set_seed(args.seed)
+        return build_model(args.model, 10).to(device), None, None, "random weights", None
+    path = find_checkpoint(args.hub, args.model, args.ckpt)
+    state = load_checkpoint(path, args.model)
+    return model_from_checkpoint(state, device), state["mean"], state["std"], str(path), digit_rows(state["classes"])
+
+
+def run(args):
+    rank, world_size, device = setup_distributed(args.device)
+    log = print if rank == 0 else (lambda *_: None)
+    model, mean, std, source, rows = starting_model(args, device)
+    splits = {split: load_images(args.dataset, train=split == "train", data_dir=args.data_dir,
+                                 download=not args.no_download) for split in ("train", "test")}
+    if mean is None:
+        mean, std = mean_std(splits["train"][0])
+    before = split_metrics(model, splits, mean, std, device, rows) if rows is not None else None
+    if before and rank == 0:
+        log(f"zero-shot on {args.dataset} ({source}, logits restricted to 0-9):")
+        log(metrics_table(list(before.items())))
+    if not args.from_scratch:
+        replace_head(model, 10, keep_rows=rows)
+    set_seed(args.seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate)
+    data = {"train": tuple(tensor.to(device) for tensor in splits["train"]), "val": None, "mean": mean, "std": std}
+    suffix = "_scratch" if args.from_scratch else ""
+    best_path = Path(args.hub) / "transfer" / f"{args.model}_mnist{suffix}.pth"
+    folder = Path(args.outputs) / "transfer"
+    meta = {"model": args.model, "num_classes": 10, "dataset": args.dataset, "classes": CLASSES[args.dataset],
+            "mean": mean, "std": std, "args": plain_args(args), "source": source}
+    log(f"{'training' if args.from_scratch else 'transferring'} {args.model} ({source}) on {args.dataset}: "
+        f"{len(splits['train'][1]):,} images, {args.epochs} epochs, Adam lr {args.learning_rate}, device {device}")
+    history = run_stage(args, model, optimizer, data, json_path=folder / f"{args.model}{suffix}_history.json",
+                        title=f"{args.model} on {args.dataset} ({source})", best_path=best_path, meta=meta,
+                        rank=rank, world_size=world_size, device=device, patience=None, log=log)
+    if args.dry_run or rank != 0:
+        return None
+    after = split_metrics(unwrap(model), splits, mean, std, device)
+    log(f"after {len(history)} epochs:")
+    log(metrics_table(list(after.items())))
+    plot_confusion(after["test"]["confusion_matrix"], CLASSES[args.dataset], folder / f"{args.model}{suffix}_cm_test.png",
+                   f"{args.model} on the {args.dataset} test split after transfer")
+    result = {"model": args.model, "source": source, "from_scratch": args.from_scratch, "dataset": args.dataset,
+              "epochs": len(history), "checkpoint": str(best_path), "before": before, "after": after}
+    write_json(folder / f"{args.model}{suffix}.json", result)
+    log(f"wrote {folder / f'{args.model}{suffix}.json'} and {folder / f'{args.model}{suffix}_cm_test.png'}")
+    return result
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (DataError, TrainingError) as err:
+        sys.exit(f"error: {err}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
