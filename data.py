@@ -112,6 +112,7 @@ def atomic_save_npy(path, array):
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as handle:
         np.save(handle, array)
+    os.chmod(handle.name, 0o644)  # mkstemp's 0600 would hide the cache from other users of a shared folder
     os.replace(handle.name, path)
 
 
@@ -177,8 +178,15 @@ def missing_data_error(dataset, names, folders, reason=""):
     wanted = " and ".join(f"{name}.gz" for name in names)
     searched = ", ".join(str(folder) for folder in folders)
     hint = f" ({reason})" if reason else ""
+    source = "gzip.zip from " + emnist_url() + " (or its files)" if dataset.startswith("emnist") else "the files"
     return DataError(f"{dataset}: could not find {wanted} (or {EMNIST_ZIP} holding them) in {searched}{hint}; "
-                     f"put the official files in {folders[0]}, or run offline with --dataset sklearn-digits")
+                     f"put {source} in {folders[0]}, or run offline with --dataset sklearn-digits")
+
+
+def emnist_url():
+    from torchvision.datasets import EMNIST
+
+    return EMNIST.url
 
 
 # ----------------------------------------------------------------------------- downloads

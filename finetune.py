@@ -9,16 +9,14 @@ Writes model_hub/fine_tuned/{model}_tuned.pth, outputs/finetune/{model}.json and
 Without --val-fraction every training image is used and the last epoch is kept: early
 stopping needs a validation set, and the test set is never one.
 """
-import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from data import CLASSES, DataError, set_seed
+from data import CLASSES, set_seed
 from models import build_model, replace_head
 from train import (CLIP_NORM, TrainingError, checkpoint_meta, common_parser, load_checkpoint, load_training_data,
-                   resume_history, run_stage, setup_distributed)
+                   resume_history, run_script, run_stage, setup_distributed)
 
 LEARNING_RATE = 1e-3  # Adam's usual default, as the study
 EPOCHS = 5
@@ -81,14 +79,7 @@ def run(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        run(args)
-    except (DataError, TrainingError) as err:
-        sys.exit(f"error: {err}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return run_script(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ Writes outputs/search/{model}.json after every trial (best_params, best_val_loss
 so an interrupted search resumes where it stopped; train.py then reads best_params.
 """
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -17,10 +16,10 @@ import torch
 import torch.distributed as dist
 from sklearn.model_selection import ParameterSampler
 
-from data import CLASSES, DataError, load_images, mean_std, mini_split, set_seed, stratified_subset
+from data import CLASSES, load_images, mean_std, mini_split, set_seed, stratified_subset
 from models import build_model
-from train import (TrainingError, best_row, common_parser, fit, model_names, plain_args, setup_distributed,
-                   write_json)
+from train import (TrainingError, best_row, common_parser, fit, model_names, plain_args, run_script,
+                   setup_distributed, write_json)
 
 GRID = {  # the study's grid
     "learning_rate": [1e-3, 1e-2, 1e-1],
@@ -135,24 +134,21 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def run(args):
     try:
         grid = json.loads(args.grid) if args.grid else GRID
-        rank, world_size, device = setup_distributed(args.device)
-        log = print if rank == 0 else (lambda *_: None)
-        data = mini_data(args, device)
-        log(f"searching on {args.dataset}: {len(data['train'][1]):,} train / {len(data['val'][1]):,} val images, "
-            f"{args.n_iter} trials x {args.epochs} epochs, device {device}, world size {world_size}")
-        for name in model_names(args):
-            search_model(name, args, grid, data, rank, world_size, device, log)
     except json.JSONDecodeError as err:
-        sys.exit(f"error: --grid is not valid JSON ({err})")
-    except (DataError, TrainingError) as err:
-        sys.exit(f"error: {err}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        raise TrainingError(f"--grid is not valid JSON ({err})") from None
+    rank, world_size, device = setup_distributed(args.device)
+    log = print if rank == 0 else (lambda *_: None)
+    data = mini_data(args, device)
+    log(f"searching on {args.dataset}: {len(data['train'][1]):,} train / {len(data['val'][1]):,} val images, "
+        f"{args.n_iter} trials x {args.epochs} epochs, device {device}, world size {world_size}")
+    return {name: search_model(name, args, grid, data, rank, world_size, device, log) for name in model_names(args)}
+
+
+def main(argv=None):
+    return run_script(run, parse_args(argv))
 
 
 if __name__ == "__main__":

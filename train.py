@@ -471,15 +471,19 @@ def run(args):
                      patience=args.patience, history=history, log=log)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def run_script(run, args):
+    """Run a script's run(args): user errors become one line and exit 1; the process group closes."""
     try:
-        run(args)
+        return run(args)
     except (DataError, TrainingError) as err:
         sys.exit(f"error: {err}")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def main(argv=None):
+    return run_script(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -12,17 +12,15 @@ training loop; reports train and test metrics before and after. Both datasets ar
 Writes model_hub/transfer/{model}_mnist.pth, outputs/transfer/{model}.json and
 outputs/transfer/{model}_cm_test.png ({model}_scratch... with --from-scratch).
 """
-import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from data import CLASSES, DIGITS, DataError, load_images, mean_std, set_seed
+from data import CLASSES, DIGITS, load_images, mean_std, set_seed
 from evaluate import compute_metrics, find_checkpoint, metrics_table, plot_confusion, predict_probabilities
 from models import build_model, replace_head
-from train import (CLIP_NORM, TrainingError, common_parser, load_checkpoint, model_from_checkpoint, plain_args,
-                   run_stage, setup_distributed, unwrap, write_json)
+from train import (CLIP_NORM, common_parser, load_checkpoint, model_from_checkpoint, plain_args,
+                   run_script, run_stage, setup_distributed, unwrap, write_json)
 
 EPOCHS = 5  # as the study
 LEARNING_RATE = 1e-3  # Adam
@@ -112,14 +110,7 @@ def run(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        run(args)
-    except (DataError, TrainingError) as err:
-        sys.exit(f"error: {err}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return run_script(run, parse_args(argv))
 
 
 if __name__ == "__main__":

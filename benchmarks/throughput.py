@@ -82,7 +82,6 @@ def measure(name, images, labels, mean, std, device, args):
     limits = dict(device=device, warmup=args.warmup, seconds=args.seconds, max_batches=args.max_batches)
     loader = original_loader(images, labels, mean, std, args.batch_size, args.workers)
     original = timed(endless(lambda: loader), their_step, **limits)
-    del loader
     our = timed(endless(ours), our_step, **limits)
     augment_rate = timed(endless(ours), augment_only, **dict(limits, max_batches=10 * args.max_batches))
     return {"model": name, "original_images_per_sec": original, "ours_images_per_sec": our,
