@@ -97,12 +97,18 @@ def source_name(source):
     return f"{source[0]}!{source[1]}" if isinstance(source, tuple) else str(source)
 
 
+def writable(folder):
+    """Writable by us, not marked read-only, not a system folder: root could write anywhere, but should not."""
+    system = Path(folder).resolve().is_relative_to("/usr")  # e.g. Debian's /usr/share/datasets
+    return not system and os.access(folder, os.W_OK) and bool(folder.stat().st_mode & 0o222)
+
+
 def cache_file(source, transpose):
     """Where the decoded array of `source` is cached: beside it, or in CACHE_DIR if that is read-only."""
     path = Path(source[0] if isinstance(source, tuple) else source)
     member = Path(source[1]).name if isinstance(source, tuple) else path.name
     name = member.removesuffix(".gz") + (".upright" if transpose else "") + ".npy"
-    if os.access(path.parent, os.W_OK):
+    if writable(path.parent):
         return path.parent / name
     digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
     return CACHE_DIR / digest / name

@@ -65,12 +65,21 @@ def test_label_maps_agree_with_the_official_mapping_files():
         assert "".join(CLASSES[dataset]) == characters
 
 
-def test_read_only_data_folder_caches_elsewhere_and_second_load_is_identical(tmp_path):
-    folder = shared_path("emnist")
-    assert not os.access(folder, os.W_OK) or True  # CI's copy is read-only; either way loading must work
-    first = load_images("emnist-digits", train=False, data_dir=folder, download=False)
-    second = load_images("emnist-digits", train=False, data_dir=folder, download=False)
-    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+def test_read_only_data_folder_is_left_alone_and_second_load_is_identical(tmp_path):
+    folder = tmp_path / "readonly"
+    upright, labels, stored = fake_split(124)
+    write_idx(folder / f"{BYCLASS[0]}.gz", stored)
+    write_idx(folder / f"{BYCLASS[1]}.gz", labels)
+    before = sorted(path.name for path in folder.iterdir())
+    folder.chmod(0o555)  # like ../shared/data in CI (which even root must not write to)
+    try:
+        first = load_images("emnist-byclass", train=True, data_dir=folder, download=False)
+        second = load_images("emnist-byclass", train=True, data_dir=folder, download=False)
+    finally:
+        folder.chmod(0o755)
+    assert sorted(path.name for path in folder.iterdir()) == before
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) == 2  # the private cache took the arrays
+    assert np.array_equal(second[0].numpy(), upright) and torch.equal(first[1], second[1])
 
 
 def test_test_split_loads_without_training_files():

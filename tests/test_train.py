@@ -147,3 +147,10 @@ def test_torchrun_two_ranks_on_cpu(tmp_path):
     # each rank trained on its own half: together they covered the 1,293 training images once
     history = json.loads((tmp_path / "outputs" / "train" / "lenet.json").read_text())["history"]
     assert history[0]["images"] == 1292  # cut to an even count so both ranks take the same steps
+
+
+def test_amp_and_channels_last_paths_run_on_cpu(tmp_path, capsys):
+    history = train.main(["--model", "resnet", "--dataset", "sklearn-digits", "--dry-run", "--amp",
+                          "--channels-last"] + dirs(tmp_path))
+    assert len(history) == 1 and history[0]["train_loss"] == history[0]["train_loss"]  # ran, not NaN
+    assert not (tmp_path / "model_hub").exists()
