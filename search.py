@@ -108,6 +108,7 @@ def search_model(name, args, grid, data, rank, world_size, device, log):
     done = {json.dumps(trial["params"], sort_keys=True) for trial in trials}
     todo = [params for params in sample_configs(grid, args.n_iter, args.seed)
             if json.dumps(params, sort_keys=True) not in done]
+    total = len(trials) + len(todo)
     for start in range(0, len(todo), world_size):  # one round: a trial per rank
         mine = todo[start + rank] if start + rank < len(todo) else None
         results = [run_trial(name, mine, data, args, device) if mine else None]
@@ -118,7 +119,7 @@ def search_model(name, args, grid, data, rank, world_size, device, log):
         for result in filter(None, results):
             trials.append(result)
             loss = "diverged" if result["val_loss"] is None else f"val loss {result['val_loss']:.4f}"
-            log(f"{name} trial {len(trials):3d}/{len(trials) + len(todo) - start - len(results)}: "
+            log(f"{name} trial {len(trials):3d}/{total}: "
                 f"{result['params']} -> {loss} ({result['seconds']:.1f}s)")
         if rank == 0:
             write_json(path, summary(name, args, grid, trials))

@@ -474,7 +474,10 @@ def run(args):
 def run_script(run, args):
     """Run a script's run(args): user errors become one line and exit 1; the process group closes."""
     try:
-        return run(args)
+        result = run(args)
+        if dist.is_initialized():
+            dist.barrier()  # rank 0 may still be writing files: tearing gloo down under it aborts
+        return result
     except (DataError, TrainingError) as err:
         sys.exit(f"error: {err}")
     finally:

@@ -154,3 +154,15 @@ def test_amp_and_channels_last_paths_run_on_cpu(tmp_path, capsys):
                           "--channels-last"] + dirs(tmp_path))
     assert len(history) == 1 and history[0]["train_loss"] == history[0]["train_loss"]  # ran, not NaN
     assert not (tmp_path / "model_hub").exists()
+
+
+def test_search_under_torchrun_spreads_and_gathers_the_trials(tmp_path):
+    result = run_script("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518",
+                        str(ROOT / "search.py"), *DIGITS, "--n-iter", "3", "--epochs", "1", "--device", "cpu",
+                        *dirs(tmp_path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    gathered = json.loads((tmp_path / "outputs" / "search" / "lenet.json").read_text())
+    expected = search.sample_configs(search.GRID, 3, 0)
+    assert sorted(json.dumps(t["params"], sort_keys=True) for t in gathered["trials"]) == \
+        sorted(json.dumps(p, sort_keys=True) for p in expected)
+    assert result.stdout.count("lenet trial") == 3  # rank 0 alone logs, once per trial
