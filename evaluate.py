@@ -182,6 +182,11 @@ def plot_augmentation(images, labels, classes, mean, std, path, seed=0):
 
 # ----------------------------------------------------------------------------- your own images
 
+def background_level(pixels):
+    """The median of the picture's outermost pixels: the paper (or screen) it was drawn on."""
+    return np.median(np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]]))
+
+
 def prepare_user_image(path):
     """A photo or scan of one character -> uint8 [28, 28], light on dark, the way EMNIST was made.
 
@@ -196,12 +201,11 @@ def prepare_user_image(path):
             pixels = np.asarray(opened.convert("L"), dtype=np.float32)
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise DataError(f"{path} is not an image this can read ({type(err).__name__}): give a PNG or JPEG")
-    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    if np.median(border) > 127:  # dark ink on light paper
+    if background_level(pixels) > 127:  # dark ink on light paper
         pixels = 255.0 - pixels
-    pixels = np.clip(pixels - np.median(border if np.median(border) <= 127 else 255.0 - border), 0, None)
-    ink = pixels > 0.25 * pixels.max() if pixels.max() > 0 else None
-    if ink is None or not ink.any():
+    pixels = np.clip(pixels - background_level(pixels), 0, None)
+    ink = pixels > 0.25 * pixels.max()
+    if pixels.max() == 0 or not ink.any():
         raise DataError(f"{path} has no visible ink: give a picture of one handwritten character")
     rows, cols = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
     crop = pixels[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]

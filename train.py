@@ -99,8 +99,9 @@ def setup_distributed(device_name):
 
 def reduce_sums(values, device, world_size):
     """Sum a list of numbers over all ranks."""
-    totals = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    totals = torch.tensor([float(v) for v in values], dtype=torch.float64)
     if world_size > 1:
+        totals = totals.to(device)  # nccl reduces GPU tensors only
         dist.all_reduce(totals)
     return totals.tolist()
 
@@ -190,7 +191,7 @@ def train_one_epoch(model, optimizer, images, labels, mean, std, *, batch_size, 
     """One pass over this rank's shard: {"loss", "acc", "images"} summed over all ranks."""
     model.train()
     device = images.device
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    loss_sum = torch.zeros((), device=device)  # float32: MPS has no float64
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = 0
     batches = iterate_batches(images, labels, batch_size, shuffle=True, generator=generator,
@@ -228,7 +229,7 @@ def evaluate_loss_acc(model, images, labels, mean, std, *, batch_size=EVAL_BATCH
     model = unwrap(model) if world_size > 1 else model  # no DDP collectives in evaluation
     model.eval()
     device = images.device
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    loss_sum = torch.zeros((), device=device)  # float32: MPS has no float64
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = 0
     batches = iterate_batches(images, labels, batch_size, rank=rank, world_size=world_size)
