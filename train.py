@@ -298,17 +298,17 @@ def fit(model, optimizer, data, *, epochs, batch_size, seed=0, patience=None, cl
                "seconds": time.time() - epoch_start, "images": int(train["images"]), "images_per_sec": train["images"] / max(train_seconds, 1e-9),
                "elapsed": time.time() - started}
         history.append(row)
+        best = best_row(history)
+        if rank == 0 and not dry_run:  # saved before the epoch's line is printed
+            state = dict(meta or {}, epoch=epoch, history=history, best_val_loss=best["val_loss"])
+            if best_path and best["epoch"] == epoch:
+                save_checkpoint(best_path, model, optimizer, **state)
+            if last_path:
+                save_checkpoint(last_path, model, optimizer, **state)
         if rank == 0:
             log(epoch_line(row, epochs))
         if dry_run:
             return history
-        best = best_row(history)
-        state = dict(meta or {}, epoch=epoch, history=history,
-                     best_val_loss=best["val_loss"] if best else None)
-        if rank == 0 and best_path and best["epoch"] == epoch:
-            save_checkpoint(best_path, model, optimizer, **state)
-        if rank == 0 and last_path:
-            save_checkpoint(last_path, model, optimizer, **state)
         if patience and best["val_loss"] is not None and epoch - best["epoch"] >= patience:
             if rank == 0:
                 log(f"early stop: no better validation loss for {patience} epochs (best: epoch {best['epoch']})")

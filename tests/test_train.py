@@ -166,3 +166,23 @@ def test_search_under_torchrun_spreads_and_gathers_the_trials(tmp_path):
     assert sorted(json.dumps(t["params"], sort_keys=True) for t in gathered["trials"]) == \
         sorted(json.dumps(p, sort_keys=True) for p in expected)
     assert result.stdout.count("lenet trial") == 3  # rank 0 alone logs, once per trial
+
+
+def test_ctrl_c_keeps_the_last_epoch_and_resume_finishes(tmp_path):
+    import signal
+
+    command = [sys.executable, str(ROOT / "train.py"), *DIGITS, "--epochs", "200", *dirs(tmp_path)]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in process.stdout:
+        if line.startswith("epoch   2/"):
+            process.send_signal(signal.SIGINT)
+            break
+    output, errors = process.communicate(timeout=120)
+    assert process.returncode == 130, errors[-1000:]
+    assert "continue with --resume" in output
+    last = torch.load(tmp_path / "model_hub" / "pre_trained" / "lenet_last.pth", weights_only=True)
+    assert 2 <= last["epoch"] < 200 and len(last["history"]) == last["epoch"]
+    train.main(DIGITS + ["--epochs", str(last["epoch"] + 1), "--resume"] + dirs(tmp_path))
+    history = json.loads((tmp_path / "outputs" / "train" / "lenet.json").read_text())["history"]
+    assert [row["epoch"] for row in history] == list(range(1, last["epoch"] + 2))
