@@ -32,7 +32,14 @@ def conv_relu(in_channels, out_channels, **conv_args):
     return [nn.Conv2d(in_channels, out_channels, **conv_args), nn.ReLU(inplace=True)]
 
 
-class LeNet(nn.Module):
+class FeaturesClassifier(nn.Module):
+    """features -> flatten -> classifier -> fc: the shape LeNet, AlexNet and VGGNet share."""
+
+    def forward(self, x):
+        return self.fc(self.classifier(torch.flatten(self.features(x), 1)))
+
+
+class LeNet(FeaturesClassifier):
     def __init__(self, num_classes=62):
         super().__init__()
         self.features = nn.Sequential(
@@ -47,11 +54,8 @@ class LeNet(nn.Module):
         self.fc = nn.Linear(84, num_classes)
         init_weights(self)
 
-    def forward(self, x):
-        return self.fc(self.classifier(torch.flatten(self.features(x), 1)))
 
-
-class AlexNet(nn.Module):
+class AlexNet(FeaturesClassifier):
     def __init__(self, num_classes=62):
         super().__init__()
         self.features = nn.Sequential(
@@ -69,11 +73,8 @@ class AlexNet(nn.Module):
         self.fc = nn.Linear(1024, num_classes)
         init_weights(self)
 
-    def forward(self, x):
-        return self.fc(self.classifier(torch.flatten(self.features(x), 1)))
 
-
-class VGGNet(nn.Module):
+class VGGNet(FeaturesClassifier):
     def __init__(self, num_classes=62):
         super().__init__()
         layers = []
@@ -92,9 +93,6 @@ class VGGNet(nn.Module):
         )
         self.fc = nn.Linear(512, num_classes)
         init_weights(self)
-
-    def forward(self, x):
-        return self.fc(self.classifier(torch.flatten(self.features(x), 1)))
 
 
 class BasicBlock(nn.Module):
