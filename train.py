@@ -73,7 +73,7 @@ def common_parser(description, epochs=EPOCHS, several_models=False):
 
 def model_names(args):
     """The networks named by a several-models --model flag, with 'all' for the six."""
-    return sorted(MODELS) if "all" in args.model else list(dict.fromkeys(args.model))
+    return list(MODELS) if "all" in args.model else list(dict.fromkeys(args.model))  # the study's order
 
 
 def plain_args(args):

@@ -83,6 +83,9 @@ def test_own_images_dark_on_light_and_light_on_dark_agree(trained_lenet, tmp_pat
                for line in captured.out.splitlines() if line.startswith(str(tmp_path))}
     assert answers[str(tmp_path / "dark_on_light.png")] == answers[str(tmp_path / "light_on_dark.jpg")]
     assert "notes.txt is not an image" in captured.err
+    Image.fromarray(np.full((50, 50), 255, dtype=np.uint8)).save(tmp_path / "blank.png")
+    with pytest.raises(evaluate.DataError, match="no visible ink"):
+        prepare_user_image(tmp_path / "blank.png")
 
 
 def test_mismatched_dataset_and_missing_checkpoint_errors(trained_lenet, tmp_path):
@@ -106,7 +109,7 @@ def test_comparison_and_ensemble_across_networks(trained_lenet, tmp_path):
     for column in comparison["models"].values():
         assert 0 <= column["test"]["accuracy"] <= 1
     table = (tmp_path / "outputs" / "eval" / "comparison.md").read_text()
-    assert "| | lenet | spinalnet | ensemble |" in table and "test f1" in table
+    assert "| | lenet | spinalnet | ensemble |" in table and "test f1" in table  # the study's order
     assert comparison["models"]["spinalnet"]["seconds_per_epoch"] > 0
 
 
