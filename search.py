@@ -9,6 +9,7 @@ Writes outputs/search/{model}.json after every trial (best_params, best_val_loss
 so an interrupted search resumes where it stopped; train.py then reads best_params.
 """
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -109,7 +110,13 @@ def search_model(name, args, grid, data, rank, world_size, device, log):
     todo = [params for params in sample_configs(grid, args.n_iter, args.seed)
             if json.dumps(params, sort_keys=True) not in done]
     total = len(trials) + len(todo)
-    for start in range(0, len(todo), world_size):  # one round: a trial per rank
+    rounds = range(0, len(todo), world_size)  # one round: a trial per rank
+    if rank == 0 and sys.stdout.isatty():
+        from tqdm import tqdm
+
+        rounds = tqdm(rounds, desc=f"{name} trials", unit="round", leave=False)
+        log = rounds.write  # keeps the bar below the trial lines
+    for start in rounds:
         mine = todo[start + rank] if start + rank < len(todo) else None
         results = [run_trial(name, mine, data, args, device) if mine else None]
         if world_size > 1:
