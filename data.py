@@ -359,9 +359,14 @@ def iterate_batches(images, labels, batch_size, shuffle=False, generator=None, r
         yield images[index], labels[index]
 
 
+def standardize(pixels, mean, std):
+    """Float pixels in 0..255 -> (x / 255 - mean) / std, in place."""
+    return pixels.mul_(1.0 / (255.0 * std)).sub_(mean / std)
+
+
 def normalize(batch, mean, std):
     """uint8 [B, 28, 28] -> normalised float [B, 1, 28, 28]."""
-    return batch.unsqueeze(1).float().mul_(1.0 / (255.0 * std)).sub_(mean / std)
+    return standardize(batch.unsqueeze(1).float(), mean, std)
 
 
 def affine_matrices(count, generator=None, degrees=15.0, translate=0.1, scale=(0.9, 1.1), shear=3.0):
@@ -412,7 +417,7 @@ def augment(batch, mean, std, generator=None, **recipe):
     pixels = batch.unsqueeze(1).float()
     grid = sampling_grid(theta, batch.shape[-2], batch.shape[-1])
     moved = F.grid_sample(pixels, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return moved.mul_(1.0 / (255.0 * std)).sub_(mean / std)
+    return standardize(moved, mean, std)
 
 
 # ----------------------------------------------------------------------------- seeds, devices

@@ -17,10 +17,10 @@ import torch
 import torch.distributed as dist
 from sklearn.model_selection import ParameterSampler
 
-from data import CLASSES, load_images, mean_std, mini_split, set_seed, stratified_subset
+from data import CLASSES, set_seed
 from models import build_model
-from train import (TrainingError, best_row, common_parser, fit, model_names, plain_args, run_script,
-                   setup_distributed, write_json)
+from train import (TrainingError, best_row, common_parser, fit, load_training_data, model_names, plain_args,
+                   run_script, setup_distributed, write_json)
 
 GRID = {  # the study's grid
     "learning_rate": [1e-3, 1e-2, 1e-1],
@@ -32,28 +32,20 @@ N_ITER = 28  # the study's number of trials
 EPOCHS = 5  # per trial: enough to rank configurations, not to converge
 
 
+def config_key(params):
+    """A configuration as a string, to tell configurations apart."""
+    return json.dumps(params, sort_keys=True)
+
+
 def sample_configs(grid, n_iter, seed):
     """Up to n_iter distinct configurations drawn with scikit-learn's ParameterSampler."""
     configs, seen = [], set()
     for params in ParameterSampler(grid, n_iter=n_iter, random_state=seed):
         params = {key: (value.item() if hasattr(value, "item") else value) for key, value in sorted(params.items())}
-        key = json.dumps(params, sort_keys=True)
-        if key not in seen:
-            seen.add(key)
+        if config_key(params) not in seen:
+            seen.add(config_key(params))
             configs.append(params)
     return configs
-
-
-def mini_data(args, device):
-    """The search's data: 10 % of the training split (stratified), split 80/20 into train/val."""
-    images, labels = load_images(args.dataset, train=True, data_dir=args.data_dir, download=not args.no_download)
-    if args.subset:
-        chosen = stratified_subset(labels, args.subset, args.seed)
-        images, labels = images[chosen], labels[chosen]
-    train_index, val_index = mini_split(labels, args.seed)
-    mean, std = mean_std(images[train_index])
-    return {"train": (images[train_index].to(device), labels[train_index].to(device)),
-            "val": (images[val_index].to(device), labels[val_index].to(device)), "mean": mean, "std": std}
 
 
 def run_trial(name, params, data, args, device):
@@ -106,9 +98,8 @@ def search_model(name, args, grid, data, rank, world_size, device, log):
         shared = [trials]
         dist.broadcast_object_list(shared, src=0)
         trials = shared[0]
-    done = {json.dumps(trial["params"], sort_keys=True) for trial in trials}
-    todo = [params for params in sample_configs(grid, args.n_iter, args.seed)
-            if json.dumps(params, sort_keys=True) not in done]
+    done = {config_key(trial["params"]) for trial in trials}
+    todo = [params for params in sample_configs(grid, args.n_iter, args.seed) if config_key(params) not in done]
     total = len(trials) + len(todo)
     rounds = range(0, len(todo), world_size)  # one round: a trial per rank
     if rank == 0 and sys.stdout.isatty():
@@ -149,7 +140,7 @@ def run(args):
         raise TrainingError(f"--grid is not valid JSON ({err})") from None
     rank, world_size, device = setup_distributed(args.device)
     log = print if rank == 0 else (lambda *_: None)
-    data = mini_data(args, device)
+    data = load_training_data(args, device, mini=True)
     log(f"searching on {args.dataset}: {len(data['train'][1]):,} train / {len(data['val'][1]):,} val images, "
         f"{args.n_iter} trials x {args.epochs} epochs, device {device}, world size {world_size}")
     return {name: search_model(name, args, grid, data, rank, world_size, device, log) for name in model_names(args)}

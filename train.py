@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from data import (CLASSES, DATASETS, VAL_FRACTION, DataError, augment, get_device, iterate_batches, load_images,
-                  mean_std, normalize, set_seed, stratified_split, stratified_subset)
+                  mean_std, mini_split, normalize, set_seed, stratified_split, stratified_subset)
 from models import MODELS, build_model
 
 # Used when neither the command line nor outputs/search/{model}.json sets them.
@@ -156,19 +156,22 @@ def model_from_checkpoint(state, device="cpu"):
 
 # ----------------------------------------------------------------------------- data
 
-def load_training_data(args, device, val_fraction=VAL_FRACTION, stats=None):
+def load_training_data(args, device, val_fraction=VAL_FRACTION, stats=None, mini=False):
     """Training (and validation) images on the device as uint8, plus normalisation stats.
 
-    `stats` (mean, std) reuses a checkpoint's normalisation; otherwise it is measured on
-    the training part only, so nothing about the validation or test images leaks in.
+    Validation is a stratified `val_fraction` of the training split, or with `mini` the
+    search's mini subset (10 % of the split, 80/20). `stats` (mean, std) reuses a
+    checkpoint's normalisation; otherwise it is measured on the training part only, so
+    nothing about the validation or test images leaks in.
     """
     images, labels = load_images(args.dataset, train=True, data_dir=args.data_dir, download=not args.no_download)
     if args.subset:
         chosen = stratified_subset(labels, args.subset, args.seed)
         images, labels = images[chosen], labels[chosen]
     val = None
-    if val_fraction:
-        train_index, val_index = stratified_split(labels, val_fraction, args.seed)
+    if mini or val_fraction:
+        train_index, val_index = mini_split(labels, args.seed) if mini else \
+            stratified_split(labels, val_fraction, args.seed)
         val = (images[val_index].to(device), labels[val_index].to(device))
         images, labels = images[train_index], labels[train_index]
     mean, std = stats if stats is not None else mean_std(images)
@@ -295,8 +298,8 @@ def fit(model, optimizer, data, *, epochs, batch_size, seed=0, patience=None, cl
         val = evaluate_loss_acc(model, *data["val"], data["mean"], data["std"], **common) if data["val"] else None
         row = {"epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"],
                "val_loss": val["loss"] if val else None, "val_acc": val["acc"] if val else None,
-               "seconds": time.time() - epoch_start, "images": int(train["images"]), "images_per_sec": train["images"] / max(train_seconds, 1e-9),
-               "elapsed": time.time() - started}
+               "seconds": time.time() - epoch_start, "images": int(train["images"]),
+               "images_per_sec": train["images"] / max(train_seconds, 1e-9), "elapsed": time.time() - started}
         history.append(row)
         best = best_row(history)
         if rank == 0 and not dry_run:  # saved before the epoch's line is printed
@@ -432,7 +435,7 @@ def run_stage(args, model, optimizer, data, *, json_path, title, best_path, meta
 
     Shared by train.py, finetune.py and transfer_mnist.py: one loop, one set of files.
     """
-    last_path = last_checkpoint_path(best_path)
+    json_path, last_path = Path(json_path), last_checkpoint_path(best_path)
     model = prepare_model(model, device, args, world_size)
     try:
         history = fit(model, optimizer, data, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
@@ -447,7 +450,7 @@ def run_stage(args, model, optimizer, data, *, json_path, title, best_path, meta
         return history
     if rank == 0:
         write_json(json_path, history_summary(args, history, best_path))
-        plot_history(history, Path(json_path).with_suffix(".png"), title)
+        plot_history(history, json_path.with_suffix(".png"), title)
         log(f"wrote {best_path}, {last_path}, {json_path} and {json_path.with_suffix('.png')}")
     return history
 

@@ -19,7 +19,7 @@ import torch
 from data import CLASSES, DIGITS, load_images, mean_std, set_seed
 from evaluate import compute_metrics, find_checkpoint, metrics_table, plot_confusion, predict_probabilities
 from models import build_model, replace_head
-from train import (CLIP_NORM, common_parser, load_checkpoint, model_from_checkpoint, plain_args,
+from train import (CLIP_NORM, checkpoint_meta, common_parser, load_checkpoint, model_from_checkpoint,
                    run_script, run_stage, setup_distributed, unwrap, write_json)
 
 EPOCHS = 5  # as the study
@@ -88,8 +88,7 @@ def run(args):
     suffix = "_scratch" if args.from_scratch else ""
     best_path = Path(args.hub) / "transfer" / f"{args.model}_mnist{suffix}.pth"
     folder = Path(args.outputs) / "transfer"
-    meta = {"model": args.model, "num_classes": 10, "dataset": args.dataset, "classes": CLASSES[args.dataset],
-            "mean": mean, "std": std, "args": plain_args(args), "source": source}
+    meta = dict(checkpoint_meta(args, data), source=source)
     log(f"{'training' if args.from_scratch else 'transferring'} {args.model} ({source}) on {args.dataset}: "
         f"{len(splits['train'][1]):,} images, {args.epochs} epochs, Adam lr {args.learning_rate}, device {device}")
     history = run_stage(args, model, optimizer, data, json_path=folder / f"{args.model}{suffix}_history.json",
