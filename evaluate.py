@@ -8,21 +8,27 @@
 Writes outputs/eval/{model}.json, {model}_cm_test.png, {model}_predictions.png,
 {model}_augment.png, and with several networks comparison.md and comparison.json.
 """
-import json
+import io
 import sys
+import warnings
 from pathlib import Path
+
+from data import quit_on_ctrl_c
+
+if __name__ == "__main__":
+    quit_on_ctrl_c()
 
 import numpy as np
 import torch
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 
-from data import CLASSES, DataError, augment, get_device, iterate_batches, load_images, normalize
-from models import count_parameters
-from train import (TrainingError, common_parser, load_checkpoint, model_from_checkpoint, model_names,
-                   write_json)
+from data import (CLASSES, EVAL_BATCH, DataError, Parser, UserError, add_flags, augment, check_writable,
+                  choose_precision, get_device, iterate_batches, load_images, normalize, output_lock, pyplot,
+                  read_json, run_script, save_figure, write_json, atomic_path)
+from models import MODELS, count_parameters, load_checkpoint
 
 CASE_ALIKE = "cijklmopsuvwxyz"  # letters whose upper and lower case look alike in handwriting
-EVAL_BATCH = 2048
+MAX_PIXELS = 40_000_000  # a bigger picture is refused: decoding it could exhaust memory (PIL's bomb guard)
 CONFUSED_PAIRS = 15  # most-confused pairs listed in the JSON
 GRID_SIDE = 10  # the prediction grid shows GRID_SIDE x GRID_SIDE test images
 
@@ -36,19 +42,29 @@ def find_checkpoint(hub, name, ckpt=None):
     for path in (Path(hub) / "fine_tuned" / f"{name}_tuned.pth", Path(hub) / "pre_trained" / f"{name}.pth"):
         if path.is_file():
             return path
-    raise TrainingError(f"no checkpoint for {name} in {Path(hub) / 'fine_tuned'} or {Path(hub) / 'pre_trained'}: "
+    raise UserError(f"no checkpoint for {name} in {Path(hub) / 'fine_tuned'} or {Path(hub) / 'pre_trained'}: "
                         f"make one with `python train.py --model {name}`")
 
 
 # ----------------------------------------------------------------------------- predictions and metrics
 
 @torch.inference_mode()
-def predict_probabilities(model, images, mean, std, device, batch_size=EVAL_BATCH):
+def predict_probabilities(model, images, mean, std, device, precision=None, max_batches=None):
     """Softmax probabilities [N, C] as float32 on the CPU, computed batch by batch."""
     model.eval()
+    precision = precision or choose_precision("fp32", device)
+    if precision.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     labels = torch.zeros(len(images), dtype=torch.int64)
-    parts = [torch.softmax(model(normalize(batch.to(device), mean, std)).float(), dim=1).cpu()
-             for batch, _ in iterate_batches(images, labels, batch_size)]
+    parts = []
+    for step, (batch, _) in enumerate(iterate_batches(images, labels, EVAL_BATCH)):
+        if max_batches is not None and step >= max_batches:
+            break
+        inputs = normalize(batch.to(device), mean, std)
+        if precision.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.bf16):
+            parts.append(torch.softmax(model(inputs).float(), dim=1).cpu())
     return torch.cat(parts)
 
 
@@ -107,15 +123,6 @@ def metrics_table(rows):
 
 # ----------------------------------------------------------------------------- pictures
 
-def pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_confusion(matrix, classes, path, title):
     """Row-normalised confusion matrix with the label characters on both axes."""
     plt = pyplot()
@@ -138,8 +145,7 @@ def plot_confusion(matrix, classes, path, title):
     figure.colorbar(shown, fraction=0.046, label="share of the true class")
     axis.set_title(title)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save_figure(figure, path, dpi=110)
 
 
 def plot_grid(images, captions, path, title, colors=None):
@@ -153,8 +159,7 @@ def plot_grid(images, captions, path, title, colors=None):
             axis.set_title(captions[index], fontsize=8, color=(colors or ["black"] * len(images))[index])
     figure.suptitle(title)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def plot_predictions(images, labels, probabilities, classes, path, seed=0):
@@ -187,26 +192,53 @@ def background_level(pixels):
     return np.median(np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]]))
 
 
-def prepare_user_image(path):
-    """A photo or scan of one character -> uint8 [28, 28], light on dark, the way EMNIST was made.
+def read_picture(source, name):
+    """Grayscale float pixels of a picture file or bytes, as an image viewer shows it.
 
-    Grayscale; inverted if the background is light; cropped to the ink; centred in a square
-    with a border (EMNIST pads its region of interest by 2 pixels of 28); resized with
-    antialiasing; stretched to the full 0..255 range.
+    The stored EXIF orientation is applied; transparent areas are shown over white paper;
+    palette, bilevel, CMYK, RGB(A) and 16-bit grayscale pictures all end as 0..255 gray.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(path) as opened:
-            pixels = np.asarray(opened.convert("L"), dtype=np.float32)
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise DataError(f"{path} is not an image this can read ({type(err).__name__}): give a PNG or JPEG")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as opened:
+                if opened.width * opened.height > MAX_PIXELS:
+                    raise DataError(f"{name} is {opened.width}x{opened.height} pixels, too large to decode "
+                                    f"safely: give a picture under {MAX_PIXELS // 1_000_000} megapixels")
+                picture = ImageOps.exif_transpose(opened)
+                if picture.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # 16-bit (or float) gray
+                    pixels = np.asarray(picture, dtype=np.float32)
+                    return pixels * (255.0 / (65535.0 if pixels.max() > 255 or "16" in picture.mode else 255.0))
+                rgba = picture.convert("RGBA")  # palette transparency, LA, bilevel, CMYK all land here
+                paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                return np.asarray(Image.alpha_composite(paper, rgba).convert("L"), dtype=np.float32)
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombWarning,
+            Image.DecompressionBombError) as err:
+        raise DataError(f"{name} is not an image this can read ({type(err).__name__}): give a PNG or JPEG")
+
+
+def prepare_user_image(source, name=None):
+    """A photo, scan or drawing of one character -> uint8 [28, 28], light on dark, the way EMNIST was made.
+
+    Read as a viewer shows it; inverted if the background is light; cropped to the ink;
+    centred in a square with a border (EMNIST pads its region of interest by 2 pixels of
+    28); resized with antialiasing; stretched to the full 0..255 range. Used by
+    `evaluate.py --image` and demo.py alike.
+    """
+    from PIL import Image
+
+    name = name or str(source)
+    pixels = read_picture(source, name)
     if background_level(pixels) > 127:  # dark ink on light paper
         pixels = 255.0 - pixels
     pixels = np.clip(pixels - background_level(pixels), 0, None)
     ink = pixels > 0.25 * pixels.max()
     if pixels.max() == 0 or not ink.any():
-        raise DataError(f"{path} has no visible ink: give a picture of one handwritten character")
+        raise DataError(f"{name} has no visible ink: give a picture of one handwritten character")
     rows, cols = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
     crop = pixels[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     side = int(max(crop.shape) * 28 / 24)  # 2 pixels of border on each side after resizing
@@ -218,12 +250,18 @@ def prepare_user_image(path):
     return torch.from_numpy(np.round(small * (255.0 / max(small.max(), 1e-6))).astype(np.uint8))
 
 
-def classify_files(paths, name, args, device):
-    """Top-3 characters for each file; a file that cannot be read gets a one-line error."""
-    path = find_checkpoint(args.hub, name, args.ckpt)
-    state = load_checkpoint(path, name)
-    model = model_from_checkpoint(state, device)
-    classes = state["classes"]
+def top_predictions(model, state, image, device, count=5, precision=None):
+    """[(label, probability)] of the `count` likeliest classes for one uint8 [28, 28] image."""
+    probabilities = predict_probabilities(model, image[None], state["mean"], state["std"], device, precision)[0]
+    top = probabilities.topk(min(count, len(state["classes"])))
+    return [(str(state["classes"][index]), float(p)) for p, index in zip(top.values.tolist(), top.indices.tolist())]
+
+
+def classify_files(paths, args, device):
+    """Top-3 characters for each file; a file that cannot be read gets a one-line error, the others answers."""
+    path = find_checkpoint(args.hub, args.model[0] if args.model else None, args.ckpt)
+    state, model = load_checkpoint(path, args.model[0] if args.model else None)
+    model = model.to(device)
     failures = 0
     for file in paths:
         try:
@@ -232,9 +270,7 @@ def classify_files(paths, name, args, device):
             print(f"error: {err}", file=sys.stderr)
             failures += 1
             continue
-        probabilities = predict_probabilities(model, image[None], state["mean"], state["std"], device)[0]
-        top = probabilities.topk(min(3, len(classes)))
-        answers = ", ".join(f"{classes[i]} {100 * p:.1f}%" for p, i in zip(top.values.tolist(), top.indices.tolist()))
+        answers = ", ".join(f"{label} {100 * p:.1f}%" for label, p in top_predictions(model, state, image, device, 3))
         print(f"{file}: {answers}")
     return failures
 
@@ -245,37 +281,54 @@ def check_dataset(state, dataset, path):
     """--dataset must have the checkpoint's class count; default: the checkpoint's own dataset."""
     dataset = dataset or state["dataset"]
     if len(CLASSES[dataset]) != state["num_classes"]:
-        raise TrainingError(f"{path} predicts {state['num_classes']} classes ({state['dataset']}) but {dataset} has "
-                            f"{len(CLASSES[dataset])}: pass --dataset {state['dataset']}")
+        raise UserError(f"{path} predicts {state['num_classes']} classes ({state['dataset']}) but {dataset} has "
+                        f"{len(CLASSES[dataset])}: leave --dataset out, or pass --dataset {state['dataset']}")
     return dataset
 
 
 def seconds_per_epoch(outputs, name):
+    """Mean seconds per pre-training epoch from outputs/train/{name}.json, when it is there and readable."""
     path = Path(outputs) / "train" / f"{name}.json"
-    if not path.is_file():
+    try:
+        history = read_json(path, "training")["history"] if path.is_file() else None
+        return sum(row["seconds"] for row in history) / len(history) if history else None
+    except (UserError, KeyError, TypeError):
         return None
-    history = json.loads(path.read_text())["history"]
-    return sum(row["seconds"] for row in history) / len(history) if history else None
+
+
+def split_images(dataset, split, args):
+    """A split's images; a missing training split suggests --split test rather than another dataset."""
+    try:
+        return load_images(dataset, train=split == "train", data_dir=args.data_dir, download=not args.no_download,
+                           offline_hint=False)
+    except DataError as err:
+        if split == "train":
+            raise DataError(f"{err}; to evaluate on the test split alone, pass --split test") from None
+        raise
 
 
 def evaluate_model(name, args, device):
     """Metrics and pictures for one network: (result dict, {split: (probabilities, labels)})."""
     path = find_checkpoint(args.hub, name, args.ckpt)
-    state = load_checkpoint(path, name)
+    state, model = load_checkpoint(path, name)
+    name = state["model"]
     dataset = check_dataset(state, args.dataset, path)
-    model = model_from_checkpoint(state, device)
+    model = model.to(device)
     classes = CLASSES[dataset]
     folder = Path(args.outputs) / "eval"
-    folder.mkdir(parents=True, exist_ok=True)
     result = {"model": name, "checkpoint": str(path), "dataset": dataset, "epochs": state.get("epoch"),
-              "parameters": count_parameters(model), "seconds_per_epoch": seconds_per_epoch(args.outputs, name)}
+              "parameters": count_parameters(model), "seconds_per_epoch": seconds_per_epoch(args.outputs, name),
+              "precision": args.precision.name}
     outputs = {}
     for split in ["train", "test"] if args.split == "both" else [args.split]:
-        images, labels = load_images(dataset, train=split == "train", data_dir=args.data_dir,
-                                     download=not args.no_download)
-        probabilities = predict_probabilities(model, images, state["mean"], state["std"], device)
+        images, labels = split_images(dataset, split, args)
+        probabilities = predict_probabilities(model, images, state["mean"], state["std"], device, args.precision,
+                                              max_batches=1 if args.dry_run else None)
+        labels = labels[: len(probabilities)]
         result[split] = compute_metrics(labels, probabilities, classes, dataset)
         outputs[split] = (probabilities, labels)
+        if args.dry_run:
+            continue
         plot_confusion(result[split]["confusion_matrix"], classes, folder / f"{name}_cm_{split}.png",
                        f"{name} on the {dataset} {split} split ({len(labels):,} images)")
         if split == "test":
@@ -283,13 +336,14 @@ def evaluate_model(name, args, device):
         if split == args.split or split == "train":
             plot_augmentation(images, labels, classes, state["mean"], state["std"], folder / f"{name}_augment.png",
                               args.seed)
-    print(f"\n{name} ({path}, {dataset})")
+    print(f"\n{name} ({path}, {dataset}{', one batch per split: dry run' if args.dry_run else ''})")
     print(metrics_table([(split, result[split]) for split in outputs]))
     for split in outputs:
         pairs = ", ".join(f"{p['true']}->{p['predicted']} {p['count']}" for p in result[split]["most_confused"][:8])
         print(f"most confused ({split}): {pairs}")
-    write_json(folder / f"{name}.json", result)
-    print(f"wrote {folder / f'{name}.json'} and the PNGs beside it")
+    if not args.dry_run:
+        write_json(folder / f"{name}.json", result)
+        print(f"wrote {folder / f'{name}.json'} and the PNGs beside it")
     return result, outputs
 
 
@@ -332,64 +386,83 @@ def write_comparison(results, ensemble, folder):
     lines.append("| seconds / epoch | " + " | ".join(
         "-" if table[name]["seconds_per_epoch"] is None else f"{table[name]['seconds_per_epoch']:.1f}"
         for name in columns) + " |")
-    (folder / "comparison.md").write_text("\n".join(lines) + "\n")
+    with atomic_path(folder / "comparison.md") as partial:
+        partial.write_text("\n".join(lines) + "\n")
     print("\n" + "\n".join(lines))
     print(f"wrote {folder / 'comparison.md'} and {folder / 'comparison.json'}")
 
 
 def evaluate_several(names, args, device):
-    """Every network with a checkpoint, then the comparison and the ensemble."""
+    """Every network that can be evaluated, then the comparison and the ensemble; the others are skipped."""
     results, outputs_by_model = {}, {}
     for name in names:
         try:
-            find_checkpoint(args.hub, name)
-        except TrainingError as err:
+            results[name], outputs_by_model[name] = evaluate_model(name, args, device)
+        except UserError as err:
             print(f"skipping {name}: {err}")
-            continue
-        results[name], outputs_by_model[name] = evaluate_model(name, args, device)
     if not results:
-        raise TrainingError(f"no checkpoints in {args.hub}: train some first, e.g. `python train.py --model lenet`")
+        raise UserError(f"no network could be evaluated from {args.hub} (reasons above): train some first, "
+                        f"e.g. `python train.py --model lenet`")
     datasets = {result["dataset"] for result in results.values()}
     if len(datasets) > 1:
-        raise TrainingError(f"the checkpoints were trained on different datasets ({', '.join(sorted(datasets))}): "
-                            f"compare them with --dataset, or evaluate them one at a time")
+        raise UserError(f"the checkpoints were trained on different datasets ({', '.join(sorted(datasets))}): "
+                        f"compare them with --dataset, or evaluate them one at a time")
     dataset = datasets.pop()
     ensemble = ensemble_result(outputs_by_model, CLASSES[dataset], dataset) if len(results) > 1 else None
     if ensemble:
         print("\nensemble (average softmax of " + ", ".join(results) + ")")
         print(metrics_table([(split, metrics) for split, metrics in ensemble.items()]))
-    write_comparison(results, ensemble, Path(args.outputs) / "eval")
+    if not args.dry_run:
+        write_comparison(results, ensemble, Path(args.outputs) / "eval")
 
 
 # ----------------------------------------------------------------------------- wiring
 
 def parse_args(argv=None):
-    parser = common_parser(__doc__.splitlines()[0], several_models=True)
-    parser.set_defaults(dataset=None)
-    parser.add_argument("--ckpt", default=None, help="checkpoint to evaluate (one model only)")
-    parser.add_argument("--split", default="both", choices=["train", "test", "both"], help="which split(s)")
+    parser = Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", nargs="+", default=None, choices=sorted(MODELS) + ["all"],
+                        help="one or more networks, or all (default: the --ckpt's network)")
+    parser.add_argument("--ckpt", default=None, help="checkpoint to evaluate; network, classes and normalisation "
+                                                     "come from it (default: HUB/fine_tuned, else HUB/pre_trained)")
+    add_flags(parser, "dataset", "data-dir", "device", "hub", "outputs", "no-download", "precision")
+    parser.add_argument("--seed", type=int, default=0, help="which test images the prediction grid shows (default: 0)")
+    parser.add_argument("--split", default="both", choices=["train", "test", "both"], help="which split(s) "
+                                                                                           "(default: both)")
     parser.add_argument("--image", nargs="+", default=None, metavar="FILE",
                         help="classify your own pictures of handwritten characters")
-    return parser.parse_args(argv)
+    parser.add_argument("--dry-run", action="store_true", help="one batch of each split; writes nothing")
+    args = parser.parse_args(argv)
+    if not args.model and not args.ckpt:
+        parser.error("give --model NAME (or all) or --ckpt PATH")
+    if args.ckpt and args.model and (len(args.model) > 1 or "all" in args.model):
+        parser.error("--ckpt names one checkpoint: give at most one --model with it")
+    return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    names = model_names(args)
+def run(args):
     device = get_device(args.device)
-    try:
-        if args.ckpt and len(names) > 1:
-            raise TrainingError("--ckpt names one checkpoint: give one --model with it")
-        if args.image:
-            failures = classify_files(args.image, names[0], args, device)
-            if failures:
-                sys.exit(1)
-        elif len(names) == 1:
+    args.precision = choose_precision(args.precision, device)
+    if args.image:
+        return 1 if classify_files(args.image, args, device) else 0
+    names = (list(MODELS) if "all" in args.model else list(dict.fromkeys(args.model))) if args.model else [None]
+    folder = Path(args.outputs) / "eval"
+    if args.dry_run:
+        locks = output_lock()
+    else:
+        check_writable(folder)
+        locks = output_lock(*[folder / f"{name or 'ckpt'}.json" for name in names])
+    with locks:
+        if len(names) == 1:
             evaluate_model(names[0], args, device)
         else:
             evaluate_several(names, args, device)
-    except (DataError, TrainingError) as err:
-        sys.exit(f"error: {err}")
+    return 0
+
+
+def main(argv=None):
+    code = run_script(run, parse_args(argv))
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,14 @@
 Every network keeps its final classifier layer(s) in `self.fc`, so that
 `replace_head()` can give it a new number of classes (transfer to MNIST).
 """
+import math
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from data import DATASETS, UserError, atomic_path
 
 
 def init_weights(model, linear_std=0.01):
@@ -202,7 +207,7 @@ MODELS = {
 
 def build_model(name, num_classes=62):
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(sorted(MODELS))}")
+        raise UserError(f"unknown model {name!r}: choose one of {', '.join(sorted(MODELS))}")
     return MODELS[name](num_classes=num_classes)
 
 
@@ -229,3 +234,85 @@ def replace_head(model, num_classes, keep_rows=None):
     else:
         model.fc = new_head(model.fc, num_classes, keep_rows)
     return model
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+CHECKPOINT_KEYS = ("model", "num_classes", "dataset", "classes", "mean", "std", "state_dict")
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used: the message says which and what to do."""
+
+
+def unwrap(model):
+    """The plain nn.Module under DistributedDataParallel and torch.compile wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def save_checkpoint(path, model, optimizer=None, /, **fields):
+    """Write atomically (unique temporary file, then rename): a crash never leaves a broken checkpoint."""
+    state = {**fields, "state_dict": unwrap(model).state_dict()}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+    with atomic_path(path) as partial:
+        torch.save(state, partial)
+
+
+def read_checkpoint(path, hint):
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}: make one with `{hint}` or pass --ckpt PATH")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated zip, a pickle, random bytes: all mean the same to the user
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(err).__name__}): it is corrupt, "
+                              f"truncated or not of this project; delete it and train again") from None
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a checkpoint of this project (it lacks {', '.join(missing)})")
+    return state
+
+
+def check_fields(state, path):
+    """The plain fields a checkpoint must hold for any script to use it."""
+    if state["model"] not in MODELS:
+        raise CheckpointError(f"{path} names an unknown network {state['model']!r} "
+                              f"(known: {', '.join(sorted(MODELS))})")
+    if state["dataset"] not in DATASETS:
+        raise CheckpointError(f"{path} names an unknown dataset {state['dataset']!r} "
+                              f"(known: {', '.join(sorted(DATASETS))})")
+    classes = state["classes"]
+    if not isinstance(state["num_classes"], int) or not isinstance(classes, (list, tuple, str)) or \
+            len(classes) != state["num_classes"]:
+        raise CheckpointError(f"{path} has {state['num_classes']!r} classes but a class list of another length")
+    for key in ("mean", "std"):
+        if not isinstance(state[key], (int, float)) or not math.isfinite(state[key]) or \
+                (key == "std" and state[key] <= 0):
+            raise CheckpointError(f"{path} has an unusable normalisation {key} = {state[key]!r}")
+
+
+def load_checkpoint(path, model_name=None, hint="python train.py --model MODEL"):
+    """(state, model on the CPU) from a checkpoint read with weights_only=True; one-line errors.
+
+    The network, classes and normalisation come from the checkpoint; `model_name`, when
+    given, is only checked against it.
+    """
+    state = read_checkpoint(path, hint)
+    check_fields(state, path)
+    if model_name is not None and state["model"] != model_name:
+        raise CheckpointError(f"{path} holds a {state['model']} checkpoint, not {model_name}: "
+                              f"pass --model {state['model']} (or leave --model out) or another --ckpt")
+    model = build_model(state["model"], state["num_classes"])
+    try:
+        model.load_state_dict(state["state_dict"])
+    except (RuntimeError, TypeError, AttributeError):
+        raise CheckpointError(f"{path} says {state['model']} with {state['num_classes']} classes but holds the "
+                              f"weights of another architecture: it is damaged or was edited; train it again") \
+            from None
+    if not all(torch.isfinite(tensor).all() for tensor in model.state_dict().values() if tensor.is_floating_point()):
+        raise CheckpointError(f"{path} holds NaN or infinite weights: it comes from a diverged run; train again "
+                              f"with a lower learning rate")
+    return state, model

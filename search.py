@@ -3,24 +3,33 @@
     python search.py --model alexnet                  # 28 trials x 5 epochs, 10 % of ByClass (80/20)
     python search.py --model all --n-iter 10          # the six networks, one after another
     python search.py --model lenet --dataset sklearn-digits --n-iter 2 --epochs 1
+    python search.py --model lenet --dataset sklearn-digits --grid '{"learning_rate": [0.01, 0.05]}'
     torchrun --nproc_per_node=2 search.py --model vggnet   # trials spread over the ranks
 
 Writes outputs/search/{model}.json after every trial (best_params, best_val_loss, trials),
-so an interrupted search resumes where it stopped; train.py then reads best_params.
+so an interrupted search resumes where it stopped; train.py uses best_params once the
+search is complete (`"complete": true`) and for the same network, dataset and classes.
 """
+import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
+from data import quit_on_ctrl_c
+
+if __name__ == "__main__":
+    quit_on_ctrl_c()
+
 import torch
 import torch.distributed as dist
 from sklearn.model_selection import ParameterSampler
 
-from data import CLASSES, set_seed
-from models import build_model
-from train import (TrainingError, best_row, common_parser, fit, load_training_data, model_names, plain_args,
-                   run_script, setup_distributed, write_json)
+from data import (CLASSES, Parser, UserError, add_flags, check_writable, choose_precision, output_lock,
+                  positive_int, read_json, run_script, set_seed, write_json)
+from models import MODELS, build_model
+from train import (DEFAULTS as TRAIN_DEFAULTS, TrainingError, best_row, fit, load_training_data, plain_args,
+                   resolve_settings, setup_distributed, valid_search_params)
 
 GRID = {  # the study's grid
     "learning_rate": [1e-3, 1e-2, 1e-1],
@@ -28,13 +37,40 @@ GRID = {  # the study's grid
     "momentum": [0.0, 0.85, 0.9, 0.95],
     "weight_decay": [0.0, 1e-2, 1e-3, 1e-4],
 }
-N_ITER = 28  # the study's number of trials
-EPOCHS = 5  # per trial: enough to rank configurations, not to converge
+DEFAULTS = {  # the one place the search's defaults live
+    "dataset": "emnist-byclass",
+    "subset": None,
+    "seed": 0,
+    "n_iter": 28,  # the study's number of trials
+    "epochs": 5,  # per trial: enough to rank configurations, not to converge
+}
 
 
 def config_key(params):
     """A configuration as a string, to tell configurations apart."""
     return json.dumps(params, sort_keys=True)
+
+
+def parse_grid(text):
+    """--grid: a JSON object of non-empty lists; the keys it names replace the study's, the others stay."""
+    try:
+        given = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"is not valid JSON ({err})")
+    if not isinstance(given, dict) or not given:
+        raise argparse.ArgumentTypeError('must be a JSON object such as \'{"learning_rate": [0.01, 0.05]}\'')
+    unknown = sorted(set(given) - set(GRID))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"has unknown keys {unknown}: use {', '.join(GRID)}")
+    grid = {**GRID, **given}
+    for key, values in given.items():
+        if not isinstance(values, list) or not values:
+            raise argparse.ArgumentTypeError(f"{key} must be a non-empty list")
+        for value in values:
+            reason = valid_search_params({**{k: v[0] for k, v in GRID.items()}, key: value})
+            if reason:
+                raise argparse.ArgumentTypeError(reason.replace("its ", "", 1))
+    return grid
 
 
 def sample_configs(grid, n_iter, seed):
@@ -51,13 +87,14 @@ def sample_configs(grid, n_iter, seed):
 def run_trial(name, params, data, args, device):
     """Train one configuration from scratch; its score is the best epoch's validation loss."""
     set_seed(args.seed)
+    trial = argparse.Namespace(**{**vars(args), **params, "patience": args.epochs, "clip": TRAIN_DEFAULTS["clip"],
+                                  "augment": TRAIN_DEFAULTS["augment"]})
     model = build_model(name, len(CLASSES[args.dataset])).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=params["learning_rate"], momentum=params["momentum"],
                                 weight_decay=params["weight_decay"])
     started = time.time()
     try:
-        history = fit(model, optimizer, data, epochs=args.epochs, batch_size=params["batch_size"], seed=args.seed,
-                      amp=args.amp, channels_last=False, log=lambda *_: None)
+        history = fit(model, optimizer, data, trial, log=lambda *_: None)
     except TrainingError:  # a diverged configuration ranks last instead of ending the search
         return {"params": params, "val_loss": None, "val_acc": None, "diverged": True,
                 "seconds": time.time() - started}
@@ -75,75 +112,103 @@ def load_previous(path, expected, log):
     """Trials of an earlier run with the same settings, so an interrupted search resumes."""
     if not path.is_file():
         return []
-    previous = json.loads(path.read_text())
+    previous = read_json(path, "search")
     if previous.get("settings") != expected:
-        log(f"{path} was written with other settings: starting a new search")
-        return []
+        raise UserError(f"{path} holds a search with other settings ({previous.get('settings')}): move it away, "
+                        f"pass the same settings to resume it, or write this one elsewhere with --outputs")
+    if not isinstance(previous.get("trials"), list) or not all(
+            isinstance(trial, dict) and isinstance(trial.get("params"), dict) for trial in previous["trials"]):
+        raise UserError(f"{path} has no readable list of trials: move it away and search again")
     log(f"resuming {path}: {len(previous['trials'])} trials already done")
     return previous["trials"]
 
 
-def summary(name, args, grid, trials):
-    finished = [trial for trial in trials if trial["val_loss"] is not None]
+def summary(name, args, grid, trials, planned):
+    finished = [trial for trial in trials if trial.get("val_loss") is not None]
     best = min(finished, key=lambda trial: trial["val_loss"]) if finished else None
-    return {"model": name, "dataset": args.dataset, "settings": settings(args, grid), "args": plain_args(args),
-            "best_params": best["params"] if best else None, "best_val_loss": best["val_loss"] if best else None,
-            "best_val_acc": best["val_acc"] if best else None, "trials": trials}
+    return {"model": name, "dataset": args.dataset, "num_classes": len(CLASSES[args.dataset]),
+            "complete": len(trials) >= planned, "dry_run": False, "settings": settings(args, grid),
+            "args": plain_args(args), "best_params": best["params"] if best else None,
+            "best_val_loss": best["val_loss"] if best else None, "best_val_acc": best["val_acc"] if best else None,
+            "trials": trials}
 
 
-def search_model(name, args, grid, data, rank, world_size, device, log):
+def search_model(name, args, data, rank, world_size, device, log):
     path = Path(args.outputs) / "search" / f"{name}.json"
-    trials = load_previous(path, settings(args, grid), log) if rank == 0 else []
+    configs = sample_configs(args.grid, args.n_iter, args.seed)
+    trials = load_previous(path, settings(args, args.grid), log) if rank == 0 and not args.dry_run else []
     if world_size > 1:  # every rank must agree on which trials are left
         shared = [trials]
         dist.broadcast_object_list(shared, src=0)
         trials = shared[0]
     done = {config_key(trial["params"]) for trial in trials}
-    todo = [params for params in sample_configs(grid, args.n_iter, args.seed) if config_key(params) not in done]
-    total = len(trials) + len(todo)
+    todo = [params for params in configs if config_key(params) not in done][: 1 if args.dry_run else None]
     rounds = range(0, len(todo), world_size)  # one round: a trial per rank
-    if rank == 0 and sys.stdout.isatty():
+    if rank == 0 and sys.stdout.isatty() and not args.dry_run:
         from tqdm import tqdm
 
         rounds = tqdm(rounds, desc=f"{name} trials", unit="round", leave=False)
         log = rounds.write  # keeps the bar below the trial lines
-    for start in rounds:
-        mine = todo[start + rank] if start + rank < len(todo) else None
-        results = [run_trial(name, mine, data, args, device) if mine else None]
-        if world_size > 1:
-            gathered = [None] * world_size
-            dist.all_gather_object(gathered, results[0])
-            results = gathered
-        for result in filter(None, results):
-            trials.append(result)
-            loss = "diverged" if result["val_loss"] is None else f"val loss {result['val_loss']:.4f}"
-            log(f"{name} trial {len(trials):3d}/{total}: "
-                f"{result['params']} -> {loss} ({result['seconds']:.1f}s)")
-        if rank == 0:
-            write_json(path, summary(name, args, grid, trials))
-    result = summary(name, args, grid, trials)
-    log(f"{name}: best {result['best_params']} (val loss {result['best_val_loss']}); wrote {path}")
+    try:
+        for start in rounds:
+            mine = todo[start + rank] if start + rank < len(todo) else None
+            results = [run_trial(name, mine, data, args, device) if mine else None]
+            if world_size > 1:
+                gathered = [None] * world_size
+                dist.all_gather_object(gathered, results[0])
+                results = gathered
+            for result in filter(None, results):
+                trials.append(result)
+                loss = "diverged" if result["val_loss"] is None else f"val loss {result['val_loss']:.4f}"
+                log(f"{name} trial {len(trials):3d}/{len(configs)}: {result['params']} -> {loss} "
+                    f"({result['seconds']:.1f}s)")
+            if rank == 0 and not args.dry_run:
+                write_json(path, summary(name, args, args.grid, trials, len(configs)))
+    except KeyboardInterrupt:
+        log(f"\ninterrupted: {len(trials)} finished trials are saved in {path}; the same command resumes")
+        raise SystemExit(130)
+    result = summary(name, args, args.grid, trials, len(configs))
+    if args.dry_run:
+        log(f"{name}: dry run finished (one trial, one batch per epoch); nothing was written")
+    elif result["best_params"] is None:
+        log(f"{name}: every trial diverged, so train.py will not use {path}: try a grid with lower learning rates")
+    else:
+        log(f"{name}: best {result['best_params']} (val loss {result['best_val_loss']:.4f}); wrote {path}")
     return result
 
 
 def parse_args(argv=None):
-    parser = common_parser(__doc__.splitlines()[0], epochs=EPOCHS, several_models=True)
-    parser.add_argument("--n-iter", type=int, default=N_ITER, help="number of configurations to try")
-    parser.add_argument("--grid", default=None, help="a JSON object of lists to search instead of the study's grid")
+    parser = Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", nargs="+", default=["alexnet"], choices=sorted(MODELS) + ["all"],
+                        help="one or more networks, or all (default: alexnet)")
+    add_flags(parser, "dataset", "data-dir", "subset")
+    parser.add_argument("--epochs", type=positive_int, default=None,
+                        help=f"epochs per trial (default: {DEFAULTS['epochs']})")
+    parser.add_argument("--n-iter", type=positive_int, default=None,
+                        help=f"number of configurations to try (default: {DEFAULTS['n_iter']})")
+    parser.add_argument("--grid", type=parse_grid, default=GRID,
+                        help="a JSON object of lists; the keys it names replace the study's grid's "
+                             f"(default: {json.dumps(GRID)})")
+    parser.add_argument("--dry-run", action="store_true", help="one trial with one batch per epoch; writes nothing")
+    add_flags(parser, "device", "seed", "outputs", "no-download", "precision")
     return parser.parse_args(argv)
 
 
 def run(args):
-    try:
-        grid = json.loads(args.grid) if args.grid else GRID
-    except json.JSONDecodeError as err:
-        raise TrainingError(f"--grid is not valid JSON ({err})") from None
     rank, world_size, device = setup_distributed(args.device)
     log = print if rank == 0 else (lambda *_: None)
-    data = load_training_data(args, device, mini=True)
-    log(f"searching on {args.dataset}: {len(data['train'][1]):,} train / {len(data['val'][1]):,} val images, "
-        f"{args.n_iter} trials x {args.epochs} epochs, device {device}, world size {world_size}")
-    return {name: search_model(name, args, grid, data, rank, world_size, device, log) for name in model_names(args)}
+    names = list(MODELS) if "all" in args.model else list(dict.fromkeys(args.model))  # the study's order
+    resolve_settings(args, DEFAULTS, [], log)
+    args.precision = choose_precision(args.precision, device)
+    paths = [Path(args.outputs) / "search" / f"{name}.json" for name in names]
+    if not args.dry_run and rank == 0:
+        check_writable(Path(args.outputs) / "search")
+    with output_lock(*paths) if not args.dry_run and rank == 0 else output_lock():
+        data = load_training_data(args, device, mini=True)
+        log(f"searching on {args.dataset}: {len(data['train'][1]):,} train / {len(data['val'][1]):,} val images, "
+            f"{args.n_iter} trials x {args.epochs} epochs, device {device}, {args.precision.name}, "
+            f"world size {world_size}")
+        return {name: search_model(name, args, data, rank, world_size, device, log) for name in names}
 
 
 def main(argv=None):

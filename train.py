@@ -8,77 +8,172 @@
 
 Writes model_hub/pre_trained/{model}.pth (best val loss), {model}_last.pth (resumable),
 outputs/train/{model}.json (history) and outputs/train/{model}.png (curves).
+Every value the run uses is printed once at the start with its source: a flag, the run
+being resumed, a complete search result (outputs/search/{model}.json), or DEFAULTS below.
 """
 import argparse
-import json
 import math
 import os
 import sys
 import time
 from pathlib import Path
 
+from data import quit_on_ctrl_c
+
+if __name__ == "__main__":
+    quit_on_ctrl_c()
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data import (CLASSES, DATASETS, VAL_FRACTION, DataError, augment, get_device, iterate_batches, load_images,
-                  mean_std, mini_split, normalize, set_seed, stratified_split, stratified_subset)
-from models import MODELS, build_model
+from data import (CLASSES, EVAL_BATCH, VAL_FRACTION, Parser, Precision, UserError, add_flags, augment, check_writable,
+                  choose_precision, get_device, iterate_batches, load_images, mean_std, mini_split, normalize,
+                  output_lock, positive_float, positive_int, pyplot, read_json, run_script, save_figure, set_seed,
+                  stratified_split, stratified_subset, non_negative_float, write_json)
+from models import MODELS, build_model, load_checkpoint, read_checkpoint, save_checkpoint, unwrap
 
-# Used when neither the command line nor outputs/search/{model}.json sets them.
+# The one place pre-training's defaults live; used when neither a flag, the resumed run nor
+# a complete search result sets a value.
 DEFAULTS = {
+    "dataset": "emnist-byclass",  # the study's
+    "subset": None,  # the whole training split
+    "seed": 0,
     "learning_rate": 0.01,  # the study's grid: 1e-3, 1e-2, 1e-1; 1e-2 is the usual SGD sweet spot
     "batch_size": 64,  # the study's largest; smaller batches only cost time on a GPU
     "momentum": 0.9,
     "weight_decay": 1e-4,
+    "epochs": 20,
+    "patience": 10,  # epochs without a better validation loss before stopping
+    "clip": 1.0,  # the study's gradient clipping (0: off)
+    "augment": True,  # the study's random affine
 }
-EPOCHS = 20
-PATIENCE = 10  # epochs without a better validation loss before stopping
-CLIP_NORM = 1.0  # the study's gradient clipping
-EVAL_BATCH = 1024  # evaluation needs no gradients, so larger batches are free
+SEARCHED = ("learning_rate", "batch_size", "momentum", "weight_decay")  # what search.py chooses
+RUN_KEYS = ("dataset", "subset", "seed", "learning_rate", "batch_size", "momentum", "weight_decay", "clip",
+            "augment")  # what defines a run: --resume refuses flags that contradict them
 NAN_CHECK_EVERY = 100  # batches between checks for a diverged loss (each check syncs the GPU)
+DIVERGED = 10.0  # a mean training loss above DIVERGED x ln(classes) (chance is 1 x) means divergence
 
 
-class TrainingError(Exception):
-    """Something the user can fix (bad checkpoint, diverged loss): the message says what to do."""
+class TrainingError(UserError):
+    """A run that cannot go on (diverged loss, nothing to train): the message says what to do."""
 
 
-# ----------------------------------------------------------------------------- command line
+# ----------------------------------------------------------------------------- settings
 
-def common_parser(description, epochs=EPOCHS, several_models=False):
-    """The flags every script shares (DESIGN.md: common command-line flags)."""
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    if several_models:
-        parser.add_argument("--model", nargs="+", default=["alexnet"], choices=sorted(MODELS) + ["all"],
-                            help="one or more networks, or all")
-    else:
-        parser.add_argument("--model", default="alexnet", choices=sorted(MODELS), help="network")
-    parser.add_argument("--dataset", default="emnist-byclass", choices=DATASETS, help="dataset")
-    parser.add_argument("--data-dir", default="data", help="folder with the dataset files")
-    parser.add_argument("--subset", type=int, default=None, help="train on a stratified sample of N images")
-    parser.add_argument("--epochs", type=int, default=epochs, help="epochs")
-    parser.add_argument("--batch-size", type=int, default=None, help="batch size")
-    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
-    parser.add_argument("--seed", type=int, default=0, help="seed for splits, shuffling, augmentation, init")
-    parser.add_argument("--hub", default="model_hub", help="checkpoint folder")
-    parser.add_argument("--outputs", default="outputs", help="folder for JSON and plots")
-    parser.add_argument("--no-download", action="store_true", help="never download missing data")
-    parser.add_argument("--dry-run", action="store_true", help="one training and one validation batch, then exit")
-    parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
-    parser.add_argument("--channels-last", action="store_true", help="channels_last memory format (CUDA)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    return parser
+def batch_size(text):
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError("must be at least 2: BatchNorm cannot train on one image")
+    return value
 
 
-def model_names(args):
-    """The networks named by a several-models --model flag, with 'all' for the six."""
-    return list(MODELS) if "all" in args.model else list(dict.fromkeys(args.model))  # the study's order
+def add_training_flags(parser, defaults, learning_rate_help, searched=False):
+    """The flags of the three training scripts; None means 'not given': the source is resolved later."""
+    prefix = "search result, else " if searched else ""
+    parser.add_argument("--epochs", type=positive_int, default=None,
+                        help=f"epochs in all, counting resumed ones (default: {defaults['epochs']})")
+    parser.add_argument("--batch-size", type=batch_size, default=None,
+                        help=f"batch size (default: {prefix}{defaults['batch_size']})")
+    parser.add_argument("--lr", dest="learning_rate", type=positive_float, default=None,
+                        help=f"{learning_rate_help} (default: {prefix}{defaults['learning_rate']})")
+    parser.add_argument("--patience", type=positive_int, default=None,
+                        help=f"early-stopping patience in epochs (default: {defaults['patience']})")
+    parser.add_argument("--clip", type=non_negative_float, default=None,
+                        help=f"gradient-norm clipping, 0 turns it off (default: {defaults['clip']})")
+    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                        help="the study's random affine (default: on)")
+    parser.add_argument("--resume", action="store_true", help="continue the run from its _last.pth checkpoint")
+    parser.add_argument("--dry-run", action="store_true", help="one training and one validation batch; "
+                                                               "writes nothing")
+    add_flags(parser, "subset", "device", "seed", "hub", "outputs", "no-download", "precision", "compile")
+
+
+def valid_search_params(params):
+    """Why a search result's best_params cannot be used, or '' when they can."""
+    if not isinstance(params, dict) or set(params) != set(SEARCHED):
+        return f"its best_params do not hold exactly {', '.join(SEARCHED)}"
+    checks = {"learning_rate": lambda v: v > 0, "batch_size": lambda v: v >= 2 and float(v).is_integer(),
+              "momentum": lambda v: 0 <= v < 1, "weight_decay": lambda v: v >= 0}
+    for key, check in checks.items():
+        value = params[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
+                not check(value):
+            return f"its {key} {value!r} is not a usable value"
+    return ""
+
+
+def search_result(args, dataset, log):
+    """best_params of outputs/search/{model}.json when it is usable, else {} with the reason printed."""
+    path = Path(args.outputs) / "search" / f"{args.model}.json"
+    if not path.is_file():
+        return path, {}
+    try:
+        result = read_json(path, "search")
+    except UserError as err:
+        log(f"ignoring {path}: {err}")
+        return path, {}
+    expected = {"model": args.model, "dataset": dataset, "num_classes": len(CLASSES[dataset])}
+    reasons = [f"it is for {key} {result.get(key)!r}, not {value!r}" for key, value in expected.items()
+               if result.get(key) != value]
+    if result.get("dry_run") is not False:
+        reasons.append("it does not say it is from a real (not dry) run")
+    if result.get("complete") is not True:
+        reasons.append("the search is not complete (run search.py again to finish it)")
+    if result.get("best_params") is None and not reasons:
+        reasons.append("every trial diverged")
+    reasons = reasons or [reason for reason in [valid_search_params(result.get("best_params"))] if reason]
+    if reasons:
+        log(f"ignoring {path}: {'; '.join(reasons)}")
+        return path, {}
+    return path, {key: (int(value) if key == "batch_size" else value) for key, value in result["best_params"].items()}
+
+
+def resolve_settings(args, defaults, layers, log=print):
+    """Fill each unset value from the first layer that has it; print every value with its source once.
+
+    layers: [(source, {key: value})] in order of precedence, after the command line.
+    """
+    sources = {}
+    for key in defaults:
+        if getattr(args, key, None) is not None:
+            sources[key] = "flag"
+            continue
+        for source, values in layers + [("default", defaults)]:
+            if key in values:
+                setattr(args, key, values[key])
+                sources[key] = source
+                break
+    log("settings (value: source):")
+    for key in defaults:
+        log(f"  {key:14} {getattr(args, key)!s:16} {sources[key]}")
+    return sources
+
+
+def resumed_run(args, last_path, log):
+    """The checkpoint being resumed, after refusing flags that contradict it or leave nothing to train."""
+    state = read_checkpoint(last_path, f"python {Path(sys.argv[0]).name} --model {args.model} (without --resume)")
+    saved = state.get("args", {})
+    for key in RUN_KEYS:
+        given = getattr(args, key, None)
+        if given is not None and key in saved and given != saved[key]:
+            flag = "--augment/--no-augment" if key == "augment" else "--" + key.replace("_", "-").replace(
+                "learning-rate", "lr")
+            raise TrainingError(f"{flag} {given} contradicts the run in {last_path} ({saved[key]}): leave the "
+                                f"flag out to resume that run, or start a new run without --resume")
+    done = state.get("epoch", 0)
+    wanted = args.epochs if args.epochs is not None else saved.get("epochs")
+    if wanted is not None and wanted <= done:
+        raise TrainingError(f"the run in {last_path} has already trained {done} epochs, --epochs is {wanted}: "
+                            f"pass --epochs above {done} to train more; nothing was written")
+    log(f"resuming {last_path} after epoch {done}")
+    return state, {key: saved[key] for key in RUN_KEYS + ("patience",) if key in saved}
 
 
 def plain_args(args):
     """argparse values as JSON- and weights_only-safe plain types."""
-    return {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
+    return {key: (str(value) if isinstance(value, Path) else value.name if isinstance(value, Precision) else value)
+            for key, value in vars(args).items()}
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -106,54 +201,6 @@ def reduce_sums(values, device, world_size):
     return totals.tolist()
 
 
-def unwrap(model):
-    """The plain nn.Module under DistributedDataParallel and torch.compile wrappers."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-def save_checkpoint(path, model, optimizer=None, /, **fields):
-    """Write atomically: a crash mid-write never leaves a broken checkpoint behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {**fields, "state_dict": unwrap(model).state_dict()}
-    if optimizer is not None:
-        state["optimizer"] = optimizer.state_dict()
-    partial = path.with_name(path.name + f".{os.getpid()}.tmp")
-    torch.save(state, partial)
-    os.replace(partial, path)
-
-
-def load_checkpoint(path, model_name=None, num_classes=None, hint="python train.py --model MODEL"):
-    """Read a checkpoint with weights_only=True; one-line errors for what a user can get wrong."""
-    path = Path(path)
-    if not path.is_file():
-        raise TrainingError(f"no checkpoint at {path}: make one with `{hint}` or pass --ckpt PATH")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a truncated zip, a pickle, random bytes: all mean the same to the user
-        raise TrainingError(f"{path} is not a readable checkpoint ({type(err).__name__}): "
-                            f"it is corrupt or truncated; delete it and train again") from None
-    if not isinstance(state, dict) or "state_dict" not in state or state.get("model") not in MODELS:
-        raise TrainingError(f"{path} is not a checkpoint of this project (no model name and state_dict)")
-    if model_name is not None and state["model"] != model_name:
-        raise TrainingError(f"{path} holds a {state['model']} checkpoint, not {model_name}: "
-                            f"pass --model {state['model']} or another --ckpt")
-    if num_classes is not None and state["num_classes"] != num_classes:
-        raise TrainingError(f"{path} was trained for {state['num_classes']} classes ({state.get('dataset')}), "
-                            f"not {num_classes}")
-    return state
-
-
-def model_from_checkpoint(state, device="cpu"):
-    model = build_model(state["model"], state["num_classes"])
-    model.load_state_dict(state["state_dict"])
-    return model.to(device)
-
-
 # ----------------------------------------------------------------------------- data
 
 def load_training_data(args, device, val_fraction=VAL_FRACTION, stats=None, mini=False):
@@ -166,12 +213,18 @@ def load_training_data(args, device, val_fraction=VAL_FRACTION, stats=None, mini
     """
     images, labels = load_images(args.dataset, train=True, data_dir=args.data_dir, download=not args.no_download)
     if args.subset:
+        if args.subset > len(labels):
+            raise UserError(f"--subset {args.subset} is larger than the {len(labels):,} training images of "
+                            f"{args.dataset}: give a smaller one or leave it out")
         chosen = stratified_subset(labels, args.subset, args.seed)
         images, labels = images[chosen], labels[chosen]
     val = None
     if mini or val_fraction:
         train_index, val_index = mini_split(labels, args.seed) if mini else \
             stratified_split(labels, val_fraction, args.seed)
+        if len(val_index) == 0 or len(train_index) < 2:
+            raise UserError(f"{len(labels):,} training images are too few to hold out a validation set "
+                            f"({len(train_index)} train / {len(val_index)} val): use a larger --subset")
         val = (images[val_index].to(device), labels[val_index].to(device))
         images, labels = images[train_index], labels[train_index]
     mean, std = stats if stats is not None else mean_std(images)
@@ -188,46 +241,52 @@ def progress_bar(batches, total, enabled):
     return tqdm(batches, total=total, leave=False, unit="batch")
 
 
-def train_one_epoch(model, optimizer, images, labels, mean, std, *, batch_size, generator, augment_batches=True,
-                    clip=CLIP_NORM, amp=False, channels_last=False, rank=0, world_size=1, max_batches=None,
+def train_one_epoch(model, optimizer, data, args, generator, *, rank=0, world_size=1, max_batches=None,
                     progress=False):
-    """One pass over this rank's shard: {"loss", "acc", "images"} summed over all ranks."""
+    """One pass over this rank's shard: {"loss", "acc", "images"} summed over all ranks.
+
+    Stops early (loss inf) when the mean loss so far shows divergence, finite or not.
+    """
     model.train()
+    images, labels = data["train"]
     device = images.device
+    limit = DIVERGED * math.log(max(int(labels.max()) + 1, 2))
     loss_sum = torch.zeros((), device=device)  # float32: MPS has no float64
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = 0
-    batches = iterate_batches(images, labels, batch_size, shuffle=True, generator=generator,
+    batches = iterate_batches(images, labels, args.batch_size, shuffle=True, generator=generator,
                               rank=rank, world_size=world_size)
-    total = math.ceil(len(labels) / world_size / batch_size)
+    total = math.ceil(len(labels) / world_size / args.batch_size)
     for step, (batch, target) in enumerate(progress_bar(batches, total, progress)):
         if max_batches is not None and step >= max_batches:
             break
-        if len(target) < 2:  # BatchNorm cannot train on a single image
+        if len(target) < 2:  # BatchNorm cannot train on a single image (a last batch of one)
             continue
-        inputs = augment(batch, mean, std, generator) if augment_batches else normalize(batch, mean, std)
-        if channels_last:
+        inputs = augment(batch, data["mean"], data["std"], generator) if args.augment else \
+            normalize(batch, data["mean"], data["std"])
+        if args.precision.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision.bf16):
             logits = model(inputs)
         loss = F.cross_entropy(logits.float(), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        if args.clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         optimizer.step()
         loss_sum += loss.detach() * len(target)
         correct += (logits.argmax(1) == target).sum()
         seen += len(target)
-        if (step + 1) % NAN_CHECK_EVERY == 0 and not torch.isfinite(loss_sum):
+        if (step + 1) % NAN_CHECK_EVERY == 0 and not loss_sum / seen < limit:
             break
     loss_total, correct_total, seen_total = reduce_sums([loss_sum, correct, seen], device, world_size)
-    return {"loss": loss_total / max(seen_total, 1), "acc": correct_total / max(seen_total, 1), "images": seen_total}
+    mean_loss = loss_total / max(seen_total, 1)
+    return {"loss": mean_loss if mean_loss < limit else math.inf, "raw_loss": mean_loss,
+            "acc": correct_total / max(seen_total, 1), "images": seen_total}
 
 
 @torch.inference_mode()
-def evaluate_loss_acc(model, images, labels, mean, std, *, batch_size=EVAL_BATCH, amp=False, channels_last=False,
-                      rank=0, world_size=1, max_batches=None):
+def evaluate_loss_acc(model, images, labels, mean, std, precision, *, rank=0, world_size=1, max_batches=None):
     """Mean cross-entropy and accuracy over (this rank's shard of) a split, summed over ranks."""
     model = unwrap(model) if world_size > 1 else model  # no DDP collectives in evaluation
     model.eval()
@@ -235,14 +294,14 @@ def evaluate_loss_acc(model, images, labels, mean, std, *, batch_size=EVAL_BATCH
     loss_sum = torch.zeros((), device=device)  # float32: MPS has no float64
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = 0
-    batches = iterate_batches(images, labels, batch_size, rank=rank, world_size=world_size)
+    batches = iterate_batches(images, labels, EVAL_BATCH, rank=rank, world_size=world_size)
     for step, (batch, target) in enumerate(batches):
         if max_batches is not None and step >= max_batches:
             break
         inputs = normalize(batch, mean, std)
-        if channels_last:
+        if precision.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.bf16):
             logits = model(inputs)
         loss_sum += F.cross_entropy(logits.float(), target, reduction="sum")
         correct += (logits.argmax(1) == target).sum()
@@ -269,65 +328,52 @@ def epoch_seed(seed, epoch):
     return seed * 1_000_003 + epoch
 
 
-def fit(model, optimizer, data, *, epochs, batch_size, seed=0, patience=None, clip=CLIP_NORM, augment_batches=True,
-        amp=False, channels_last=False, rank=0, world_size=1, best_path=None, last_path=None, meta=None,
-        history=None, dry_run=False, log=print):
-    """Train for `epochs` (resuming after `history`); keep the best and last checkpoints.
+def fit(model, optimizer, data, args, *, history=(), best_path=None, meta=None, rank=0, world_size=1,
+        log=print):
+    """Train up to args.epochs (resuming after `history`); keep the best and last checkpoints.
 
     Every epoch reseeds shuffling, augmentation and dropout from (seed, epoch), so a
     resumed run repeats exactly what an uninterrupted one would have done.
     Returns the history: one dict per epoch.
     """
-    history = list(history or [])
-    train_images, train_labels = data["train"]
-    common = dict(amp=amp, channels_last=channels_last, rank=rank, world_size=world_size,
-                  max_batches=1 if dry_run else None)
+    history = list(history)
+    last_path = last_checkpoint_path(best_path) if best_path else None
+    limit = dict(max_batches=1 if args.dry_run else None, rank=rank, world_size=world_size)
     generator = torch.Generator()
     started = time.time() - (history[-1]["elapsed"] if history else 0.0)
-    for epoch in range(len(history) + 1, epochs + 1):
-        generator.manual_seed(epoch_seed(seed, epoch))
-        torch.manual_seed(epoch_seed(seed, epoch))
+    for epoch in range(len(history) + 1, args.epochs + 1):
+        generator.manual_seed(epoch_seed(args.seed, epoch))
+        torch.manual_seed(epoch_seed(args.seed, epoch))
         epoch_start = time.time()
-        train = train_one_epoch(model, optimizer, train_images, train_labels, data["mean"], data["std"],
-                                batch_size=batch_size, generator=generator, augment_batches=augment_batches,
-                                clip=clip, progress=rank == 0 and sys.stdout.isatty() and not dry_run, **common)
+        train = train_one_epoch(model, optimizer, data, args, generator,
+                                progress=rank == 0 and sys.stdout.isatty() and not args.dry_run, **limit)
         train_seconds = time.time() - epoch_start
         if not math.isfinite(train["loss"]):
-            raise TrainingError(f"the training loss became {train['loss']} in epoch {epoch}: stopped without "
-                                f"saving it (last good checkpoint: {last_path}); try a lower --lr")
-        val = evaluate_loss_acc(model, *data["val"], data["mean"], data["std"], **common) if data["val"] else None
+            raise TrainingError(f"the training loss diverged ({train['raw_loss']:.3g}) in epoch {epoch}: stopped "
+                                f"without saving it (last good checkpoint: {last_path}); try a lower --lr")
+        val = evaluate_loss_acc(model, *data["val"], data["mean"], data["std"], args.precision, **limit) \
+            if data["val"] else None
         row = {"epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"],
                "val_loss": val["loss"] if val else None, "val_acc": val["acc"] if val else None,
                "seconds": time.time() - epoch_start, "images": int(train["images"]),
                "images_per_sec": train["images"] / max(train_seconds, 1e-9), "elapsed": time.time() - started}
         history.append(row)
         best = best_row(history)
-        if rank == 0 and not dry_run:  # saved before the epoch's line is printed
+        if rank == 0 and best_path:  # saved before the epoch's line is printed
             state = dict(meta or {}, epoch=epoch, history=history, best_val_loss=best["val_loss"])
-            if best_path and best["epoch"] == epoch:
+            if best["epoch"] == epoch:
                 save_checkpoint(best_path, model, optimizer, **state)
-            if last_path:
-                save_checkpoint(last_path, model, optimizer, **state)
-        if rank == 0:
-            log(epoch_line(row, epochs))
-        if dry_run:
-            return history
-        if patience and best["val_loss"] is not None and epoch - best["epoch"] >= patience:
-            if rank == 0:
-                log(f"early stop: no better validation loss for {patience} epochs (best: epoch {best['epoch']})")
+            save_checkpoint(last_path, model, optimizer, **state)
+        log(epoch_line(row, args.epochs))
+        if args.dry_run:
+            break
+        if data["val"] and best["val_loss"] is not None and epoch - best["epoch"] >= args.patience:
+            log(f"early stop: no better validation loss for {args.patience} epochs (best: epoch {best['epoch']})")
             break
     return history
 
 
 # ----------------------------------------------------------------------------- results files
-
-def write_json(path, payload):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".tmp")
-    partial.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(partial, path)
-
 
 def history_summary(args, history, checkpoint):
     best = best_row(history)
@@ -338,11 +384,7 @@ def history_summary(args, history, checkpoint):
 
 def plot_history(history, path, title):
     """Loss and accuracy curves, train and validation, both panels labelled."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     epochs = [row["epoch"] for row in history]
     figure, (loss_axis, acc_axis) = plt.subplots(1, 2, figsize=(10, 4))
     for axis, key, label in [(loss_axis, "loss", "cross-entropy loss"), (acc_axis, "acc", "accuracy (%)")]:
@@ -358,33 +400,15 @@ def plot_history(history, path, title):
         axis.legend()
     figure.suptitle(title)
     figure.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 # ----------------------------------------------------------------------------- wiring
 
-def resolve_hyperparameters(args, outputs, log=print):
-    """Command-line flags first, then outputs/search/{model}.json, then DEFAULTS."""
-    search_file = Path(outputs) / "search" / f"{args.model}.json"
-    found = {}
-    if search_file.is_file():
-        result = json.loads(search_file.read_text())
-        if result.get("dataset") == args.dataset:
-            found = result["best_params"]
-            log(f"hyperparameters from {search_file}: {found} (flags on the command line win)")
-        else:
-            log(f"ignoring {search_file}: it was searched on {result.get('dataset')}, not {args.dataset}")
-    for key, default in DEFAULTS.items():
-        if getattr(args, key) is None:
-            setattr(args, key, found.get(key, default))
-
-
 def prepare_model(model, device, args, world_size):
-    """Move to the device, then the optional memory format, DDP and compile wrappers."""
+    """Move to the device, then the memory format, DDP and compile wrappers."""
     model = model.to(device)
-    if args.channels_last:
+    if args.precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -400,54 +424,29 @@ def checkpoint_meta(args, data):
             "classes": CLASSES[args.dataset], "mean": data["mean"], "std": data["std"], "args": plain_args(args)}
 
 
-def parse_args(argv=None):
-    parser = common_parser(__doc__.splitlines()[0])
-    parser.add_argument("--lr", dest="learning_rate", type=float, default=None,
-                        help=f"SGD learning rate (default: search result, else {DEFAULTS['learning_rate']})")
-    parser.add_argument("--momentum", type=float, default=None, help="SGD momentum (default: search, else 0.9)")
-    parser.add_argument("--weight-decay", type=float, default=None, help="weight decay (default: search, else 1e-4)")
-    parser.add_argument("--patience", type=int, default=PATIENCE, help="early-stopping patience in epochs")
-    parser.add_argument("--clip", type=float, default=CLIP_NORM, help="gradient-norm clipping (0: off)")
-    parser.add_argument("--no-augment", action="store_true", help="train without the random affine")
-    parser.add_argument("--resume", action="store_true", help="continue from model_hub/pre_trained/{model}_last.pth")
-    return parser.parse_args(argv)
-
-
 def last_checkpoint_path(best_path):
     return Path(best_path).with_name(Path(best_path).stem + "_last.pth")
 
 
-def resume_history(args, best_path, model, optimizer, log=print):
-    """With --resume, load the last checkpoint into model and optimizer and return its history."""
-    if not args.resume:
-        return []
-    last_path = last_checkpoint_path(best_path)
-    state = load_checkpoint(last_path, args.model, len(CLASSES[args.dataset]))
-    model.load_state_dict(state["state_dict"])
-    optimizer.load_state_dict(state["optimizer"])
-    log(f"resuming from {last_path} after epoch {state['epoch']}")
-    return state["history"]
-
-
 def run_stage(args, model, optimizer, data, *, json_path, title, best_path, meta, rank, world_size, device,
-              patience, history=(), log=print):
-    """fit() with best and resumable last checkpoints, then the history JSON and curves.
+              history=(), log=print):
+    """fit() under a lock on its outputs, then the history JSON and curves.
 
     Shared by train.py, finetune.py and transfer_mnist.py: one loop, one set of files.
     """
     json_path, last_path = Path(json_path), last_checkpoint_path(best_path)
+    log(f"precision: {args.precision.name} ({args.precision.reason})")
     model = prepare_model(model, device, args, world_size)
+    if args.dry_run:
+        history = fit(model, optimizer, data, args, history=history, rank=rank, world_size=world_size, log=log)
+        log("dry run finished: one training and one validation batch ran, nothing was written")
+        return history
     try:
-        history = fit(model, optimizer, data, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-                      patience=patience, clip=args.clip, augment_batches=not args.no_augment, amp=args.amp,
-                      channels_last=args.channels_last, rank=rank, world_size=world_size, best_path=best_path,
-                      last_path=last_path, meta=meta, history=history, dry_run=args.dry_run, log=log)
+        history = fit(model, optimizer, data, args, history=history, best_path=best_path, meta=meta, rank=rank,
+                      world_size=world_size, log=log)
     except KeyboardInterrupt:
         log(f"\ninterrupted: the last finished epoch is saved in {last_path}; continue with --resume")
         raise SystemExit(130)
-    if args.dry_run:
-        log("dry run finished: one training and one validation batch ran, nothing was written")
-        return history
     if rank == 0:
         write_json(json_path, history_summary(args, history, best_path))
         plot_history(history, json_path.with_suffix(".png"), title)
@@ -455,38 +454,57 @@ def run_stage(args, model, optimizer, data, *, json_path, title, best_path, meta
     return history
 
 
+def locked_outputs(args, best_path, json_path, rank):
+    """The lock a writing run holds on its files (none for dry runs and ranks other than 0)."""
+    if args.dry_run or rank != 0:
+        return output_lock()
+    check_writable(Path(best_path).parent, Path(json_path).parent)
+    return output_lock(best_path, json_path)
+
+
+def parse_args(argv=None):
+    parser = Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="alexnet", choices=sorted(MODELS), help="network (default: alexnet)")
+    add_flags(parser, "dataset", "data-dir")
+    add_training_flags(parser, DEFAULTS, "SGD learning rate", searched=True)
+    parser.add_argument("--momentum", type=non_negative_float, default=None,
+                        help=f"SGD momentum (default: search result, else {DEFAULTS['momentum']})")
+    parser.add_argument("--weight-decay", type=non_negative_float, default=None,
+                        help=f"weight decay (default: search result, else {DEFAULTS['weight_decay']})")
+    return parser.parse_args(argv)
+
+
 def run(args):
     rank, world_size, device = setup_distributed(args.device)
     log = print if rank == 0 else (lambda *_: None)
-    resolve_hyperparameters(args, args.outputs, log)
-    set_seed(args.seed)
     best_path = Path(args.hub) / "pre_trained" / f"{args.model}.pth"
-    data = load_training_data(args, device)
-    model = build_model(args.model, len(CLASSES[args.dataset]))
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
-    history = resume_history(args, best_path, model, optimizer, log)
-    log(f"{args.model} on {args.dataset}: {len(data['train'][1]):,} train / {len(data['val'][1]):,} val images, "
-        f"device {device}, world size {world_size}, lr {args.learning_rate}, batch {args.batch_size}, "
-        f"momentum {args.momentum}, weight decay {args.weight_decay}")
-    return run_stage(args, model, optimizer, data, json_path=Path(args.outputs) / "train" / f"{args.model}.json",
-                     title=f"{args.model} pre-training on {args.dataset}", best_path=best_path,
-                     meta=checkpoint_meta(args, data), rank=rank, world_size=world_size, device=device,
-                     patience=args.patience, history=history, log=log)
-
-
-def run_script(run, args):
-    """Run a script's run(args): user errors become one line and exit 1; the process group closes."""
-    try:
-        result = run(args)
-        if dist.is_initialized():
-            dist.barrier()  # rank 0 may still be writing files: tearing gloo down under it aborts
-        return result
-    except (DataError, TrainingError) as err:
-        sys.exit(f"error: {err}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    json_path = Path(args.outputs) / "train" / f"{args.model}.json"
+    with locked_outputs(args, best_path, json_path, rank):
+        resumed, layers = None, []
+        if args.resume:
+            resumed, saved = resumed_run(args, last_checkpoint_path(best_path), log)
+            layers.append((f"resumed run {last_checkpoint_path(best_path)}", saved))
+        else:
+            search_path, searched = search_result(args, args.dataset or DEFAULTS["dataset"], log)
+            layers.append((str(search_path), searched))
+        resolve_settings(args, DEFAULTS, layers, log)
+        args.precision = choose_precision(args.precision, device)
+        set_seed(args.seed)
+        data = load_training_data(args, device)
+        if resumed:
+            resumed, model = load_checkpoint(last_checkpoint_path(best_path), args.model)
+        else:
+            model = build_model(args.model, len(CLASSES[args.dataset]))
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate, momentum=args.momentum,
+                                    weight_decay=args.weight_decay)
+        if resumed:
+            optimizer.load_state_dict(resumed["optimizer"])
+        history = resumed["history"] if resumed else []
+        log(f"{args.model} on {args.dataset}: {len(data['train'][1]):,} train / {len(data['val'][1]):,} val images, "
+            f"device {device}, world size {world_size}")
+        return run_stage(args, model, optimizer, data, json_path=json_path, best_path=best_path,
+                         title=f"{args.model} pre-training on {args.dataset}", meta=checkpoint_meta(args, data),
+                         rank=rank, world_size=world_size, device=device, history=history, log=log)
 
 
 def main(argv=None):

@@ -14,30 +14,48 @@ outputs/transfer/{model}_cm_test.png ({model}_scratch... with --from-scratch).
 """
 from pathlib import Path
 
+from data import quit_on_ctrl_c
+
+if __name__ == "__main__":
+    quit_on_ctrl_c()
+
 import torch
 
-from data import CLASSES, DIGITS, load_images, mean_std, set_seed
+from data import (CLASSES, DIGITS, Parser, UserError, add_flags, choose_precision, load_images, mean_std, run_script,
+                  set_seed, write_json)
 from evaluate import compute_metrics, find_checkpoint, metrics_table, plot_confusion, predict_probabilities
-from models import build_model, replace_head
-from train import (CLIP_NORM, checkpoint_meta, common_parser, load_checkpoint, model_from_checkpoint,
-                   run_script, run_stage, setup_distributed, unwrap, write_json)
+from models import MODELS, build_model, load_checkpoint, replace_head, unwrap
+from train import (add_training_flags, checkpoint_meta, locked_outputs, resolve_settings, run_stage,
+                   setup_distributed)
 
-EPOCHS = 5  # as the study
-LEARNING_RATE = 1e-3  # Adam
-BATCH_SIZE = 64
+DEFAULTS = {  # the one place transfer's defaults live
+    "dataset": "mnist",
+    "subset": None,
+    "seed": 0,
+    "learning_rate": 1e-3,  # Adam
+    "batch_size": 64,
+    "epochs": 5,  # as the study
+    "patience": 5,  # unused: transfer keeps the last epoch (no validation set)
+    "clip": 1.0,
+    "augment": True,
+}
 
 
 def parse_args(argv=None):
-    parser = common_parser(__doc__.splitlines()[0], epochs=EPOCHS)
-    parser.set_defaults(dataset="mnist", batch_size=BATCH_SIZE)
-    parser.add_argument("--ckpt", default=None, help="EMNIST checkpoint (default: fine-tuned, else pre-trained)")
-    parser.add_argument("--lr", dest="learning_rate", type=float, default=LEARNING_RATE, help="Adam learning rate")
+    parser = Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, choices=sorted(MODELS),
+                        help="network (default: the --ckpt's; checked against it when both are given)")
+    parser.add_argument("--ckpt", default=None, help="EMNIST checkpoint (default: HUB/fine_tuned/MODEL_tuned.pth, "
+                                                     "else HUB/pre_trained/MODEL.pth)")
+    parser.add_argument("--dataset", default=None, choices=["mnist"], help="target dataset (default: mnist)")
+    add_flags(parser, "data-dir")
+    add_training_flags(parser, DEFAULTS, "Adam learning rate")
     parser.add_argument("--from-scratch", action="store_true", help="train the same network from random weights")
-    parser.add_argument("--clip", type=float, default=CLIP_NORM, help="gradient-norm clipping (0: off)")
-    parser.add_argument("--no-augment", action="store_true", help="train without the random affine")
     args = parser.parse_args(argv)
-    if len(CLASSES[args.dataset]) != 10 or args.dataset.startswith("emnist") or args.dataset == "sklearn-digits":
-        parser.error("--dataset must be mnist or fashion-mnist")
+    if not args.model and not args.ckpt:
+        parser.error("give --model NAME or --ckpt PATH")
+    if args.resume:
+        parser.error("transfer runs are short: --resume is not supported, run it again")
     return args
 
 
@@ -47,11 +65,11 @@ def digit_rows(classes):
     return [classes.index(digit) for digit in DIGITS] if all(digit in classes for digit in DIGITS) else None
 
 
-def split_metrics(model, splits, mean, std, device, rows=None):
+def split_metrics(model, splits, mean, std, device, precision, rows=None):
     """Metrics on each split; with `rows`, only those logits count (zero-shot digits)."""
     result = {}
     for split, (images, labels) in splits.items():
-        probabilities = predict_probabilities(model, images, mean, std, device)
+        probabilities = predict_probabilities(model, images, mean, std, device, precision)
         if rows is not None:
             probabilities = probabilities[:, rows]
         result[split] = compute_metrics(labels, probabilities, DIGITS, "mnist")
@@ -60,23 +78,40 @@ def split_metrics(model, splits, mean, std, device, rows=None):
 
 def starting_model(args, device):
     """(model, mean, std, source, digit rows) for pre-trained transfer or --from-scratch."""
+    path = find_checkpoint(args.hub, args.model, args.ckpt) if args.ckpt or not args.from_scratch else None
+    state, model = load_checkpoint(path, args.model) if path else (None, None)
+    args.model = state["model"] if state else args.model
     if args.from_scratch:
         set_seed(args.seed)
         return build_model(args.model, 10).to(device), None, None, "random weights", None
-    path = find_checkpoint(args.hub, args.model, args.ckpt)
-    state = load_checkpoint(path, args.model)
-    return model_from_checkpoint(state, device), state["mean"], state["std"], str(path), digit_rows(state["classes"])
+    rows = digit_rows(state["classes"])
+    if rows is None:
+        raise UserError(f"{path} has no digit classes ({state['dataset']}): transfer to MNIST needs a network "
+                        f"that reads digits, e.g. one trained on emnist-byclass or emnist-digits")
+    return model.to(device), state["mean"], state["std"], str(path), rows
 
 
 def run(args):
     rank, world_size, device = setup_distributed(args.device)
     log = print if rank == 0 else (lambda *_: None)
     model, mean, std, source, rows = starting_model(args, device)
+    resolve_settings(args, DEFAULTS, [], log)
+    args.precision = choose_precision(args.precision, device)
+    suffix = "_scratch" if args.from_scratch else ""
+    best_path = Path(args.hub) / "transfer" / f"{args.model}_mnist{suffix}.pth"
+    folder = Path(args.outputs) / "transfer"
+    with locked_outputs(args, best_path, folder / f"{args.model}{suffix}.json", rank):
+        return transfer(args, model, mean, std, source, rows, best_path, folder, suffix, rank, world_size, device,
+                        log)
+
+
+def transfer(args, model, mean, std, source, rows, best_path, folder, suffix, rank, world_size, device, log):
+    """Zero-shot metrics, the new head, fine-tuning, metrics after."""
     splits = {split: load_images(args.dataset, train=split == "train", data_dir=args.data_dir,
                                  download=not args.no_download) for split in ("train", "test")}
     if mean is None:
         mean, std = mean_std(splits["train"][0])
-    before = split_metrics(model, splits, mean, std, device, rows) if rows is not None else None
+    before = split_metrics(model, splits, mean, std, device, args.precision, rows) if rows is not None else None
     if before and rank == 0:
         log(f"zero-shot on {args.dataset} ({source}, logits restricted to 0-9):")
         log(metrics_table(list(before.items())))
@@ -85,18 +120,15 @@ def run(args):
     set_seed(args.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate)
     data = {"train": tuple(tensor.to(device) for tensor in splits["train"]), "val": None, "mean": mean, "std": std}
-    suffix = "_scratch" if args.from_scratch else ""
-    best_path = Path(args.hub) / "transfer" / f"{args.model}_mnist{suffix}.pth"
-    folder = Path(args.outputs) / "transfer"
     meta = dict(checkpoint_meta(args, data), source=source)
     log(f"{'training' if args.from_scratch else 'transferring'} {args.model} ({source}) on {args.dataset}: "
         f"{len(splits['train'][1]):,} images, {args.epochs} epochs, Adam lr {args.learning_rate}, device {device}")
     history = run_stage(args, model, optimizer, data, json_path=folder / f"{args.model}{suffix}_history.json",
                         title=f"{args.model} on {args.dataset} ({source})", best_path=best_path, meta=meta,
-                        rank=rank, world_size=world_size, device=device, patience=None, log=log)
+                        rank=rank, world_size=world_size, device=device, log=log)
     if args.dry_run or rank != 0:
         return None
-    after = split_metrics(unwrap(model), splits, mean, std, device)
+    after = split_metrics(unwrap(model), splits, mean, std, device, args.precision)
     log(f"after {len(history)} epochs:")
     log(metrics_table(list(after.items())))
     plot_confusion(after["test"]["confusion_matrix"], CLASSES[args.dataset], folder / f"{args.model}{suffix}_cm_test.png",

@@ -1,6 +1,5 @@
 """Shared fixtures: the real samples in ../shared/data, IDX writers, a briefly trained checkpoint."""
 import gzip
-import os
 import struct
 import sys
 from pathlib import Path
@@ -10,20 +9,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-SHARED_DATA = Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data"))
-# .ci/run sets this so that CI fails, instead of skipping, when the real samples are missing
-REQUIRE_SHARED = os.environ.get("REQUIRE_SHARED_DATA") == "1"
+TEST_DATA = ROOT / "tests" / "data"  # real EMNIST and MNIST samples, in the repository (see its README)
 
 
-def shared_path(*parts):
-    """A path under ../shared/data, or skip (fail under REQUIRE_SHARED_DATA=1) if it is absent."""
-    path = SHARED_DATA.joinpath(*parts)
-    if not path.exists():
-        message = f"real samples not found at {path} (the repo's ../shared/data is not beside this clone)"
-        if REQUIRE_SHARED:
-            pytest.fail(message + "; REQUIRE_SHARED_DATA=1 forbids skipping")
-        pytest.skip(message)
-    return path
+def sample_path(*parts):
+    """A path under tests/data: the real samples every clone has."""
+    return TEST_DATA.joinpath(*parts)
 
 
 def idx_bytes(array):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import data
-from conftest import fake_split, shared_path, write_idx
+from conftest import fake_split, sample_path, write_idx
 from data import CLASSES, DataError, augment, load_images
 
 
@@ -23,8 +23,8 @@ def correlation(a, b):
 
 def test_emnist_digits_are_upright_like_mnist():
     emnist_images, emnist_labels = load_images("emnist-digits", train=False,
-                                               data_dir=shared_path("emnist"), download=False)
-    mnist_images, mnist_labels = load_images("mnist", train=False, data_dir=shared_path(), download=False)
+                                               data_dir=sample_path("emnist"), download=False)
+    mnist_images, mnist_labels = load_images("mnist", train=False, data_dir=sample_path(), download=False)
     assert emnist_images.shape == (600, 28, 28) and emnist_images.dtype == torch.uint8
     assert torch.bincount(emnist_labels).tolist() == [60] * 10
     emnist_means, mnist_means = class_means(emnist_images, emnist_labels), class_means(mnist_images, mnist_labels)
@@ -49,7 +49,7 @@ def test_emnist_digits_are_upright_like_mnist():
 
 
 def test_emnist_letters_labels_start_at_zero_with_the_right_characters():
-    images, labels = load_images("emnist-letters", train=False, data_dir=shared_path("emnist"), download=False)
+    images, labels = load_images("emnist-letters", train=False, data_dir=sample_path("emnist"), download=False)
     assert images.shape == (51, 28, 28)
     counts = torch.bincount(labels, minlength=26)
     assert labels.min() == 0 and labels.max() == 25
@@ -59,7 +59,7 @@ def test_emnist_letters_labels_start_at_zero_with_the_right_characters():
 
 def test_label_maps_agree_with_the_official_mapping_files():
     for dataset in ["emnist-byclass", "emnist-bymerge", "emnist-balanced", "emnist-letters", "emnist-digits"]:
-        mapping = shared_path("emnist", f"{dataset}-mapping.txt").read_text().split("\n")
+        mapping = sample_path("emnist", f"{dataset}-mapping.txt").read_text().split("\n")
         characters = "".join(chr(int(line.split()[1])) for line in mapping if line.strip())
         assert "".join(CLASSES[dataset]) == characters
 
@@ -82,10 +82,10 @@ def test_read_only_data_folder_is_left_alone_and_second_load_is_identical(tmp_pa
 
 
 def test_test_split_loads_without_training_files():
-    images, _ = load_images("emnist-digits", train=False, data_dir=shared_path("emnist"), download=False)
+    images, _ = load_images("emnist-digits", train=False, data_dir=sample_path("emnist"), download=False)
     assert len(images) == 600
     with pytest.raises(DataError, match="emnist-digits-train-images-idx3-ubyte"):
-        load_images("emnist-digits", train=True, data_dir=shared_path("emnist"), download=False)
+        load_images("emnist-digits", train=True, data_dir=sample_path("emnist"), download=False)
 
 
 # ----------------------------------------------------------------------------- files the tests write

@@ -1,6 +1,8 @@
 import re
 
 import pytest
+
+from data import UserError
 import torch
 import torch.nn.functional as F
 
@@ -24,7 +26,7 @@ def test_output_shape_train_and_eval(name, num_classes):
 
 
 def test_unknown_model_lists_the_valid_ones():
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(UserError) as error:
         build_model("googlenet")
     for name in MODELS:
         assert name in str(error.value)
