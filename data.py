@@ -753,15 +753,6 @@ def add_flags(parser, *names, **defaults):
 
 # ----------------------------------------------------------------------------- running a script
 
-def quit_on_ctrl_c():
-    """Ctrl-C while the heavy modules load: one line and exit 130, not a traceback."""
-    def handler(*_):
-        sys.stderr.write("interrupted\n")
-        os._exit(130)
-
-    signal.signal(signal.SIGINT, handler)
-
-
 @contextlib.contextmanager
 def output_lock(*paths):
     """Hold PATH.lock for each output path: a second run on the same outputs stops with one line.

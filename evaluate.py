@@ -9,14 +9,15 @@ Writes outputs/eval/{model}.json, {model}_cm_test.png, {model}_predictions.png,
 {model}_augment.png, and with several networks comparison.md and comparison.json.
 """
 import io
+import os
 import sys
 import warnings
 from pathlib import Path
 
-from data import quit_on_ctrl_c
+if __name__ == "__main__":  # Ctrl-C while torch loads: one line and exit 130, not a traceback
+    import signal
 
-if __name__ == "__main__":
-    quit_on_ctrl_c()
+    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("interrupted\n"), os._exit(130)))
 
 import numpy as np
 import torch
@@ -205,8 +206,7 @@ def read_picture(source, name):
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as opened:
                 if opened.width * opened.height > MAX_PIXELS:
-                    raise DataError(f"{name} is {opened.width}x{opened.height} pixels, too large to decode "
-                                    f"safely: give a picture under {MAX_PIXELS // 1_000_000} megapixels")
+                    raise Image.DecompressionBombError(f"{opened.width}x{opened.height}")
                 picture = ImageOps.exif_transpose(opened)
                 if picture.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # 16-bit (or float) gray
                     pixels = np.asarray(picture, dtype=np.float32)
@@ -216,8 +216,10 @@ def read_picture(source, name):
                 return np.asarray(Image.alpha_composite(paper, rgba).convert("L"), dtype=np.float32)
     except DataError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombWarning,
-            Image.DecompressionBombError) as err:
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise DataError(f"{name} has too many pixels to decode safely: give a picture under "
+                        f"{MAX_PIXELS // 1_000_000} megapixels") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise DataError(f"{name} is not an image this can read ({type(err).__name__}): give a PNG or JPEG")
 
 

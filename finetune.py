@@ -10,12 +10,14 @@ Writes model_hub/fine_tuned/{model}_tuned.pth, outputs/finetune/{model}.json and
 Without --val-fraction every training image is used and the last epoch is kept: early
 stopping needs a validation set, and the test set is never one.
 """
+import os
+import sys
 from pathlib import Path
 
-from data import quit_on_ctrl_c
+if __name__ == "__main__":  # Ctrl-C while torch loads: one line and exit 130, not a traceback
+    import signal
 
-if __name__ == "__main__":
-    quit_on_ctrl_c()
+    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("interrupted\n"), os._exit(130)))
 
 import torch
 

@@ -12,14 +12,15 @@ search is complete (`"complete": true`) and for the same network, dataset and cl
 """
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
-from data import quit_on_ctrl_c
+if __name__ == "__main__":  # Ctrl-C while torch loads: one line and exit 130, not a traceback
+    import signal
 
-if __name__ == "__main__":
-    quit_on_ctrl_c()
+    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("interrupted\n"), os._exit(130)))
 
 import torch
 import torch.distributed as dist
@@ -165,6 +166,8 @@ def search_model(name, args, data, rank, world_size, device, log):
             if rank == 0 and not args.dry_run:
                 write_json(path, summary(name, args, args.grid, trials, len(configs)))
     except KeyboardInterrupt:
+        if rank == 0 and not args.dry_run:
+            write_json(path, summary(name, args, args.grid, trials, len(configs)))
         log(f"\ninterrupted: {len(trials)} finished trials are saved in {path}; the same command resumes")
         raise SystemExit(130)
     result = summary(name, args, args.grid, trials, len(configs))

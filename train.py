@@ -18,10 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-from data import quit_on_ctrl_c
+if __name__ == "__main__":  # Ctrl-C while torch loads: one line and exit 130, not a traceback
+    import signal
 
-if __name__ == "__main__":
-    quit_on_ctrl_c()
+    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("interrupted\n"), os._exit(130)))
 
 import torch
 import torch.distributed as dist
@@ -222,9 +222,11 @@ def load_training_data(args, device, val_fraction=VAL_FRACTION, stats=None, mini
     if mini or val_fraction:
         train_index, val_index = mini_split(labels, args.seed) if mini else \
             stratified_split(labels, val_fraction, args.seed)
-        if len(val_index) == 0 or len(train_index) < 2:
+        classes = len(CLASSES[args.dataset])
+        if len(val_index) < classes or len(train_index) < 2 * classes:
             raise UserError(f"{len(labels):,} training images are too few to hold out a validation set "
-                            f"({len(train_index)} train / {len(val_index)} val): use a larger --subset")
+                            f"({len(train_index)} train / {len(val_index)} val for {classes} classes): "
+                            f"use a larger --subset")
         val = (images[val_index].to(device), labels[val_index].to(device))
         images, labels = images[train_index], labels[train_index]
     mean, std = stats if stats is not None else mean_std(images)

@@ -12,12 +12,14 @@ training loop; reports train and test metrics before and after. Both datasets ar
 Writes model_hub/transfer/{model}_mnist.pth, outputs/transfer/{model}.json and
 outputs/transfer/{model}_cm_test.png ({model}_scratch... with --from-scratch).
 """
+import os
+import sys
 from pathlib import Path
 
-from data import quit_on_ctrl_c
+if __name__ == "__main__":  # Ctrl-C while torch loads: one line and exit 130, not a traceback
+    import signal
 
-if __name__ == "__main__":
-    quit_on_ctrl_c()
+    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("interrupted\n"), os._exit(130)))
 
 import torch
 

@@ -1,0 +1,491 @@
+"""Every value has one visible source, every flag does what it says, bad input gets one line, nothing is lost."""
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import data
+import evaluate
+import finetune
+import search
+import train
+import transfer_mnist
+from conftest import ROOT, sample_path, write_idx
+from data import DataError, atomic_path, load_images, output_lock, write_json
+from models import CheckpointError, build_model, load_checkpoint
+
+DIGITS = ["--model", "lenet", "--dataset", "sklearn-digits"]
+SCRIPTS = ["train.py", "search.py", "finetune.py", "evaluate.py", "transfer_mnist.py"]
+
+
+def dirs(tmp_path):
+    return ["--hub", str(tmp_path / "model_hub"), "--outputs", str(tmp_path / "outputs")]
+
+
+def run(*args, cwd, env=None, timeout=240):
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def one_line_error(result):
+    assert result.returncode not in (0, None), result.stdout[-500:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def files_under(folder):
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file()) \
+        if folder.exists() else []
+
+
+def exit_message(function, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        function(argv)
+    assert exit_info.value.code not in (0, None)
+    return str(exit_info.value.code)
+
+
+# ----------------------------------------------------------------------------- search results and settings
+
+def search_file(tmp_path, **fields):
+    payload = {"model": "lenet", "dataset": "sklearn-digits", "num_classes": 10, "complete": True, "dry_run": False,
+               "best_params": {"learning_rate": 0.05, "batch_size": 32, "momentum": 0.85, "weight_decay": 0.0},
+               "trials": []}
+    payload.update(fields)
+    path = tmp_path / "outputs" / "search" / "lenet.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload) if fields.get("raw") is None else fields["raw"])
+    return path
+
+
+def test_search_dry_run_writes_nothing_and_a_later_search_runs_every_trial(tmp_path, capsys):
+    search.main(DIGITS + ["--dry-run", "--outputs", str(tmp_path / "outputs")])
+    assert files_under(tmp_path) == []
+    search.main(DIGITS + ["--n-iter", "2", "--epochs", "1", "--outputs", str(tmp_path / "outputs")])
+    result = json.loads((tmp_path / "outputs" / "search" / "lenet.json").read_text())
+    assert len(result["trials"]) == 2 and result["complete"] is True and result["dry_run"] is False
+    assert result["model"] == "lenet" and result["dataset"] == "sklearn-digits" and result["num_classes"] == 10
+
+
+@pytest.mark.parametrize("fields, reason", [
+    ({"complete": False}, "not complete"),
+    ({"dry_run": True}, "real (not dry) run"),
+    ({"dataset": "mnist"}, "for dataset 'mnist'"),
+    ({"model": "resnet"}, "for model 'resnet'"),
+    ({"num_classes": 62}, "for num_classes 62"),
+    ({"best_params": None}, "every trial diverged"),
+    ({"best_params": {"learning_rate": "fast", "batch_size": 32, "momentum": 0.9, "weight_decay": 0}}, "learning_rate"),
+    ({"best_params": {"learning_rate": 0.1, "batch_size": None, "momentum": 0.9, "weight_decay": 0}}, "batch_size"),
+    ({"raw": ""}, "not readable JSON"),
+    ({"raw": "[1, 2"}, "not readable JSON"),
+    ({"raw": "[1, 2]"}, "JSON object"),
+])
+def test_an_unusable_search_result_is_ignored_with_its_reason(tmp_path, capsys, fields, reason):
+    path = search_file(tmp_path, **fields)
+    history = train.main(DIGITS + ["--epochs", "1", "--dry-run"] + dirs(tmp_path))
+    out = capsys.readouterr().out
+    assert len(history) == 1
+    assert f"ignoring {path}" in out and reason in out
+    assert "learning_rate  0.01             default" in out and "batch_size     64               default" in out
+
+
+def test_a_complete_search_result_is_used_and_flags_win_over_it(tmp_path, capsys):
+    path = search_file(tmp_path)
+    train.main(DIGITS + ["--epochs", "1", "--lr", "0.02"] + dirs(tmp_path))
+    out = capsys.readouterr().out
+    assert "learning_rate  0.02             flag" in out
+    assert f"batch_size     32               {path}" in out and f"momentum       0.85             {path}" in out
+    args = torch.load(tmp_path / "model_hub" / "pre_trained" / "lenet.pth", weights_only=True)["args"]
+    assert args["learning_rate"] == 0.02 and args["batch_size"] == 32 and args["momentum"] == 0.85
+
+
+def test_a_partial_grid_overrides_only_its_keys(tmp_path):
+    search.main(DIGITS + ["--n-iter", "3", "--epochs", "1", "--grid", '{"learning_rate": [0.05]}',
+                          "--outputs", str(tmp_path / "outputs")])
+    result = json.loads((tmp_path / "outputs" / "search" / "lenet.json").read_text())
+    assert result["settings"]["grid"] == {**search.GRID, "learning_rate": [0.05]}
+    assert {trial["params"]["learning_rate"] for trial in result["trials"]} == {0.05}
+    assert all(trial["params"]["momentum"] in search.GRID["momentum"] for trial in result["trials"])
+
+
+# ----------------------------------------------------------------------------- resume
+
+def test_resume_restores_the_run_and_refuses_contradicting_flags(tmp_path, capsys):
+    train.main(DIGITS + ["--epochs", "2", "--batch-size", "32", "--lr", "0.05"] + dirs(tmp_path))
+    search_file(tmp_path)  # appears after the run started: must not change the resumed run
+    last = tmp_path / "model_hub" / "pre_trained" / "lenet_last.pth"
+    before = {path: path.stat().st_mtime_ns for path in (tmp_path / "model_hub").rglob("*.pth")}
+    for flags, wanted in [(["--dataset", "mnist"], "--dataset mnist contradicts"),
+                          (["--lr", "0.1"], "--lr 0.1 contradicts"),
+                          (["--batch-size", "64"], "--batch-size 64 contradicts"),
+                          (["--seed", "3"], "--seed 3 contradicts"),
+                          (["--epochs", "2"], "already trained 2 epochs"),
+                          ([], "already trained 2 epochs")]:
+        message = exit_message(train.main, ["--model", "lenet", "--resume"] + flags + dirs(tmp_path))
+        assert wanted in message
+    assert {path: path.stat().st_mtime_ns for path in (tmp_path / "model_hub").rglob("*.pth")} == before
+    capsys.readouterr()
+    train.main(["--model", "lenet", "--resume", "--epochs", "3"] + dirs(tmp_path))
+    out = capsys.readouterr().out
+    assert f"batch_size     32               resumed run {last}" in out
+    assert f"dataset        sklearn-digits   resumed run {last}" in out
+    state = torch.load(last, weights_only=True)
+    assert state["epoch"] == 3 and state["args"]["batch_size"] == 32 and state["args"]["learning_rate"] == 0.05
+    assert state["optimizer"]["param_groups"][0]["lr"] == 0.05
+    summary = json.loads((tmp_path / "outputs" / "train" / "lenet.json").read_text())
+    assert [row["epoch"] for row in summary["history"]] == [1, 2, 3] and summary["args"]["batch_size"] == 32
+
+
+# ----------------------------------------------------------------------------- checkpoints name their network
+
+def test_ckpt_alone_names_the_network_in_every_script(trained_lenet, tmp_path, capsys):
+    _, checkpoint = trained_lenet
+    evaluate.main(["--ckpt", str(checkpoint), "--split", "test"] + dirs(tmp_path))
+    assert json.loads((tmp_path / "outputs" / "eval" / "lenet.json").read_text())["model"] == "lenet"
+    finetune.main(["--ckpt", str(checkpoint), "--epochs", "1"] + dirs(tmp_path))
+    assert (tmp_path / "model_hub" / "fine_tuned" / "lenet_tuned.pth").is_file()
+    transfer_mnist.main(["--ckpt", str(checkpoint), "--epochs", "1", "--data-dir", str(sample_path()),
+                         "--no-download"] + dirs(tmp_path))
+    assert (tmp_path / "model_hub" / "transfer" / "lenet_mnist.pth").is_file()
+    message = exit_message(evaluate.main, ["--model", "alexnet", "--ckpt", str(checkpoint)] + dirs(tmp_path))
+    assert "holds a lenet checkpoint, not alexnet" in message
+
+
+# ----------------------------------------------------------------------------- flags
+
+def test_each_script_accepts_only_its_flags_and_help_shows_real_defaults(tmp_path):
+    helps = {script: run(ROOT / script, "--help", cwd=tmp_path).stdout for script in SCRIPTS}
+    for script, text in helps.items():
+        assert "default: None" not in text, script
+        assert "--dry-run" in text, script
+    for flag in ["--epochs", "--subset", "--batch-size", "--lr", "--resume", "--compile"]:
+        assert flag not in helps["evaluate.py"], flag
+    assert "--hub" not in helps["search.py"] and "--resume" not in helps["search.py"]
+    assert "(default: 0.01)" not in helps["finetune.py"] and "(default: 0.001)" in helps["finetune.py"]
+    assert "(default: search result, else 0.01)" in helps["train.py"]
+    line = one_line_error(run(ROOT / "search.py", *DIGITS, "--hub", "x", cwd=tmp_path))
+    assert "unrecognized arguments: --hub" in line
+
+
+def test_evaluate_dry_run_writes_nothing(trained_lenet, tmp_path, capsys):
+    _, checkpoint = trained_lenet
+    evaluate.main(["--ckpt", str(checkpoint), "--dry-run"] + dirs(tmp_path))
+    assert "dry run" in capsys.readouterr().out
+    assert files_under(tmp_path) == []
+
+
+def test_epochs_zero_is_refused_and_keeps_the_earlier_history(trained_lenet, tmp_path):
+    workdir, _ = trained_lenet
+    history = workdir / "outputs" / "train" / "lenet.json"
+    before = history.read_bytes()
+    line = one_line_error(run(ROOT / "train.py", *DIGITS, "--epochs", "0", *dirs(workdir), cwd=tmp_path))
+    assert "--epochs" in line and "at least 1" in line
+    assert history.read_bytes() == before
+
+
+@pytest.mark.parametrize("script, flags, wanted", [
+    ("train.py", ["--batch-size", "1"], "--batch-size"),
+    ("train.py", ["--epochs", "-3"], "--epochs"),
+    ("train.py", ["--lr", "0"], "--lr"),
+    ("train.py", ["--lr", "nan"], "--lr"),
+    ("train.py", ["--clip", "-1"], "--clip"),
+    ("train.py", ["--seed", "-1"], "--seed"),
+    ("train.py", ["--seed", str(2 ** 40)], "--seed"),
+    ("train.py", ["--subset", "12"], "too few"),
+    ("train.py", ["--subset", "999999"], "larger than"),
+    ("train.py", ["--device", "cuda:7"], "--device"),
+    ("train.py", ["--device", "toaster"], "--device"),
+    ("finetune.py", ["--val-fraction", "1.5"], "--val-fraction"),
+    ("search.py", ["--n-iter", "0"], "--n-iter"),
+    ("search.py", ["--grid", '{"lr": [1]}'], "unknown keys"),
+    ("search.py", ["--grid", "not json"], "not valid JSON"),
+    ("evaluate.py", [], "--model"),
+])
+def test_values_that_cannot_work_are_refused_before_any_work(tmp_path, script, flags, wanted):
+    base = DIGITS if script != "evaluate.py" else []
+    line = one_line_error(run(ROOT / script, *base, *flags, "--no-download", *dirs(tmp_path), cwd=tmp_path))
+    assert wanted in line
+    assert files_under(tmp_path) == []
+
+
+def test_a_diverging_run_with_a_finite_loss_stops_without_saving(tmp_path):
+    message = exit_message(train.main, DIGITS + ["--epochs", "3", "--lr", "1e6", "--weight-decay", "0", "--clip",
+                                                 "0", "--momentum", "0"] + dirs(tmp_path))
+    assert "diverged" in message
+    assert not (tmp_path / "model_hub" / "pre_trained" / "lenet.pth").exists()
+
+
+# ----------------------------------------------------------------------------- datasets
+
+def test_datasets_are_a_registry_and_unknown_names_list_the_known_ones(tmp_path, monkeypatch):
+    with pytest.raises(DataError, match="unknown dataset 'kmnist': choose one of .*emnist-byclass.*sklearn-digits"):
+        load_images("kmnist", data_dir=tmp_path)
+    images = np.random.default_rng(0).integers(0, 256, (30, 28, 28), dtype=np.uint8)
+    write_idx(tmp_path / "kmnist" / "k49-train-images-idx3-ubyte.gz", images)
+    write_idx(tmp_path / "kmnist" / "k49-train-labels-idx1-ubyte.gz", np.arange(30) % 3)
+    monkeypatch.setitem(data.DATASETS, "kmnist", data.Dataset(("a", "b", "c"), ("k49-train", "k49-test"),
+                                                              ("kmnist",)))
+    loaded, labels = load_images("kmnist", data_dir=tmp_path, download=False)
+    assert np.array_equal(loaded.numpy(), images) and labels.max() == 2
+    with pytest.raises(DataError, match="k49-test-images"):  # its own names, never another dataset's files
+        load_images("kmnist", train=False, data_dir=tmp_path, download=False)
+
+
+def test_an_idx_pair_with_zero_images_is_one_line(tmp_path):
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", np.zeros((0, 28, 28), dtype=np.uint8))
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.zeros((0,), dtype=np.uint8))
+    with pytest.raises(DataError, match="holds no images"):
+        load_images("mnist", data_dir=tmp_path, download=False)
+
+
+def test_a_replaced_data_file_with_an_older_mtime_is_read_again(tmp_path):
+    first = np.full((5, 28, 28), 10, dtype=np.uint8)
+    second = np.full((5, 28, 28), 200, dtype=np.uint8)
+    images = write_idx(tmp_path / "train-images-idx3-ubyte", first, compress=False)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.arange(5))
+    old = images.stat().st_mtime
+    assert load_images("mnist", data_dir=tmp_path, download=False)[0].max() == 10
+    write_idx(images, second, compress=False)  # same size, same name
+    os.utime(images, (old - 3600, old - 3600))  # as `cp -p` of an older file would leave it
+    assert load_images("mnist", data_dir=tmp_path, download=False)[0].min() == 200
+    assert len(list(tmp_path.glob("train-images-idx3-ubyte.*.npy"))) == 1  # the stale cache is gone
+
+
+# ----------------------------------------------------------------------------- writes: atomic, locked, complete
+
+def test_concurrent_json_writers_never_collide_and_readers_never_see_a_partial_file(tmp_path):
+    path, errors = tmp_path / "out.json", []
+
+    def writer(number):
+        try:
+            for step in range(40):
+                write_json(path, {"writer": number, "step": step, "padding": "x" * 20000})
+        except Exception as err:  # noqa: BLE001 - the test reports any failure
+            errors.append(err)
+
+    threads = [threading.Thread(target=writer, args=(number,)) for number in range(4)]
+    for thread in threads:
+        thread.start()
+    while any(thread.is_alive() for thread in threads):
+        if path.exists():
+            assert json.loads(path.read_text())["padding"]  # never empty, never half
+    assert errors == []
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_a_failed_write_leaves_no_partial_file_and_the_old_one_intact(tmp_path):
+    path = tmp_path / "result.json"
+    write_json(path, {"kept": True})
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(path) as partial:
+            partial.write_text('{"half": ')
+            raise KeyboardInterrupt
+    assert json.loads(path.read_text()) == {"kept": True} and [p.name for p in tmp_path.iterdir()] == ["result.json"]
+
+
+def test_a_second_run_on_the_same_outputs_stops_with_one_line(tmp_path):
+    best = tmp_path / "model_hub" / "pre_trained" / "lenet.pth"
+    with output_lock(best):
+        message = exit_message(train.main, DIGITS + ["--epochs", "1"] + dirs(tmp_path))
+    assert "another run" in message and str(best) in message
+    assert not best.exists()
+    train.main(DIGITS + ["--epochs", "1"] + dirs(tmp_path))  # the lock is gone with its holder
+    assert best.exists() and not list(tmp_path.rglob("*.lock"))
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    train.main(DIGITS + ["--epochs", "1"] + dirs(tmp_path))
+    best = tmp_path / "model_hub" / "pre_trained" / "lenet.pth"
+    before = best.read_bytes()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(args[1]))
+
+    monkeypatch.setattr(torch, "save", full)
+    message = exit_message(train.main, DIGITS + ["--epochs", "1"] + dirs(tmp_path))
+    assert "no space left" in message
+    assert best.read_bytes() == before and not list(tmp_path.rglob("*.tmp"))
+
+
+def test_unwritable_outputs_are_found_before_training(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    line = one_line_error(run(ROOT / "train.py", *DIGITS, "--outputs", tmp_path / "a_file" / "out",
+                              "--hub", tmp_path / "hub", cwd=tmp_path))
+    assert "cannot write in" in line
+    assert not (tmp_path / "hub" / "pre_trained" / "lenet.pth").exists()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def damaged(tmp_path, trained_lenet, **changes):
+    _, checkpoint = trained_lenet
+    state = torch.load(checkpoint, weights_only=True)
+    for key, value in changes.items():
+        if value is None:
+            del state[key]
+        else:
+            state[key] = value
+    path = tmp_path / "damaged.pth"
+    torch.save(state, path)
+    return path
+
+
+@pytest.mark.parametrize("changes, wanted", [
+    ({"mean": None}, "lacks mean"),
+    ({"dataset": "kmnist"}, "unknown dataset 'kmnist'"),
+    ({"model": "resnet"}, "weights of another architecture"),
+    ({"num_classes": 62, "classes": "0123456789" * 6 + "ab"}, "weights of another architecture"),
+    ({"std": 0.0}, "normalisation std"),
+])
+def test_a_checkpoint_that_cannot_be_used_is_one_line(tmp_path, trained_lenet, changes, wanted):
+    with pytest.raises(CheckpointError, match=wanted):
+        load_checkpoint(damaged(tmp_path, trained_lenet, **changes))
+
+
+def test_a_checkpoint_with_nan_weights_is_refused(tmp_path, trained_lenet):
+    _, checkpoint = trained_lenet
+    state = torch.load(checkpoint, weights_only=True)
+    state["state_dict"]["fc.weight"][0, 0] = float("nan")
+    path = damaged(tmp_path, trained_lenet, state_dict=state["state_dict"])
+    line = one_line_error(run(ROOT / "evaluate.py", "--ckpt", path, *dirs(tmp_path), cwd=tmp_path))
+    assert "NaN or infinite" in line
+
+
+# ----------------------------------------------------------------------------- the process
+
+def test_ctrl_c_while_the_modules_load_is_one_line_and_130(tmp_path):
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *DIGITS], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.4)  # torch takes seconds to import
+    process.send_signal(signal.SIGINT)
+    _, errors = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in errors and errors.strip() == "interrupted"
+
+
+def test_ctrl_c_during_a_search_trial_keeps_the_finished_trials(tmp_path):
+    process = subprocess.Popen([sys.executable, str(ROOT / "search.py"), *DIGITS, "--epochs", "3", "--outputs",
+                                str(tmp_path / "outputs")], cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in process.stdout:
+        if "trial   2/" in line:
+            process.send_signal(signal.SIGINT)
+            break
+    output, errors = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in errors
+    saved = json.loads((tmp_path / "outputs" / "search" / "lenet.json").read_text())
+    assert len(saved["trials"]) >= 2 and saved["complete"] is False
+    assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob("*.lock"))
+
+
+def test_output_piped_into_head_ends_quietly(tmp_path):
+    result = subprocess.run(f"{sys.executable} {ROOT / 'train.py'} {' '.join(DIGITS)} --dry-run | head -1",
+                            shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.stdout.startswith("settings") and "Traceback" not in result.stderr and "Error" not in result.stderr
+
+
+def test_an_unusable_mplbackend_still_writes_the_pictures(tmp_path):
+    result = run(ROOT / "train.py", *DIGITS, "--epochs", "1", *dirs(tmp_path), cwd=tmp_path,
+                 env={"MPLBACKEND": "no-such-backend"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "outputs" / "train" / "lenet.png").stat().st_size > 1000
+
+
+# ----------------------------------------------------------------------------- evaluate.py
+
+def test_evaluate_all_skips_a_network_it_cannot_evaluate_and_still_compares(trained_lenet, tmp_path, capsys):
+    _, checkpoint = trained_lenet
+    hub = tmp_path / "model_hub" / "pre_trained"
+    hub.mkdir(parents=True)
+    (hub / "lenet.pth").write_bytes(checkpoint.read_bytes())
+    (hub / "resnet.pth").write_bytes(b"not a checkpoint")
+    train.main(["--model", "spinalnet", "--dataset", "sklearn-digits", "--epochs", "1"] + dirs(tmp_path))
+    evaluate.main(["--model", "all", "--split", "test"] + dirs(tmp_path))
+    out = capsys.readouterr().out
+    assert "skipping resnet" in out and "skipping vggnet: no checkpoint" in out
+    comparison = json.loads((tmp_path / "outputs" / "eval" / "comparison.json").read_text())
+    assert list(comparison["models"]) == ["lenet", "spinalnet", "ensemble"]
+
+
+def test_evaluate_hints_fit_the_case(tmp_path, trained_lenet):
+    _, checkpoint = trained_lenet
+    path = damaged(tmp_path, trained_lenet, dataset="emnist-digits")
+    line = one_line_error(run(ROOT / "evaluate.py", "--ckpt", path, "--data-dir", tmp_path / "none", "--no-download",
+                              *dirs(tmp_path), cwd=tmp_path))
+    assert "--split test" in line and "sklearn-digits" not in line
+
+
+# ----------------------------------------------------------------------------- pictures as a viewer shows them
+
+def drawing():
+    """A black 7 on white paper, 120x160, as someone would draw it."""
+    picture = Image.new("L", (120, 160), 255)
+    pen = ImageDraw.Draw(picture)
+    pen.line([(20, 25), (100, 25), (50, 140)], fill=0, width=12)
+    return picture
+
+
+def variants(folder):
+    """The same drawing saved the ways real tools save pictures."""
+    base, files = drawing(), {}
+    inverted = Image.eval(base, lambda v: 255 - v)
+
+    def save(name, picture, **options):
+        files[name] = folder / name
+        picture.save(files[name], **options)
+
+    save("gray.png", base)
+    save("rgb.png", base.convert("RGB"))
+    save("quality.jpg", base.convert("RGB"), quality=90)
+    save("cmyk.jpg", base.convert("CMYK"))
+    save("palette.png", base.convert("RGB").convert("P", palette=Image.ADAPTIVE, colors=16))
+    save("bilevel.png", base.convert("1"))
+    rgba = Image.new("RGBA", base.size, (0, 0, 0, 0))  # ink on a transparent sheet, as drawing apps export
+    rgba.putalpha(inverted)
+    save("transparent.png", rgba)
+    save("gray_alpha.png", Image.merge("LA", [Image.new("L", base.size, 0), inverted]))
+    save("sixteen_bit.png", Image.fromarray(np.asarray(base, dtype=np.uint16) * 257))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to view": the pixels are stored turned the other way
+    save("rotated_exif.jpg", base.convert("RGB").transpose(Image.Transpose.ROTATE_90), exif=exif, quality=95)
+    return files
+
+
+def test_every_variant_of_a_picture_is_read_as_a_viewer_shows_it(tmp_path):
+    files = variants(tmp_path)
+    reference = evaluate.prepare_user_image(files["gray.png"]).float()
+    for name, path in files.items():
+        prepared = evaluate.prepare_user_image(path).float()
+        correlation = torch.corrcoef(torch.stack([reference.flatten(), prepared.flatten()]))[0, 1]
+        assert correlation > 0.95, f"{name}: {correlation:.3f}"
+
+
+def test_the_same_drawing_gets_the_same_answer_in_every_variant(trained_lenet, tmp_path, capsys):
+    _, checkpoint = trained_lenet
+    files = variants(tmp_path)
+    evaluate.main(["--ckpt", str(checkpoint), "--image", *map(str, files.values())])
+    answers = [line.split(": ")[1].split(" ")[0] for line in capsys.readouterr().out.splitlines()]
+    assert len(answers) == len(files) and len(set(answers)) == 1
+
+
+def test_a_decompression_bomb_among_pictures_is_one_line_and_the_others_answered(trained_lenet, tmp_path,
+                                                                                monkeypatch):
+    _, checkpoint = trained_lenet
+    files = variants(tmp_path)
+    bomb = tmp_path / "bomb.png"
+    Image.new("L", (12000, 12000), 255).save(bomb, optimize=True)  # 144 megapixels, a few hundred KB
+    result = run(ROOT / "evaluate.py", "--ckpt", checkpoint, "--image", files["gray.png"], bomb, files["rgb.png"],
+                 cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "too many pixels to decode safely" in result.stderr
+    assert result.stdout.count(": ") == 2
