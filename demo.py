@@ -1,0 +1,191 @@
+"""Draw a character and watch the network read it: a small page and its JSON API.
+
+    python demo.py --model vggnet                 # serves http://127.0.0.1:8000
+    python demo.py --model all                    # every network found in model_hub, and their ensemble
+    python demo.py --ckpt model_hub/fine_tuned/lenet_tuned.pth --port 8080
+
+    curl -s --data-binary @my_letter.png http://127.0.0.1:8000/predict
+    # {"predictions": [{"label": "A", "probability": 0.93}, ...], "input": [784 pixels], ...}
+
+The page (demo.html) sends the drawing as a PNG after each stroke; the server prepares it
+exactly as `evaluate.py --image` does (evaluate.prepare_user_image), so the 28x28 preview on
+the page is what the network sees. Listens on 127.0.0.1 unless --host says otherwise;
+bodies over MAX_BODY bytes and anything that is not a picture get a 4xx with a JSON error.
+"""
+import os
+import sys
+
+if __name__ == "__main__":  # Ctrl-C while torch loads: one line and exit 130, not a traceback
+    import signal
+
+    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("interrupted\n"), os._exit(130)))
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import torch
+
+from data import DataError, Parser, UserError, add_flags, choose_precision, get_device, run_script
+from evaluate import find_checkpoint, predict_probabilities, prepare_user_image
+from models import MODELS, load_checkpoint
+
+PAGE = Path(__file__).with_name("demo.html")
+MAX_BODY = 4 * 1024 * 1024  # a drawing is a few KB; a phone photo a few MB
+TOP = 5
+
+
+class Predictor:
+    """The loaded networks; thread-safe top-5 answers for one picture."""
+
+    def __init__(self, checkpoints, device, precision):
+        self.device, self.precision, self.lock = device, precision, threading.Lock()
+        self.networks = {}
+        for path in checkpoints:
+            state, model = load_checkpoint(path)
+            self.networks[state["model"]] = (state, model.to(device).eval())
+        classes = {tuple(state["classes"]) for state, _ in self.networks.values()}
+        if len(classes) > 1:
+            raise UserError("the checkpoints predict different classes: serve networks of one dataset together")
+
+    def predict(self, body):
+        image = prepare_user_image(body, "the picture")  # DataError for anything that is not a picture
+        answers, probabilities = {}, []
+        with self.lock:
+            for name, (state, model) in self.networks.items():
+                p = predict_probabilities(model, image[None], state["mean"], state["std"], self.device,
+                                          self.precision)[0]
+                probabilities.append(p)
+                answers[name] = top(p, state["classes"])
+        result = {"input": image.flatten().tolist()}
+        if len(answers) > 1:
+            classes = next(iter(self.networks.values()))[0]["classes"]
+            result["models"] = answers
+            result["predictions"] = top(torch.stack(probabilities).mean(0), classes)
+            result["ensemble"] = list(answers)
+        else:
+            result["predictions"] = next(iter(answers.values()))
+        return result
+
+
+def top(probabilities, classes):
+    values, indices = probabilities.topk(min(TOP, len(classes)))
+    return [{"label": str(classes[i]), "probability": round(float(p), 4)}
+            for p, i in zip(values.tolist(), indices.tolist())]
+
+
+def make_handler(predictor):
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "emnist-cnn-demo"
+
+        def send_json(self, status, payload):
+            body = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            if self.path == "/health":
+                self.send_json(200, {"status": "ok", "models": list(predictor.networks)})
+            elif self.path in ("/", "/index.html"):
+                body = PAGE.read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            else:
+                self.send_json(404, {"error": f"no page {self.path}: use /, /health or POST /predict"})
+
+        def do_POST(self):
+            if self.path != "/predict":
+                self.send_json(404, {"error": f"no endpoint {self.path}: POST a PNG or JPEG to /predict"})
+                return
+            try:
+                length = int(self.headers.get("Content-Length", ""))
+            except ValueError:
+                self.send_json(411, {"error": "send the picture with a Content-Length"})
+                return
+            if length > MAX_BODY:
+                for _ in range(min(length, 4 * MAX_BODY) // 65536):  # drain a little, so the client reads the answer
+                    self.rfile.read(65536)
+                self.send_json(413, {"error": f"the body is {length:,} bytes; the limit is {MAX_BODY:,}"})
+                self.close_connection = True
+                return
+            body = self.rfile.read(length) if length > 0 else b""
+            try:
+                self.send_json(200, predictor.predict(body))
+            except DataError as err:
+                self.send_json(400, {"error": str(err)})
+
+        def log_message(self, *args):
+            pass  # one line per stroke would drown the address the user needs
+
+    return Handler
+
+
+def make_server(predictor, host="127.0.0.1", port=8000):
+    """A ThreadingHTTPServer (one thread a request) serving the page and the API."""
+    server = ThreadingHTTPServer((host, port), make_handler(predictor))
+    server.daemon_threads = True
+    return server
+
+
+def checkpoints_to_serve(args):
+    if args.ckpt:
+        return [Path(path) for path in args.ckpt]
+    names = list(MODELS) if "all" in args.model else list(dict.fromkeys(args.model))
+    found = []
+    for name in names:
+        try:
+            found.append(find_checkpoint(args.hub, name))
+        except UserError as err:
+            if len(names) == 1:
+                raise
+            print(f"skipping {name}: {err}")
+    if not found:
+        raise UserError(f"no checkpoints in {args.hub}: train one first, e.g. `python train.py --model lenet`")
+    return found
+
+
+def parse_args(argv=None):
+    parser = Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", nargs="+", default=None, choices=sorted(MODELS) + ["all"],
+                        help="network(s) to serve from --hub, or all (default: the --ckpt's)")
+    parser.add_argument("--ckpt", nargs="+", default=None, help="checkpoint file(s) to serve instead")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on; 0.0.0.0 opens it to the network (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    add_flags(parser, "hub", "device", "precision")
+    args = parser.parse_args(argv)
+    if not args.model and not args.ckpt:
+        parser.error("give --model NAME (or all) or --ckpt PATH")
+    if not 0 <= args.port < 65536:
+        parser.error(f"--port {args.port} is not a port number")
+    return args
+
+
+def run(args):
+    device = get_device(args.device)
+    predictor = Predictor(checkpoints_to_serve(args), device, choose_precision(args.precision, device))
+    try:
+        server = make_server(predictor, args.host, args.port)
+    except OSError as err:
+        raise UserError(f"cannot listen on {args.host}:{args.port} ({err.strerror}): pick another --port") from None
+    print(f"serving {', '.join(predictor.networks)} on http://{args.host}:{server.server_address[1]} "
+          f"(Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+
+
+def main(argv=None):
+    return run_script(run, parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
