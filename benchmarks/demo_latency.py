@@ -1,0 +1,77 @@
+"""Latency of demo.py's POST /predict on this machine, per network (a benchmark, never a test).
+
+    python benchmarks/demo_latency.py            # untrained networks: the time does not depend on the weights
+
+Starts the demo server in this process on a free port, sends a 280x280 PNG drawing
+(what the page sends) N times per network over HTTP, and reports the median and 95th
+percentile round trip in milliseconds. Writes benchmarks/results/demo_latency.json.
+"""
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from io import BytesIO
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import demo  # noqa: E402
+from data import choose_precision, write_json  # noqa: E402
+from models import build_model, save_checkpoint  # noqa: E402
+
+NETWORKS = ["lenet", "alexnet", "vggnet", "resnet", "spinalnet"]
+
+
+def drawing():
+    picture = Image.new("RGB", (280, 280), "white")
+    ImageDraw.Draw(picture).line([(80, 60), (200, 60), (120, 230)], fill="black", width=18)
+    buffer = BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=50)
+    args = parser.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    body, results = drawing(), {}
+    folder = Path(tempfile.mkdtemp())
+    cpu = torch.device("cpu")
+    for name in NETWORKS:
+        path = folder / f"{name}.pth"
+        save_checkpoint(path, build_model(name, 62).eval(), model=name, num_classes=62, dataset="emnist-byclass",
+                        classes=demo_classes(), mean=0.17, std=0.33, args={})
+        server = demo.make_server(demo.Predictor([path], cpu, choose_precision("auto", cpu)), "127.0.0.1", 0)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}/predict"
+        times = []
+        for step in range(args.requests + 5):
+            started = time.perf_counter()
+            with urllib.request.urlopen(urllib.request.Request(url, data=body, method="POST")) as response:
+                response.read()
+            if step >= 5:  # warm-up
+                times.append(1000 * (time.perf_counter() - started))
+        server.shutdown()
+        server.server_close()
+        times.sort()
+        results[name] = {"median_ms": statistics.median(times), "p95_ms": times[int(0.95 * len(times)) - 1]}
+        print(f"{name:10} median {results[name]['median_ms']:6.1f} ms   p95 {results[name]['p95_ms']:6.1f} ms")
+    write_json(Path(__file__).with_name("results") / "demo_latency.json",
+               {"requests": args.requests, "threads": torch.get_num_threads(), "results": results})
+
+
+def demo_classes():
+    from data import CLASSES
+
+    return CLASSES["emnist-byclass"]
+
+
+if __name__ == "__main__":
+    main()
