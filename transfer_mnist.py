@@ -96,8 +96,8 @@ def starting_model(args, device):
 def run(args):
     rank, world_size, device = setup_distributed(args.device)
     log = print if rank == 0 else (lambda *_: None)
-    model, mean, std, source, rows = starting_model(args, device)
     resolve_settings(args, DEFAULTS, [], log)
+    model, mean, std, source, rows = starting_model(args, device)
     args.precision = choose_precision(args.precision, device)
     suffix = "_scratch" if args.from_scratch else ""
     best_path = Path(args.hub) / "transfer" / f"{args.model}_mnist{suffix}.pth"

@@ -158,6 +158,9 @@ def test_ckpt_alone_names_the_network_in_every_script(trained_lenet, tmp_path, c
     transfer_mnist.main(["--ckpt", str(checkpoint), "--epochs", "1", "--data-dir", str(sample_path()),
                          "--no-download"] + dirs(tmp_path))
     assert (tmp_path / "model_hub" / "transfer" / "lenet_mnist.pth").is_file()
+    transfer_mnist.main(["--model", "lenet", "--from-scratch", "--epochs", "1", "--data-dir", str(sample_path()),
+                         "--no-download"] + dirs(tmp_path))
+    assert (tmp_path / "model_hub" / "transfer" / "lenet_mnist_scratch.pth").is_file()
     message = exit_message(evaluate.main, ["--model", "alexnet", "--ckpt", str(checkpoint)] + dirs(tmp_path))
     assert "holds a lenet checkpoint, not alexnet" in message
 
