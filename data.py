@@ -20,9 +20,7 @@ import math
 import os
 import random
 import re
-import shutil
 import signal
-import socket
 import struct
 import sys
 import tempfile
@@ -90,6 +88,7 @@ EVAL_BATCH = 1024  # evaluation needs no gradients: larger batches are free (the
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "emnist-cnn"
 DOWNLOAD_TIMEOUT = 30  # seconds without a byte before a download attempt is given up
 DOWNLOAD_RETRIES = 4  # further attempts, each resuming where the last one stopped
+DOWNLOAD_BACKOFF = 1.0  # seconds before the second attempt, doubled after each further one (at most 10x)
 
 
 class UserError(Exception):
@@ -363,8 +362,6 @@ def fetch(url, path, md5, timeout=DOWNLOAD_TIMEOUT, retries=DOWNLOAD_RETRIES):
                         f"(a wrong or damaged file was served; it was deleted)")
     os.replace(partial, path)
 
-
-DOWNLOAD_BACKOFF = 1.0  # seconds, doubled after each failed attempt
 
 
 def progress(total, initial, name):

@@ -310,12 +310,21 @@ def split_images(dataset, split, args):
 
 
 def evaluate_model(name, args, device):
-    """Metrics and pictures for one network: (result dict, {split: (probabilities, labels)})."""
+    """Metrics and pictures for one network: (result dict, {split: (probabilities, labels)}).
+
+    Holds the lock on outputs/eval/{network}.json while it works (the network named by the
+    checkpoint, so that --ckpt alone locks the right file).
+    """
     path = find_checkpoint(args.hub, name, args.ckpt)
     state, model = load_checkpoint(path, name)
+    with output_lock(*([] if args.dry_run else [Path(args.outputs) / "eval" / f"{state['model']}.json"])):
+        return measure(state, model.to(device), path, args, device)
+
+
+def measure(state, model, path, args, device):
+    """evaluate_model's work on a loaded checkpoint."""
     name = state["model"]
     dataset = check_dataset(state, args.dataset, path)
-    model = model.to(device)
     classes = CLASSES[dataset]
     folder = Path(args.outputs) / "eval"
     result = {"model": name, "checkpoint": str(path), "dataset": dataset, "epochs": state.get("epoch"),
@@ -415,7 +424,9 @@ def evaluate_several(names, args, device):
         print("\nensemble (average softmax of " + ", ".join(results) + ")")
         print(metrics_table([(split, metrics) for split, metrics in ensemble.items()]))
     if not args.dry_run:
-        write_comparison(results, ensemble, Path(args.outputs) / "eval")
+        folder = Path(args.outputs) / "eval"
+        with output_lock(folder / "comparison.json"):
+            write_comparison(results, ensemble, folder)
 
 
 # ----------------------------------------------------------------------------- wiring
@@ -447,17 +458,12 @@ def run(args):
     if args.image:
         return 1 if classify_files(args.image, args, device) else 0
     names = (list(MODELS) if "all" in args.model else list(dict.fromkeys(args.model))) if args.model else [None]
-    folder = Path(args.outputs) / "eval"
-    if args.dry_run:
-        locks = output_lock()
+    if not args.dry_run:
+        check_writable(Path(args.outputs) / "eval")
+    if len(names) == 1:
+        evaluate_model(names[0], args, device)
     else:
-        check_writable(folder)
-        locks = output_lock(*[folder / f"{name or 'ckpt'}.json" for name in names])
-    with locks:
-        if len(names) == 1:
-            evaluate_model(names[0], args, device)
-        else:
-            evaluate_several(names, args, device)
+        evaluate_several(names, args, device)
     return 0
 
 

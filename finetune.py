@@ -23,7 +23,7 @@ import torch
 
 from data import CLASSES, Parser, add_flags, choose_precision, fraction, run_script, set_seed
 from models import MODELS, load_checkpoint, replace_head
-from train import (TrainingError, add_training_flags, checkpoint_meta, last_checkpoint_path, load_training_data,
+from train import (TrainingError, add_training_flags, checkpoint_meta, load_training_data,
                    locked_outputs, resolve_settings, resumed_run, run_stage, setup_distributed)
 
 DEFAULTS = {  # the one place fine-tuning's defaults live (dataset and batch size: the checkpoint's first)
@@ -58,8 +58,8 @@ def parse_args(argv=None):
     return args
 
 
-def load_pretrained(args, log):
-    """(path, model, checkpoint layer) of the pre-trained checkpoint, with a new head if asked for."""
+def load_pretrained(args):
+    """(path, state, model) of the pre-trained checkpoint; args.model becomes its network."""
     path = Path(args.ckpt or Path(args.hub) / "pre_trained" / f"{args.model}.pth")
     state, model = load_checkpoint(path, args.model, hint=f"python train.py --model {args.model}")
     args.model = state["model"]
@@ -81,25 +81,20 @@ def adapt_head(args, path, state, model):
 def run(args):
     rank, world_size, device = setup_distributed(args.device)
     log = print if rank == 0 else (lambda *_: None)
-    source, state, model = load_pretrained(args, log)
+    source, state, model = load_pretrained(args)
     best_path = Path(args.hub) / "fine_tuned" / f"{args.model}_tuned.pth"
     json_path = Path(args.outputs) / "finetune" / f"{args.model}.json"
     with locked_outputs(args, best_path, json_path, rank):
-        resumed, layers = None, []
-        if args.resume:
-            resumed, saved = resumed_run(args, last_checkpoint_path(best_path), log)
-            layers.append((f"resumed run {last_checkpoint_path(best_path)}", {**saved, "val_fraction": resumed[
-                "args"].get("val_fraction")}))
-        layers.append((f"checkpoint {source}", {"dataset": state["dataset"],
-                                                 "batch_size": state["args"].get("batch_size", None)}))
-        layers[-1] = (layers[-1][0], {key: value for key, value in layers[-1][1].items() if value is not None})
+        resumed, resumed_model, layers = resumed_run(args, best_path, log)
+        pretrained = {"dataset": state["dataset"], "batch_size": state["args"].get("batch_size")}
+        layers.append((f"checkpoint {source}", {key: value for key, value in pretrained.items() if value is not None}))
         resolve_settings(args, DEFAULTS, layers, log)
         args.precision = choose_precision(args.precision, device)
         set_seed(args.seed)
         stats = adapt_head(args, source, state, model)
         data = load_training_data(args, device, val_fraction=args.val_fraction, stats=stats)
-        if resumed:
-            resumed, model = load_checkpoint(last_checkpoint_path(best_path), args.model)
+        if resumed_model is not None:
+            model = resumed_model
         optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate)
         if resumed:
             optimizer.load_state_dict(resumed["optimizer"])

@@ -31,7 +31,7 @@ from data import (CLASSES, EVAL_BATCH, VAL_FRACTION, Parser, Precision, UserErro
                   choose_precision, get_device, iterate_batches, load_images, mean_std, mini_split, normalize,
                   output_lock, positive_float, positive_int, pyplot, read_json, run_script, save_figure, set_seed,
                   stratified_split, stratified_subset, non_negative_float, write_json)
-from models import MODELS, build_model, load_checkpoint, read_checkpoint, save_checkpoint, unwrap
+from models import MODELS, build_model, load_checkpoint, save_checkpoint, unwrap
 
 # The one place pre-training's defaults live; used when neither a flag, the resumed run nor
 # a complete search result sets a value.
@@ -50,7 +50,7 @@ DEFAULTS = {
 }
 SEARCHED = ("learning_rate", "batch_size", "momentum", "weight_decay")  # what search.py chooses
 RUN_KEYS = ("dataset", "subset", "seed", "learning_rate", "batch_size", "momentum", "weight_decay", "clip",
-            "augment")  # what defines a run: --resume refuses flags that contradict them
+            "augment", "val_fraction")  # what defines a run: --resume refuses flags that contradict them
 NAN_CHECK_EVERY = 100  # batches between checks for a diverged loss (each check syncs the GPU)
 DIVERGED = 10.0  # a mean training loss above DIVERGED x ln(classes) (chance is 1 x) means divergence
 
@@ -150,9 +150,16 @@ def resolve_settings(args, defaults, layers, log=print):
     return sources
 
 
-def resumed_run(args, last_path, log):
-    """The checkpoint being resumed, after refusing flags that contradict it or leave nothing to train."""
-    state = read_checkpoint(last_path, f"python {Path(sys.argv[0]).name} --model {args.model} (without --resume)")
+def resumed_run(args, best_path, log):
+    """(state, model, settings layers) of the run being resumed, or (None, None, []) without --resume.
+
+    Flags that contradict the run, or leave it nothing to train, are refused first.
+    """
+    if not args.resume:
+        return None, None, []
+    last_path = last_checkpoint_path(best_path)
+    state, model = load_checkpoint(last_path, args.model,
+                                   hint=f"python {Path(sys.argv[0]).name} --model {args.model} (without --resume)")
     saved = state.get("args", {})
     for key in RUN_KEYS:
         given = getattr(args, key, None)
@@ -167,7 +174,8 @@ def resumed_run(args, last_path, log):
         raise TrainingError(f"the run in {last_path} has already trained {done} epochs, --epochs is {wanted}: "
                             f"pass --epochs above {done} to train more; nothing was written")
     log(f"resuming {last_path} after epoch {done}")
-    return state, {key: saved[key] for key in RUN_KEYS + ("patience",) if key in saved}
+    return state, model, [(f"resumed run {last_path}", {key: saved[key] for key in RUN_KEYS + ("patience",)
+                                                        if key in saved})]
 
 
 def plain_args(args):
@@ -482,20 +490,15 @@ def run(args):
     best_path = Path(args.hub) / "pre_trained" / f"{args.model}.pth"
     json_path = Path(args.outputs) / "train" / f"{args.model}.json"
     with locked_outputs(args, best_path, json_path, rank):
-        resumed, layers = None, []
-        if args.resume:
-            resumed, saved = resumed_run(args, last_checkpoint_path(best_path), log)
-            layers.append((f"resumed run {last_checkpoint_path(best_path)}", saved))
-        else:
+        resumed, model, layers = resumed_run(args, best_path, log)
+        if not resumed:
             search_path, searched = search_result(args, args.dataset or DEFAULTS["dataset"], log)
             layers.append((str(search_path), searched))
         resolve_settings(args, DEFAULTS, layers, log)
         args.precision = choose_precision(args.precision, device)
         set_seed(args.seed)
         data = load_training_data(args, device)
-        if resumed:
-            resumed, model = load_checkpoint(last_checkpoint_path(best_path), args.model)
-        else:
+        if not resumed:
             model = build_model(args.model, len(CLASSES[args.dataset]))
         optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate, momentum=args.momentum,
                                     weight_decay=args.weight_decay)

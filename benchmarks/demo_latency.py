@@ -7,7 +7,6 @@ Starts the demo server in this process on a free port, sends a 280x280 PNG drawi
 percentile round trip in milliseconds. Writes benchmarks/results/demo_latency.json.
 """
 import argparse
-import json
 import statistics
 import sys
 import tempfile

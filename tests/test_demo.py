@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 import demo
-from conftest import ROOT, sample_path
+from conftest import sample_path
 from data import load_images
 
 # .ci/run installs Chromium and sets this, so that CI fails instead of skipping the browser test

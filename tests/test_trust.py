@@ -21,7 +21,7 @@ import train
 import transfer_mnist
 from conftest import ROOT, sample_path, write_idx
 from data import DataError, atomic_path, load_images, output_lock, write_json
-from models import CheckpointError, build_model, load_checkpoint
+from models import CheckpointError, load_checkpoint
 
 DIGITS = ["--model", "lenet", "--dataset", "sklearn-digits"]
 SCRIPTS = ["train.py", "search.py", "finetune.py", "evaluate.py", "transfer_mnist.py"]
@@ -305,6 +305,13 @@ def test_a_second_run_on_the_same_outputs_stops_with_one_line(tmp_path):
     assert not best.exists()
     train.main(DIGITS + ["--epochs", "1"] + dirs(tmp_path))  # the lock is gone with its holder
     assert best.exists() and not list(tmp_path.rglob("*.lock"))
+
+
+def test_evaluate_with_ckpt_alone_locks_the_networks_own_file(trained_lenet, tmp_path):
+    _, checkpoint = trained_lenet
+    with output_lock(tmp_path / "outputs" / "eval" / "lenet.json"):
+        message = exit_message(evaluate.main, ["--ckpt", str(checkpoint), "--split", "test"] + dirs(tmp_path))
+    assert "another run" in message and "lenet.json" in message
 
 
 def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
