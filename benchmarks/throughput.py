@@ -1,16 +1,21 @@
-"""Training images per second: the study's original input pipeline against this project's.
+"""Training and evaluation images per second against the study's pipeline and the hardware's peak.
 
-    python benchmarks/throughput.py                       # all six networks, CPU or GPU
-    python benchmarks/throughput.py --models lenet resnet --seconds 5
+    python benchmarks/throughput.py                        # the five smaller networks (EnsNet: --models ensnet)
+    python benchmarks/throughput.py --models lenet vggnet --seconds 5
 
-For each network, side by side in one run, same model, batch size and device, after warm-up:
-(a) original: PIL images, per-sample RandomAffine + ToTensor + Normalize, DataLoader with 2 workers;
-(b) ours: uint8 images on the device, gathered and augmented a whole batch at a time.
-Also measures what share of our training step the gathering + augmentation takes.
-Writes outputs/bench/throughput.json.
+For each network, side by side in one run, same model, batch size (64) and device, after warm-up:
+  study  the study's pipeline: PIL images, per-sample RandomAffine, DataLoader with one worker
+         per core, fp32;
+  fp32   ours: uint8 images on the device, gathered and augmented a batch at a time, fp32;
+  bf16   ours with bf16 autocast and channels_last (what --precision bf16 runs);
+  auto   what --precision auto picks on this device (one of the two above; the log says why).
+Evaluation images/s (batch EVAL_BATCH, inference mode) for fp32 and bf16. GFLOP/s achieved
+is the counted FLOPs per image (torch.utils.flop_counter, forward + backward for training)
+times images/s; the machine's own limit is measured in the same run: the best GFLOP/s of a
+large matmul in fp32 and in bf16. Writes benchmarks/results/throughput.json.
 """
 import argparse
-import json
+import os
 import platform
 import sys
 import time
@@ -18,11 +23,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.original_pipeline import original_loader  # noqa: E402
-from data import augment, get_device, iterate_batches, load_images, mean_std  # noqa: E402
-from models import MODELS, build_model  # noqa: E402
+from data import (EVAL_BATCH, Precision, augment, choose_precision, get_device, iterate_batches,  # noqa: E402
+                  load_images, mean_std, normalize, write_json)
+from models import build_model  # noqa: E402
+
+FIVE = ["lenet", "alexnet", "vggnet", "resnet", "spinalnet"]
+FP32, BF16 = Precision(False, False, "fp32"), Precision(True, True, "bf16 + channels_last")
 
 
 def sync(device):
@@ -30,12 +40,53 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def step(model, optimizer, inputs, target):
-    loss = F.cross_entropy(model(inputs), target)
+def matmul_peak(device, dtype, sizes=(512, 1024, 2048, 4096), budget=1.0):
+    """Best GFLOP/s of square matmuls: the arithmetic limit this device reaches in practice.
+
+    Sizes grow until one product takes longer than `budget` seconds (bf16 emulated on a CPU
+    without native support runs about 100x slower than fp32: a 4096 product would take minutes).
+    """
+    best = 0.0
+    for size in sizes:
+        a = torch.randn(size, size, device=device).to(dtype)
+        b = torch.randn(size, size, device=device).to(dtype)
+        a @ b  # warm-up
+        fastest = float("inf")
+        for _ in range(3):
+            sync(device)
+            started = time.perf_counter()
+            a @ b
+            sync(device)
+            fastest = min(fastest, time.perf_counter() - started)
+        best = max(best, 2 * size ** 3 / fastest / 1e9)
+        if fastest > budget:
+            break
+    return best
+
+
+def train_step(model, optimizer, inputs, target, precision):
+    if precision.channels_last:
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=precision.bf16):
+        logits = model(inputs)
+    loss = F.cross_entropy(logits.float(), target)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
+
+
+def flops_per_image(name, classes, device, batch_size):
+    """(training, evaluation) FLOPs per image, counted on one batch."""
+    model = build_model(name, classes).to(device)
+    inputs = torch.randn(batch_size, 1, 28, 28, device=device)
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(inputs), torch.zeros(batch_size, dtype=torch.long, device=device)).backward()
+    training = counter.get_total_flops() / batch_size
+    model.eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(inputs)
+    return training, counter.get_total_flops() / batch_size
 
 
 def timed(batches, work, device, warmup, seconds, max_batches):
@@ -60,66 +111,96 @@ def endless(make_batches):
         yield from make_batches()
 
 
-def measure(name, images, labels, mean, std, device, args):
+def fresh_model(name, classes, device, precision):
     torch.manual_seed(0)
-    model = build_model(name, int(labels.max()) + 1).to(device).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    generator = torch.Generator().manual_seed(0)
+    model = build_model(name, classes).to(device)
+    return model.to(memory_format=torch.channels_last) if precision.channels_last else model
+
+
+def measure(name, images, labels, mean, std, device, args, auto):
+    classes = int(labels.max()) + 1
     on_device = images.to(device), labels.to(device)
-
-    def ours():
-        return iterate_batches(*on_device, args.batch_size, shuffle=True, generator=generator)
-
-    def our_step(batch):
-        step(model, optimizer, augment(batch[0], mean, std, generator), batch[1])
-
-    def their_step(batch):
-        step(model, optimizer, batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True))
-
-    def augment_only(batch):
-        augment(batch[0], mean, std, generator)
-
+    generator = torch.Generator().manual_seed(0)
     limits = dict(device=device, warmup=args.warmup, seconds=args.seconds, max_batches=args.max_batches)
+    row = {"model": name}
+
+    model = fresh_model(name, classes, device, FP32).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     loader = original_loader(images, labels, mean, std, args.batch_size, args.workers)
-    original = timed(endless(lambda: loader), their_step, **limits)
-    our = timed(endless(ours), our_step, **limits)
-    augment_rate = timed(endless(ours), augment_only, **dict(limits, max_batches=10 * args.max_batches))
-    return {"model": name, "original_images_per_sec": original, "ours_images_per_sec": our,
-            "speedup": our / original, "augment_share_of_step": our / augment_rate}
+    row["study_train"] = timed(endless(lambda: loader), lambda batch: train_step(
+        model, optimizer, batch[0].to(device), batch[1].to(device), FP32), **limits)
+
+    for label, precision in [("fp32", FP32), ("bf16", BF16)]:
+        model = fresh_model(name, classes, device, precision).train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        batches = lambda: iterate_batches(*on_device, args.batch_size, shuffle=True, generator=generator)  # noqa
+        row[f"{label}_train"] = timed(endless(batches), lambda batch: train_step(
+            model, optimizer, augment(batch[0], mean, std, generator), batch[1], precision), **limits)
+        model.eval()
+
+        @torch.inference_mode()
+        def evaluate(batch, model=model, precision=precision):
+            inputs = normalize(batch[0], mean, std)
+            if precision.channels_last:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.bf16):
+                model(inputs)
+
+        row[f"{label}_eval"] = timed(endless(lambda: iterate_batches(*on_device, EVAL_BATCH)), evaluate,
+                                     **dict(limits, max_batches=max(5, args.max_batches // 10)))
+    chosen = "bf16" if auto.bf16 else "fp32"
+    row["auto"] = chosen
+    row["auto_train"], row["auto_eval"] = row[f"{chosen}_train"], row[f"{chosen}_eval"]
+    row["train_flops"], row["eval_flops"] = flops_per_image(name, classes, device, args.batch_size)
+    return row
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=sorted(MODELS), choices=sorted(MODELS))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=FIVE, choices=FIVE + ["ensnet"])
     parser.add_argument("--dataset", default="sklearn-digits", help="real images to feed (speed only)")
     parser.add_argument("--data-dir", default="data")
-    parser.add_argument("--batch-size", type=int, default=64, help="the study's batch size")
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the original pipeline")
+    parser.add_argument("--batch-size", type=int, default=64, help="the study's batch size (default: 64)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(),
+                        help="DataLoader workers of the study's pipeline (default: one per core)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed batches first")
-    parser.add_argument("--seconds", type=float, default=8.0, help="time budget per measurement")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed batches first (default: 3)")
+    parser.add_argument("--seconds", type=float, default=6.0, help="time budget per measurement (default: 6)")
     parser.add_argument("--max-batches", type=int, default=200, help="most timed batches per measurement")
-    parser.add_argument("--outputs", default="outputs")
+    parser.add_argument("--out", default=str(Path(__file__).with_name("results") / "throughput.json"))
     args = parser.parse_args(argv)
 
     device = get_device(args.device)
+    auto = choose_precision("auto", device)
     images, labels = load_images(args.dataset, train=True, data_dir=args.data_dir)
     mean, std = mean_std(images)
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    print(f"throughput on {device} ({machine}), batch {args.batch_size}, {args.dataset} images")
-    print(f"{'model':10} {'original img/s':>15} {'ours img/s':>12} {'speedup':>8} {'augment share':>14}")
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    peaks = {"fp32": matmul_peak(device, torch.float32), "bf16": matmul_peak(device, torch.bfloat16)}
+    print(f"throughput on {device} ({machine}), batch {args.batch_size}, torch {torch.__version__}")
+    print(f"precision auto: {auto.name} ({auto.reason})")
+    print(f"matmul peak: fp32 {peaks['fp32']:,.0f} GFLOP/s, bf16 {peaks['bf16']:,.0f} GFLOP/s")
+    header = (f"{'model':10} {'study':>7} {'fp32':>7} {'bf16':>7} {'auto':>7} {'auto/study':>10} "
+              f"{'GFLOP/s':>8} {'of peak':>8} | {'eval fp32':>9} {'eval bf16':>9}")
+    print("training images/s" + " " * 50 + "| evaluation images/s")
+    print(header)
     rows = []
     for name in args.models:
-        row = measure(name, images, labels, mean, std, device, args)
+        row = measure(name, images, labels, mean, std, device, args, auto)
+        row["auto_train_gflops"] = row["train_flops"] * row["auto_train"] / 1e9
+        row["auto_share_of_peak"] = row["auto_train_gflops"] / peaks[row["auto"]]
+        row["bf16_share_of_peak"] = row["train_flops"] * row["bf16_train"] / 1e9 / peaks["bf16"]
+        row["fp32_share_of_peak"] = row["train_flops"] * row["fp32_train"] / 1e9 / peaks["fp32"]
         rows.append(row)
-        print(f"{name:10} {row['original_images_per_sec']:15,.0f} {row['ours_images_per_sec']:12,.0f} "
-              f"{row['speedup']:7.1f}x {100 * row['augment_share_of_step']:13.1f}%", flush=True)
-    path = Path(args.outputs) / "bench" / "throughput.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"device": str(device), "machine": machine, "torch": torch.__version__,
-                                "batch_size": args.batch_size, "dataset": args.dataset, "rows": rows}, indent=2))
-    print(f"wrote {path}")
+        print(f"{name:10} {row['study_train']:7,.0f} {row['fp32_train']:7,.0f} {row['bf16_train']:7,.0f} "
+              f"{row['auto_train']:7,.0f} {row['auto_train'] / row['study_train']:9.2f}x "
+              f"{row['auto_train_gflops']:8.1f} {100 * row['auto_share_of_peak']:7.1f}% | "
+              f"{row['fp32_eval']:9,.0f} {row['bf16_eval']:9,.0f}", flush=True)
+    write_json(args.out, {"device": str(device), "machine": machine, "torch": torch.__version__,
+                          "threads": torch.get_num_threads(), "auto": auto.name, "auto_reason": auto.reason,
+                          "matmul_peak_gflops": peaks, "batch_size": args.batch_size, "dataset": args.dataset,
+                          "workers": args.workers, "rows": rows})
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -1,24 +1,36 @@
 #!/usr/bin/env bash
-# The study on Fashion-MNIST (60,000 + 10,000 real images; apt-get install dataset-fashion-mnist).
+# The study on Fashion-MNIST (60,000 + 10,000 real images; apt-get install dataset-fashion-mnist),
+# one network at a time, smallest first: search -> SGD pre-training -> Adam fine-tuning ->
+# the fine-tuned weights published without optimizer state -> evaluate.py --model all.
 # Resumable: run it again after any interruption; each stage continues where it stopped.
-#   bash results/fashion-mnist/run_study.sh            (from the repository root)
+#   bash results/fashion-mnist/run_study.sh [networks...]      (from the repository root)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-out=results/fashion-mnist/outputs hub=results/fashion-mnist/model_hub logs=results/fashion-mnist/logs
-mkdir -p "$logs"
-common=(--dataset fashion-mnist --no-download)
+here=results/fashion-mnist
+out=$here/outputs work=$here/work hub=$here/model_hub logs=$here/logs
+mkdir -p "$logs" "$hub/fine_tuned"
+data=(--dataset fashion-mnist --no-download)
 stamp() { echo "$1 rc=$2 seconds=$3 $(date -u +%FT%TZ) $(uname -m) $(nproc) cores" >> "$logs/times.log"; }
-for m in lenet spinalnet resnet alexnet vggnet; do
-  start=$(date +%s); python search.py --model $m "${common[@]}" --outputs "$out" >> "$logs/search_$m.log" 2>&1
-  stamp "search $m" $? $(( $(date +%s) - start ))
+step() {  # name, log, command...
+  local name=$1 log=$2; shift 2
+  local start=$(date +%s); "$@" >> "$log" 2>&1; local rc=$?
+  stamp "$name" $rc $(( $(date +%s) - start )); return $rc
+}
+for m in "${@:-lenet spinalnet alexnet resnet vggnet}"; do
+  for m in $m; do
+    step "search $m" "$logs/search_$m.log" python search.py --model $m "${data[@]}" --outputs "$out" || continue
+    resume=(); [ -f "$work/pre_trained/${m}_last.pth" ] && resume=(--resume)
+    step "train $m" "$logs/train_$m.log" python train.py --model $m "${data[@]}" --hub "$work" --outputs "$out" \
+      "${resume[@]}" || [ -f "$work/pre_trained/$m.pth" ] || continue
+    resume=(); [ -f "$work/fine_tuned/${m}_tuned_last.pth" ] && resume=(--resume)
+    step "finetune $m" "$logs/finetune_$m.log" python finetune.py --model $m --hub "$work" --outputs "$out" \
+      "${resume[@]}" || [ -f "$work/fine_tuned/${m}_tuned.pth" ] || continue
+    python - "$work/fine_tuned/${m}_tuned.pth" "$hub/fine_tuned/${m}_tuned.pth" <<'PY'
+import sys, torch
+state = torch.load(sys.argv[1], map_location="cpu", weights_only=True)
+state.pop("optimizer", None)  # weights and metadata only: what evaluation needs
+torch.save(state, sys.argv[2])
+PY
+    step "evaluate all" "$logs/evaluate.log" python evaluate.py --model all --hub "$hub" --outputs "$out"
+  done
 done
-for m in lenet spinalnet resnet alexnet vggnet; do
-  resume=(); [ -f "$hub/pre_trained/${m}_last.pth" ] && resume=(--resume)
-  start=$(date +%s); python train.py --model $m "${common[@]}" --hub "$hub" --outputs "$out" "${resume[@]}" >> "$logs/train_$m.log" 2>&1
-  stamp "train $m" $? $(( $(date +%s) - start ))
-  resume=(); [ -f "$hub/fine_tuned/${m}_tuned_last.pth" ] && resume=(--resume)
-  start=$(date +%s); python finetune.py --model $m --hub "$hub" --outputs "$out" "${resume[@]}" >> "$logs/finetune_$m.log" 2>&1
-  stamp "finetune $m" $? $(( $(date +%s) - start ))
-done
-start=$(date +%s); python evaluate.py --model all "${common[@]}" --hub "$hub" --outputs "$out" > "$logs/evaluate.log" 2>&1
-stamp "evaluate all" $? $(( $(date +%s) - start ))

@@ -1,0 +1,66 @@
+"""Does bf16 + channels_last cost accuracy? Test accuracy of fp32 and bf16 runs over several seeds.
+
+    python benchmarks/precision_accuracy.py --dataset mnist --data-dir tests/data --epochs 10
+    python benchmarks/precision_accuracy.py --dataset fashion-mnist --epochs 5 --seeds 0 1 2
+
+Trains the same network with `train.py --precision fp32` and `--precision bf16` (what
+`--precision auto` picks where bf16 is native) for each seed, evaluates the best checkpoint
+on the official test split in the same precision, and reports mean +- std per precision.
+Writes benchmarks/results/precision_accuracy_{dataset}.json.
+"""
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train  # noqa: E402
+from data import choose_precision, load_images, write_json  # noqa: E402
+from evaluate import predict_probabilities  # noqa: E402
+from models import load_checkpoint  # noqa: E402
+
+
+def run_one(args, precision, seed, folder):
+    started = time.time()
+    train.main(["--model", args.model, "--dataset", args.dataset, "--data-dir", args.data_dir, "--no-download",
+                "--epochs", str(args.epochs), "--seed", str(seed), "--precision", precision, "--lr", str(args.lr),
+                "--hub", str(folder / "hub"), "--outputs", str(folder / "out")])
+    seconds = time.time() - started
+    state, model = load_checkpoint(folder / "hub" / "pre_trained" / f"{args.model}.pth")
+    images, labels = load_images(args.dataset, train=False, data_dir=args.data_dir, download=False)
+    cpu = torch.device("cpu")
+    probabilities = predict_probabilities(model, images, state["mean"], state["std"], cpu,
+                                          choose_precision(precision, cpu))
+    return {"seed": seed, "test_accuracy": float((probabilities.argmax(1) == labels).float().mean()),
+            "seconds": seconds}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="lenet")
+    parser.add_argument("--dataset", default="mnist")
+    parser.add_argument("--data-dir", default="tests/data")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    args = parser.parse_args()
+    results = {}
+    for precision in ["fp32", "bf16"]:
+        runs = [run_one(args, precision, seed, Path(tempfile.mkdtemp())) for seed in args.seeds]
+        accuracies = [run["test_accuracy"] for run in runs]
+        results[precision] = {"runs": runs, "mean": statistics.mean(accuracies),
+                              "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0}
+    for precision, result in results.items():
+        print(f"{precision}: test accuracy {100 * result['mean']:.2f} +- {100 * result['std']:.2f} % "
+              f"over seeds {args.seeds} ({args.model}, {args.dataset}, {args.epochs} epochs)")
+    out = Path(__file__).with_name("results") / f"precision_accuracy_{args.dataset}.json"
+    write_json(out, {"args": vars(args), "results": results})
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
