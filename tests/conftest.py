@@ -55,3 +55,14 @@ def trained_lenet(tmp_path_factory):
     train.main(["--model", "lenet", "--dataset", "sklearn-digits", "--epochs", "8", "--lr", "0.05",
                 "--hub", str(workdir / "model_hub"), "--outputs", str(workdir / "outputs")])
     return workdir, workdir / "model_hub" / "pre_trained" / "lenet.pth"
+
+
+@pytest.fixture(scope="session")
+def trained_spinalnet(tmp_path_factory):
+    """A SpinalNet trained for 2 epochs on sklearn-digits: its checkpoint (outputs/ beside model_hub/)."""
+    import train
+
+    workdir = tmp_path_factory.mktemp("spinalnet")
+    train.main(["--model", "spinalnet", "--dataset", "sklearn-digits", "--epochs", "2", "--lr", "0.05",
+                "--hub", str(workdir / "model_hub"), "--outputs", str(workdir / "outputs")])
+    return workdir / "model_hub" / "pre_trained" / "spinalnet.pth"
