@@ -800,6 +800,7 @@ def check_writable(*folders):
 def run_script(function, args):
     """Run a script's work: user errors, Ctrl-C, a full disk and a closed pipe each end in one line."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` ends a run as Ctrl-C does: files complete
     import torch.distributed as dist
 
     try:
