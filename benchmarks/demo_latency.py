@@ -4,9 +4,8 @@
 
 Starts the demo server in this process on a free port, sends a 280x280 PNG drawing
 (what the page sends) N times per network over HTTP, and reports the median and 95th
-percentile round trip in milliseconds. Writes benchmarks/results/demo_latency.json.
+percentile round trip in milliseconds. Writes benchmarks/results/demo_latency.json (--out).
 """
-import argparse
 import statistics
 import sys
 import tempfile
@@ -21,7 +20,7 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import demo  # noqa: E402
-from data import choose_precision, write_json  # noqa: E402
+from data import Parser, choose_precision, positive_int, run_script, write_json  # noqa: E402
 from models import build_model, save_checkpoint  # noqa: E402
 
 NETWORKS = ["lenet", "alexnet", "vggnet", "resnet", "spinalnet"]
@@ -35,15 +34,25 @@ def drawing():
     return buffer.getvalue()
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=50)
-    args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
+def parse_args(argv=None):
+    parser = Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=positive_int, default=50, help="timed requests per network (default: 50)")
+    parser.add_argument("--models", nargs="+", default=NETWORKS, choices=NETWORKS,
+                        help="networks (default: all five)")
+    parser.add_argument("--out", default=str(Path(__file__).with_name("results") / "demo_latency.json"),
+                        help="result JSON (default: benchmarks/results/demo_latency.json)")
+    return parser.parse_args(argv)
+
+
+def run(args):
+    with tempfile.TemporaryDirectory() as folder:
+        measure(args, Path(folder))
+
+
+def measure(args, folder):
     body, results = drawing(), {}
-    folder = Path(tempfile.mkdtemp())
     cpu = torch.device("cpu")
-    for name in NETWORKS:
+    for name in args.models:
         path = folder / f"{name}.pth"
         save_checkpoint(path, build_model(name, 62).eval(), model=name, num_classes=62, dataset="emnist-byclass",
                         classes=demo_classes(), mean=0.17, std=0.33, args={})
@@ -62,14 +71,18 @@ def main():
         times.sort()
         results[name] = {"median_ms": statistics.median(times), "p95_ms": times[int(0.95 * len(times)) - 1]}
         print(f"{name:10} median {results[name]['median_ms']:6.1f} ms   p95 {results[name]['p95_ms']:6.1f} ms")
-    write_json(Path(__file__).with_name("results") / "demo_latency.json",
-               {"requests": args.requests, "threads": torch.get_num_threads(), "results": results})
+    write_json(args.out, {"requests": args.requests, "threads": torch.get_num_threads(), "results": results})
+    print(f"wrote {args.out}")
 
 
 def demo_classes():
     from data import CLASSES
 
     return CLASSES["emnist-byclass"]
+
+
+def main(argv=None):
+    return run_script(run, parse_args(argv))
 
 
 if __name__ == "__main__":

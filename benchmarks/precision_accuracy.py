@@ -6,9 +6,8 @@
 Trains the same network with `train.py --precision fp32` and `--precision bf16` (what
 `--precision auto` picks where bf16 is native) for each seed, evaluates the best checkpoint
 on the official test split in the same precision, and reports mean +- std per precision.
-Writes benchmarks/results/precision_accuracy_{dataset}.json.
+Writes benchmarks/results/precision_accuracy_{dataset}.json (--out).
 """
-import argparse
 import statistics
 import sys
 import tempfile
@@ -19,9 +18,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
-from data import choose_precision, load_images, write_json  # noqa: E402
+from data import (DATASETS, Parser, choose_precision, load_images, positive_float, positive_int,  # noqa: E402
+                  run_script, seed_value, write_json)
 from evaluate import predict_probabilities  # noqa: E402
-from models import load_checkpoint  # noqa: E402
+from models import MODELS, load_checkpoint  # noqa: E402
 
 
 def run_one(args, precision, seed, folder):
@@ -39,27 +39,41 @@ def run_one(args, precision, seed, folder):
             "seconds": seconds}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="lenet")
-    parser.add_argument("--dataset", default="mnist")
-    parser.add_argument("--data-dir", default="tests/data")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    args = parser.parse_args()
+def parse_args(argv=None):
+    parser = Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="lenet", choices=sorted(MODELS), help="network (default: lenet)")
+    parser.add_argument("--dataset", default="mnist", choices=sorted(DATASETS), help="dataset (default: mnist)")
+    parser.add_argument("--data-dir", default="tests/data", help="where the dataset's files are (default: tests/data)")
+    parser.add_argument("--epochs", type=positive_int, default=10, help="training epochs per run (default: 10)")
+    parser.add_argument("--lr", type=positive_float, default=0.05, help="SGD learning rate (default: 0.05)")
+    parser.add_argument("--seeds", type=seed_value, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
+    parser.add_argument("--out", default=None,
+                        help="result JSON (default: benchmarks/results/precision_accuracy_DATASET.json)")
+    return parser.parse_args(argv)
+
+
+def one_run(args, precision, seed):
+    with tempfile.TemporaryDirectory() as folder:
+        return run_one(args, precision, seed, Path(folder))
+
+
+def run(args):
     results = {}
     for precision in ["fp32", "bf16"]:
-        runs = [run_one(args, precision, seed, Path(tempfile.mkdtemp())) for seed in args.seeds]
+        runs = [one_run(args, precision, seed) for seed in args.seeds]
         accuracies = [run["test_accuracy"] for run in runs]
         results[precision] = {"runs": runs, "mean": statistics.mean(accuracies),
                               "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0}
     for precision, result in results.items():
         print(f"{precision}: test accuracy {100 * result['mean']:.2f} +- {100 * result['std']:.2f} % "
               f"over seeds {args.seeds} ({args.model}, {args.dataset}, {args.epochs} epochs)")
-    out = Path(__file__).with_name("results") / f"precision_accuracy_{args.dataset}.json"
+    out = args.out or Path(__file__).with_name("results") / f"precision_accuracy_{args.dataset}.json"
     write_json(out, {"args": vars(args), "results": results})
     print(f"wrote {out}")
+
+
+def main(argv=None):
+    return run_script(run, parse_args(argv))
 
 
 if __name__ == "__main__":

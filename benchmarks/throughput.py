@@ -14,7 +14,6 @@ is the counted FLOPs per image (torch.utils.flop_counter, forward + backward for
 times images/s; the machine's own limit is measured in the same run: the best GFLOP/s of a
 large matmul in fp32 and in bf16. Writes benchmarks/results/throughput.json.
 """
-import argparse
 import os
 import platform
 import sys
@@ -27,8 +26,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.original_pipeline import original_loader  # noqa: E402
-from data import (EVAL_BATCH, Precision, augment, choose_precision, get_device, iterate_batches,  # noqa: E402
-                  load_images, mean_std, normalize, write_json)
+from data import (DATASETS, EVAL_BATCH, Parser, Precision, augment, choose_precision, get_device,  # noqa: E402
+                  iterate_batches, load_images, mean_std, normalize, positive_float, positive_int, run_script,
+                  write_json)
 from models import build_model  # noqa: E402
 
 FIVE = ["lenet", "alexnet", "vggnet", "resnet", "spinalnet"]
@@ -155,28 +155,36 @@ def measure(name, images, labels, mean, std, device, args, auto):
     return row
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv=None):
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=FIVE, choices=FIVE + ["ensnet"])
-    parser.add_argument("--dataset", default="sklearn-digits", help="real images to feed (speed only)")
-    parser.add_argument("--data-dir", default="data")
-    parser.add_argument("--batch-size", type=int, default=64, help="the study's batch size (default: 64)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count(),
+    parser.add_argument("--dataset", default="sklearn-digits", choices=sorted(DATASETS),
+                        help="real images to feed (speed only; default: sklearn-digits)")
+    parser.add_argument("--data-dir", default="data", help="where the dataset's files are (default: data)")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="the study's batch size (default: 64)")
+    parser.add_argument("--workers", type=positive_int, default=os.cpu_count(),
                         help="DataLoader workers of the study's pipeline (default: one per core)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed batches first (default: 3)")
-    parser.add_argument("--seconds", type=float, default=6.0, help="time budget per measurement (default: 6)")
-    parser.add_argument("--max-batches", type=int, default=200, help="most timed batches per measurement")
-    parser.add_argument("--out", default=str(Path(__file__).with_name("results") / "throughput.json"))
-    args = parser.parse_args(argv)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    parser.add_argument("--warmup", type=positive_int, default=3, help="untimed batches first (default: 3)")
+    parser.add_argument("--seconds", type=positive_float, default=6.0, help="time budget per measurement (default: 6)")
+    parser.add_argument("--peak-seconds", type=positive_float, default=1.0,
+                        help="the matmul peak stops growing the size once one product takes longer (default: 1)")
+    parser.add_argument("--max-batches", type=positive_int, default=200,
+                        help="most timed batches per measurement (default: 200)")
+    parser.add_argument("--out", default=str(Path(__file__).with_name("results") / "throughput.json"),
+                        help="result JSON (default: benchmarks/results/throughput.json)")
+    return parser.parse_args(argv)
 
+
+def run(args):
     device = get_device(args.device)
     auto = choose_precision("auto", device)
     images, labels = load_images(args.dataset, train=True, data_dir=args.data_dir)
     mean, std = mean_std(images)
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    peaks = {"fp32": matmul_peak(device, torch.float32), "bf16": matmul_peak(device, torch.bfloat16)}
+    peaks = {name: matmul_peak(device, dtype, budget=args.peak_seconds)
+             for name, dtype in [("fp32", torch.float32), ("bf16", torch.bfloat16)]}
     print(f"throughput on {device} ({machine}), batch {args.batch_size}, torch {torch.__version__}")
     print(f"precision auto: {auto.name} ({auto.reason})")
     print(f"matmul peak: fp32 {peaks['fp32']:,.0f} GFLOP/s, bf16 {peaks['bf16']:,.0f} GFLOP/s")
@@ -201,6 +209,10 @@ def main(argv=None):
                           "matmul_peak_gflops": peaks, "batch_size": args.batch_size, "dataset": args.dataset,
                           "workers": args.workers, "rows": rows})
     print(f"wrote {args.out}")
+
+
+def main(argv=None):
+    return run_script(run, parse_args(argv))
 
 
 if __name__ == "__main__":
