@@ -527,13 +527,23 @@ def iterate_batches(images, labels, batch_size, shuffle=False, generator=None, r
     count = len(labels)
     order = torch.randperm(count, generator=generator) if shuffle else torch.arange(count)
     if world_size > 1:
-        if shuffle:  # training: DDP needs the same number of steps on every rank
+        if shuffle:  # training: DDP needs the same number of steps on every rank (shard_length)
             order = order[: count - count % world_size]
         order = order[rank::world_size]
     order = order.to(images.device)
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
         yield images[index], labels[index]
+
+
+def shard_length(count, world_size=1):
+    """How many items one rank's shuffled (training) order from iterate_batches holds."""
+    return count // world_size
+
+
+def batch_sizes(count, batch_size):
+    """The sizes of iterate_batches' batches over `count` items, the last partial one included."""
+    return [min(batch_size, count - start) for start in range(0, count, batch_size)]
 
 
 def standardize(pixels, mean, std):
@@ -582,15 +592,30 @@ def sampling_grid(theta, height, width):
     return torch.stack([grid_x, grid_y], dim=-1)
 
 
-def augment(batch, mean, std, generator=None, **recipe):
+def epoch_affines(sizes, generator, device, **recipe):
+    """One epoch's affine matrices, a [size, 2, 3] view per batch, copied to the device at once.
+
+    Drawn batch by batch on the CPU generator, in order, so they are exactly the numbers
+    that one draw per step gives (runs stay reproducible and identical on every device),
+    but without a small host-to-device copy every step (on CUDA each one stalls the host).
+    Batches of one image get no matrices: training skips them (BatchNorm).
+    """
+    recipe = {**AUGMENT, **recipe}
+    drawn = [affine_matrices(size, generator, **recipe) for size in sizes if size >= 2]
+    if not drawn:
+        return iter(())
+    return iter(torch.cat(drawn).to(device).split([len(theta) for theta in drawn]))
+
+
+def augment(batch, mean, std, generator=None, theta=None, **recipe):
     """The study's random affine on a whole uint8 batch at once, returned normalised.
 
     Parameters are drawn independently per image (on the CPU generator, so runs are
-    reproducible on any device) and applied with one grid_sample call on the batch's
-    device. Areas moved in from outside are background (0).
+    reproducible on any device), or given as `theta` (from epoch_affines), and applied with
+    one grid_sample call on the batch's device. Areas moved in from outside are background (0).
     """
-    recipe = {**AUGMENT, **recipe}
-    theta = affine_matrices(len(batch), generator, **recipe).to(batch.device)
+    if theta is None:
+        theta = affine_matrices(len(batch), generator, **{**AUGMENT, **recipe}).to(batch.device)
     pixels = batch.unsqueeze(1).float()
     grid = sampling_grid(theta, batch.shape[-2], batch.shape[-1])
     moved = F.grid_sample(pixels, grid, mode="bilinear", padding_mode="zeros", align_corners=False)

@@ -27,10 +27,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data import (CLASSES, EVAL_BATCH, VAL_FRACTION, Parser, Precision, UserError, add_flags, augment, check_writable,
-                  choose_precision, get_device, iterate_batches, load_images, mean_std, mini_split, normalize,
-                  output_lock, positive_float, positive_int, pyplot, read_json, run_script, save_figure, set_seed,
-                  stratified_split, stratified_subset, non_negative_float, write_json)
+from data import (CLASSES, EVAL_BATCH, VAL_FRACTION, Parser, Precision, UserError, add_flags, augment, batch_sizes,
+                  check_writable, choose_precision, epoch_affines, get_device, iterate_batches, load_images,
+                  mean_std, mini_split, normalize, output_lock, positive_float, positive_int, pyplot, read_json,
+                  run_script, save_figure, set_seed, shard_length, stratified_split, stratified_subset,
+                  non_negative_float, write_json)
 from models import MODELS, build_model, load_checkpoint, save_checkpoint, unwrap
 
 # The one place pre-training's defaults live; used when neither a flag, the resumed run nor
@@ -266,13 +267,16 @@ def train_one_epoch(model, optimizer, data, args, generator, *, rank=0, world_si
     seen = 0
     batches = iterate_batches(images, labels, args.batch_size, shuffle=True, generator=generator,
                               rank=rank, world_size=world_size)
-    total = math.ceil(len(labels) / world_size / args.batch_size)
-    for step, (batch, target) in enumerate(progress_bar(batches, total, progress)):
+    sizes = batch_sizes(shard_length(len(labels), world_size), args.batch_size)
+    affines = None
+    for step, (batch, target) in enumerate(progress_bar(batches, len(sizes), progress)):
         if max_batches is not None and step >= max_batches:
             break
         if len(target) < 2:  # BatchNorm cannot train on a single image (a last batch of one)
             continue
-        inputs = augment(batch, data["mean"], data["std"], generator) if args.augment else \
+        if args.augment and affines is None:  # drawn after the shuffle, as one draw per step would be
+            affines = epoch_affines(sizes, generator, device)
+        inputs = augment(batch, data["mean"], data["std"], theta=next(affines)) if args.augment else \
             normalize(batch, data["mean"], data["std"])
         if args.precision.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)

@@ -186,3 +186,40 @@ def test_ctrl_c_keeps_the_last_epoch_and_resume_finishes(tmp_path):
     train.main(DIGITS + ["--epochs", str(last["epoch"] + 1), "--resume"] + dirs(tmp_path))
     history = json.loads((tmp_path / "outputs" / "train" / "lenet.json").read_text())["history"]
     assert [row["epoch"] for row in history] == list(range(1, last["epoch"] + 2))
+
+
+def test_one_copy_of_the_epochs_affines_trains_exactly_as_one_draw_per_step():
+    """epoch_affines moves the augmentation parameters to the device once per epoch: the numbers
+    (and so the trained weights) must be those of drawing them on the CPU at every step."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+    from data import augment, choose_precision, iterate_batches
+
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (70, 28, 28), dtype=torch.uint8)  # 70 = 4 batches of 16 and one of 6
+    labels = torch.arange(70) % 10
+    data = {"train": (images, labels), "mean": 0.3, "std": 0.3}
+    args = SimpleNamespace(batch_size=16, augment=True, clip=1.0,
+                           precision=choose_precision("fp32", torch.device("cpu")))
+
+    def fresh():
+        torch.manual_seed(1)
+        model = build_model("lenet", 10)
+        return model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+    model, optimizer = fresh()
+    train.train_one_epoch(model, optimizer, data, args, torch.Generator().manual_seed(5))
+    reference, reference_optimizer = fresh()
+    reference.train()
+    generator = torch.Generator().manual_seed(5)
+    for batch, target in iterate_batches(images, labels, 16, shuffle=True, generator=generator):
+        loss = F.cross_entropy(reference(augment(batch, 0.3, 0.3, generator)), target)
+        reference_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+        reference_optimizer.step()
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, reference.state_dict()[name]), name
+    untrained, _ = fresh()
+    assert any(not torch.equal(value, untrained.state_dict()[name]) for name, value in model.state_dict().items())
