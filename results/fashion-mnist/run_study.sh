@@ -3,12 +3,17 @@
 # one network at a time, smallest first: search -> SGD pre-training -> Adam fine-tuning ->
 # the fine-tuned weights published without optimizer state -> evaluate.py --model all.
 # Resumable: run it again after any interruption; each stage continues where it stopped.
-#   bash results/fashion-mnist/run_study.sh [networks...]      (from the repository root)
+#   bash results/fashion-mnist/run_study.sh [networks...]                (from the repository root)
+#   bash results/fashion-mnist/run_study.sh --no-augment [networks...]
+# --no-augment is the option measured against the recipe: the same networks, the same search
+# winners (the study's complete search JSON, copied), epochs and fine-tuning, with one change:
+# no random affine in pre-training or fine-tuning. It writes to results/fashion-mnist/no-augment/.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-here=results/fashion-mnist
+study=results/fashion-mnist here=results/fashion-mnist variant=()
+if [ "${1:-}" = --no-augment ]; then here=$study/no-augment variant=(--no-augment); shift; fi
 out=$here/outputs work=$here/work hub=$here/model_hub logs=$here/logs
-mkdir -p "$logs" "$hub/fine_tuned"
+mkdir -p "$logs" "$hub/fine_tuned" "$out/search"
 data=(--dataset fashion-mnist --no-download)
 stamp() { echo "$1 rc=$2 seconds=$3 $(date -u +%FT%TZ) $(uname -m) $(nproc) cores" >> "$logs/times.log"; }
 step() {  # name, log, command...
@@ -16,21 +21,27 @@ step() {  # name, log, command...
   local start=$(date +%s); "$@" >> "$log" 2>&1; local rc=$?
   stamp "$name" $rc $(( $(date +%s) - start )); return $rc
 }
-for m in "${@:-lenet spinalnet alexnet resnet vggnet}"; do
-  for m in $m; do
+for m in ${@:-lenet spinalnet alexnet resnet vggnet}; do
+  if [ ${#variant[@]} -eq 0 ]; then
     step "search $m" "$logs/search_$m.log" python search.py --model $m "${data[@]}" --outputs "$out" || continue
-    resume=(); [ -f "$work/pre_trained/${m}_last.pth" ] && resume=(--resume)
-    step "train $m" "$logs/train_$m.log" python train.py --model $m "${data[@]}" --hub "$work" --outputs "$out" \
-      "${resume[@]}" || [ -f "$work/pre_trained/$m.pth" ] || continue
-    resume=(); [ -f "$work/fine_tuned/${m}_tuned_last.pth" ] && resume=(--resume)
-    step "finetune $m" "$logs/finetune_$m.log" python finetune.py --model $m --hub "$work" --outputs "$out" \
-      "${resume[@]}" || [ -f "$work/fine_tuned/${m}_tuned.pth" ] || continue
-    python - "$work/fine_tuned/${m}_tuned.pth" "$hub/fine_tuned/${m}_tuned.pth" <<'PY'
-import sys, torch
+  elif grep -q '"complete": true' "$study/outputs/search/$m.json" 2>/dev/null; then
+    cp "$study/outputs/search/$m.json" "$out/search/$m.json"
+  else
+    echo "$m: the study's search is not complete: run bash $0 $m first"; continue
+  fi
+  resume=(); [ -f "$work/pre_trained/${m}_last.pth" ] && resume=(--resume)
+  step "train $m" "$logs/train_$m.log" python train.py --model $m "${data[@]}" "${variant[@]}" --hub "$work" \
+    --outputs "$out" "${resume[@]}" || [ -f "$work/pre_trained/$m.pth" ] || continue
+  resume=(); [ -f "$work/fine_tuned/${m}_tuned_last.pth" ] && resume=(--resume)
+  step "finetune $m" "$logs/finetune_$m.log" python finetune.py --model $m "${variant[@]}" --hub "$work" \
+    --outputs "$out" "${resume[@]}" || [ -f "$work/fine_tuned/${m}_tuned.pth" ] || continue
+  python - "$work/fine_tuned/${m}_tuned.pth" "$hub/fine_tuned/${m}_tuned.pth" <<'PY'
+import os, sys, torch
 state = torch.load(sys.argv[1], map_location="cpu", weights_only=True)
 state.pop("optimizer", None)  # weights and metadata only: what evaluation needs
-torch.save(state, sys.argv[2])
+temporary = f"{sys.argv[2]}.{os.getpid()}.tmp"
+torch.save(state, temporary)
+os.replace(temporary, sys.argv[2])
 PY
-    step "evaluate all" "$logs/evaluate.log" python evaluate.py --model all --hub "$hub" --outputs "$out"
-  done
+  step "evaluate all" "$logs/evaluate.log" python evaluate.py --model all --hub "$hub" --outputs "$out"
 done
