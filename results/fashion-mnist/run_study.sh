@@ -4,14 +4,20 @@
 # the fine-tuned weights published without optimizer state -> evaluate.py --model all.
 # Resumable: run it again after any interruption; each stage continues where it stopped.
 #   bash results/fashion-mnist/run_study.sh [networks...]                (from the repository root)
-#   bash results/fashion-mnist/run_study.sh --no-augment [networks...]
+#   bash results/fashion-mnist/run_study.sh [--no-augment] [--seed N] [networks...]
 # --no-augment is the option measured against the recipe: the same networks, the same search
 # winners (the study's complete search JSON, copied), epochs and fine-tuning, with one change:
 # no random affine in pre-training or fine-tuning. It writes to results/fashion-mnist/no-augment/.
+# --seed N (N > 0) repeats pre-training and fine-tuning with seed N (splits, initialisation,
+# shuffling, augmentation, dropout) on the study's search winners, into .../seed-N/.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 study=results/fashion-mnist here=results/fashion-mnist variant=()
-if [ "${1:-}" = --no-augment ]; then here=$study/no-augment variant=(--no-augment); shift; fi
+if [ "${1:-}" = --no-augment ]; then here=$here/no-augment variant=(--no-augment); shift; fi
+if [ "${1:-}" = --seed ]; then
+  [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || { echo "--seed needs a whole number above 0 (seed 0 is the study's run)"; exit 2; }
+  here=$here/seed-$2 variant+=(--seed "$2"); shift 2
+fi
 out=$here/outputs work=$here/work hub=$here/model_hub logs=$here/logs
 mkdir -p "$logs" "$hub/fine_tuned" "$out/search"
 data=(--dataset fashion-mnist --no-download)
