@@ -35,12 +35,17 @@ for m in ${@:-lenet spinalnet alexnet resnet vggnet}; do
   else
     echo "$m: the study's search is not complete: run bash $0 $m first"; continue
   fi
-  resume=(); [ -f "$work/pre_trained/${m}_last.pth" ] && resume=(--resume)
-  step "train $m" "$logs/train_$m.log" python train.py --model $m "${data[@]}" "${variant[@]}" --hub "$work" \
-    --outputs "$out" "${resume[@]}" || [ -f "$work/pre_trained/$m.pth" ] || continue
-  resume=(); [ -f "$work/fine_tuned/${m}_tuned_last.pth" ] && resume=(--resume)
-  step "finetune $m" "$logs/finetune_$m.log" python finetune.py --model $m "${variant[@]}" --hub "$work" \
-    --outputs "$out" "${resume[@]}" || [ -f "$work/fine_tuned/${m}_tuned.pth" ] || continue
+  # a stage is done when its JSON (written only at its end) and checkpoint are there
+  if ! [ -f "$out/train/$m.json" ] || ! [ -f "$work/pre_trained/$m.pth" ]; then
+    resume=(); [ -f "$work/pre_trained/${m}_last.pth" ] && resume=(--resume)
+    step "train $m" "$logs/train_$m.log" python train.py --model $m "${data[@]}" "${variant[@]}" --hub "$work" \
+      --outputs "$out" "${resume[@]}" || continue
+  fi
+  if ! [ -f "$out/finetune/$m.json" ] || ! [ -f "$work/fine_tuned/${m}_tuned.pth" ]; then
+    resume=(); [ -f "$work/fine_tuned/${m}_tuned_last.pth" ] && resume=(--resume)
+    step "finetune $m" "$logs/finetune_$m.log" python finetune.py --model $m "${variant[@]}" --hub "$work" \
+      --outputs "$out" "${resume[@]}" || continue
+  fi
   python - "$work/fine_tuned/${m}_tuned.pth" "$hub/fine_tuned/${m}_tuned.pth" <<'PY'
 import os, sys, torch
 state = torch.load(sys.argv[1], map_location="cpu", weights_only=True)
