@@ -1,0 +1,101 @@
+"""The README's Fashion-MNIST tables, printed from the JSON files and logs in this folder.
+
+    python results/fashion-mnist/table.py
+
+One table per recipe (the study's; --no-augment) with, per network that finished every
+stage: the search winner, pre-training epochs run (best by validation loss), train and
+test accuracy, weighted precision / recall / F1 on the test split and the wall time of each
+stage (each stage's own clock, in the JSONs); then the ensemble row of `evaluate.py --model all`; then, where seed-N/ folders hold
+more runs, test accuracy as mean +- std over the seeds. Standard library only: it reads, it
+never trains or evaluates.
+"""
+import json
+import statistics
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ORDER = ["lenet", "alexnet", "vggnet", "resnet", "spinalnet"]
+NAMES = {"lenet": "LeNet", "alexnet": "AlexNet", "vggnet": "VGGNet", "resnet": "ResNet", "spinalnet": "SpinalNet",
+         "ensemble": "ensemble"}
+
+
+def load(path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def minutes(*stages):
+    """Each stage's time in minutes from the JSONs' own clocks (sum of trials; last epoch's elapsed);
+    a string stands as it is."""
+    return " + ".join(seconds if isinstance(seconds, str) else "?" if seconds is None else f"{seconds / 60:.0f}"
+                      for seconds in stages)
+
+
+def search_seconds(search):
+    return sum(trial["seconds"] for trial in search["trials"]) if search.get("trials") else None
+
+
+def elapsed(history):
+    return history["history"][-1]["elapsed"] if history and history.get("history") else None
+
+
+def percent(value):
+    return f"{100 * value:.2f}"
+
+
+def winner(params):
+    return ", ".join(f"{params[key]:g}" for key in ("learning_rate", "batch_size", "momentum", "weight_decay"))
+
+
+def recipe_table(folder, search_folder):
+    comparison = load(folder / "outputs" / "eval" / "comparison.json")
+    if comparison is None:
+        return None
+    rows = ["| network | search winner: lr, batch, momentum, weight decay | pre-training epochs (best) "
+            "| train acc. | test acc. | test P / R / F1 (weighted) | minutes: search + pre-training + "
+            "fine-tuning |", "| --- | --- | ---: | ---: | ---: | --- | --- |"]
+    for name in [name for name in ORDER if name in comparison["models"]] + ["ensemble"]:
+        result = comparison["models"].get(name)
+        if result is None:
+            continue
+        test, train = result["test"], result["train"]
+        search = load(search_folder / "outputs" / "search" / f"{name}.json") or {}
+        history = load(folder / "outputs" / "train" / f"{name}.json") or {}
+        tuning = load(folder / "outputs" / "finetune" / f"{name}.json") or {}
+        epochs = f"{len(history['history'])} ({history['best_epoch']})" if history else ""
+        searched = search_seconds(search) if folder == search_folder else "0 (the study's winner)"
+        wall = minutes(searched, elapsed(history), elapsed(tuning)) if history else ""
+        rows.append(f"| {NAMES[name]} | {winner(search['best_params']) if search.get('best_params') else ''} "
+                    f"| {epochs} | {percent(train['accuracy'])} | {percent(test['accuracy'])} "
+                    f"| {percent(test['precision'])} / {percent(test['recall'])} / {percent(test['f1'])} | {wall} |")
+    return "\n".join(rows)
+
+
+def seed_lines(folder):
+    """Test accuracy mean +- std per network over seed 0 (folder) and every seed-N/ below it."""
+    runs = {}
+    for run in [folder] + sorted(folder.glob("seed-*")):
+        comparison = load(run / "outputs" / "eval" / "comparison.json") or {"models": {}}
+        for name, result in comparison["models"].items():
+            if name != "ensemble":
+                runs.setdefault(name, []).append(result["test"]["accuracy"])
+    lines = []
+    for name in [name for name in ORDER if len(runs.get(name, [])) > 1]:
+        values = [100 * value for value in runs[name]]
+        lines.append(f"- {NAMES[name]}: {statistics.mean(values):.2f} +- {statistics.stdev(values):.2f} % over "
+                     f"{len(values)} seeds ({', '.join(f'{value:.2f}' for value in values)})")
+    return lines
+
+
+def main():
+    for title, folder in [("the study's recipe", HERE), ("--no-augment", HERE / "no-augment")]:
+        table = recipe_table(folder, HERE)
+        if table is None:
+            continue
+        print(f"{title} (test split, percent)\n\n{table}\n")
+        lines = seed_lines(folder)
+        if lines:
+            print("\n".join(["seeds (pre-training + fine-tuning again, the same search winners):"] + lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
