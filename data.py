@@ -527,8 +527,8 @@ def iterate_batches(images, labels, batch_size, shuffle=False, generator=None, r
     count = len(labels)
     order = torch.randperm(count, generator=generator) if shuffle else torch.arange(count)
     if world_size > 1:
-        if shuffle:  # training: DDP needs the same number of steps on every rank (shard_length)
-            order = order[: count - count % world_size]
+        if shuffle:  # training: DDP needs the same number of steps on every rank
+            order = order[: shard_length(count, world_size) * world_size]
         order = order[rank::world_size]
     order = order.to(images.device)
     for start in range(0, len(order), batch_size):

@@ -18,8 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
-from data import (DATASETS, Parser, choose_precision, load_images, positive_float, positive_int,  # noqa: E402
-                  run_script, seed_value, write_json)
+from data import (DATASETS, Parser, add_flags, choose_precision, load_images, positive_float,  # noqa: E402
+                  positive_int, run_script, seed_value, write_json)
 from evaluate import predict_probabilities  # noqa: E402
 from models import MODELS, load_checkpoint  # noqa: E402
 
@@ -43,7 +43,7 @@ def parse_args(argv=None):
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="lenet", choices=sorted(MODELS), help="network (default: lenet)")
     parser.add_argument("--dataset", default="mnist", choices=sorted(DATASETS), help="dataset (default: mnist)")
-    parser.add_argument("--data-dir", default="tests/data", help="where the dataset's files are (default: tests/data)")
+    add_flags(parser, "data-dir", data_dir="tests/data")
     parser.add_argument("--epochs", type=positive_int, default=10, help="training epochs per run (default: 10)")
     parser.add_argument("--lr", type=positive_float, default=0.05, help="SGD learning rate (default: 0.05)")
     parser.add_argument("--seeds", type=seed_value, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")

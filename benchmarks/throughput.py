@@ -26,9 +26,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.original_pipeline import original_loader  # noqa: E402
-from data import (DATASETS, EVAL_BATCH, Parser, Precision, augment, choose_precision, get_device,  # noqa: E402
-                  iterate_batches, load_images, mean_std, normalize, positive_float, positive_int, run_script,
-                  write_json)
+from data import (DATASETS, EVAL_BATCH, Parser, Precision, add_flags, augment, choose_precision,  # noqa: E402
+                  get_device, iterate_batches, load_images, mean_std, normalize, positive_float, positive_int,
+                  run_script, write_json)
 from models import build_model  # noqa: E402
 
 FIVE = ["lenet", "alexnet", "vggnet", "resnet", "spinalnet"]
@@ -160,11 +160,10 @@ def parse_args(argv=None):
     parser.add_argument("--models", nargs="+", default=FIVE, choices=FIVE + ["ensnet"])
     parser.add_argument("--dataset", default="sklearn-digits", choices=sorted(DATASETS),
                         help="real images to feed (speed only; default: sklearn-digits)")
-    parser.add_argument("--data-dir", default="data", help="where the dataset's files are (default: data)")
+    add_flags(parser, "data-dir", "device")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="the study's batch size (default: 64)")
     parser.add_argument("--workers", type=positive_int, default=os.cpu_count(),
                         help="DataLoader workers of the study's pipeline (default: one per core)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     parser.add_argument("--warmup", type=positive_int, default=3, help="untimed batches first (default: 3)")
     parser.add_argument("--seconds", type=positive_float, default=6.0, help="time budget per measurement (default: 6)")
     parser.add_argument("--peak-seconds", type=positive_float, default=1.0,

@@ -22,8 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.original_pipeline import original_loader  # noqa: E402
 from benchmarks.throughput import FP32, sync, train_step  # noqa: E402
-from data import (DATASETS, PRECISIONS, Parser, choose_precision, fraction, get_device, load_images,  # noqa: E402
-                  mean_std, positive_float, positive_int, run_script, seed_value, set_seed, write_json)
+from data import (DATASETS, PRECISIONS, Parser, add_flags, choose_precision, fraction, get_device,  # noqa: E402
+                  load_images, mean_std, positive_float, positive_int, run_script, seed_value, set_seed, write_json)
 from models import MODELS, build_model  # noqa: E402
 from train import DEFAULTS, epoch_seed, evaluate_loss_acc, train_one_epoch  # noqa: E402
 
@@ -67,7 +67,7 @@ def parse_args(argv=None):
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="lenet", choices=sorted(MODELS), help="network (default: lenet)")
     parser.add_argument("--dataset", default="mnist", choices=sorted(DATASETS), help="dataset (default: mnist)")
-    parser.add_argument("--data-dir", default="data", help="where the dataset's files are (default: data)")
+    add_flags(parser, "data-dir", "device")
     parser.add_argument("--target", type=fraction, default=0.97, help="test accuracy to reach (default: 0.97)")
     parser.add_argument("--max-epochs", type=positive_int, default=20, help="give up after (default: 20)")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="batch size (default: 64)")
@@ -75,7 +75,6 @@ def parse_args(argv=None):
     parser.add_argument("--workers", type=int, default=2,
                         help="DataLoader workers of the study's pipeline (default: 2)")
     parser.add_argument("--seed", type=seed_value, default=0, help="seed (default: 0)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="arithmetic of our run (default: auto, as train.py; the study's runs fp32)")
     parser.add_argument("--out", default=str(Path(__file__).with_name("results") / "time_to_accuracy.json"),

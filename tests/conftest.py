@@ -66,3 +66,18 @@ def trained_spinalnet(tmp_path_factory):
     train.main(["--model", "spinalnet", "--dataset", "sklearn-digits", "--epochs", "2", "--lr", "0.05",
                 "--hub", str(workdir / "model_hub"), "--outputs", str(workdir / "outputs")])
     return workdir / "model_hub" / "pre_trained" / "spinalnet.pth"
+
+
+def signal_at_epoch(command, cwd, signum, epoch=2):
+    """Run a training command, send it `signum` once it prints epoch `epoch`: (returncode, stdout, stderr)."""
+    import os
+    import subprocess
+
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in process.stdout:
+        if line.startswith(f"epoch {epoch:3d}/"):
+            process.send_signal(signum)
+            break
+    output, errors = process.communicate(timeout=120)
+    return process.returncode, output, errors

@@ -9,7 +9,7 @@ import torch
 import finetune
 import search
 import train
-from conftest import ROOT
+from conftest import ROOT, signal_at_epoch
 from models import CheckpointError, build_model, load_checkpoint
 
 DIGITS = ["--model", "lenet", "--dataset", "sklearn-digits"]
@@ -172,14 +172,8 @@ def test_ctrl_c_keeps_the_last_epoch_and_resume_finishes(tmp_path):
     import signal
 
     command = [sys.executable, str(ROOT / "train.py"), *DIGITS, "--epochs", "200", *dirs(tmp_path)]
-    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    for line in process.stdout:
-        if line.startswith("epoch   2/"):
-            process.send_signal(signal.SIGINT)
-            break
-    output, errors = process.communicate(timeout=120)
-    assert process.returncode == 130, errors[-1000:]
+    returncode, output, errors = signal_at_epoch(command, tmp_path, signal.SIGINT)
+    assert returncode == 130, errors[-1000:]
     assert "continue with --resume" in output
     last = torch.load(tmp_path / "model_hub" / "pre_trained" / "lenet_last.pth", weights_only=True)
     assert 2 <= last["epoch"] < 200 and len(last["history"]) == last["epoch"]

@@ -20,7 +20,7 @@ import finetune
 import search
 import train
 import transfer_mnist
-from conftest import ROOT, sample_path, write_idx
+from conftest import ROOT, sample_path, signal_at_epoch, write_idx
 from data import DataError, atomic_path, load_images, output_lock, write_json
 from models import CheckpointError, load_checkpoint
 
@@ -409,15 +409,9 @@ def test_ctrl_c_during_a_search_trial_keeps_the_finished_trials(tmp_path):
 
 
 def test_kill_ends_a_run_like_ctrl_c_with_nothing_partial_left(tmp_path):
-    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *DIGITS, "--epochs", "200", *dirs(tmp_path)],
-                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    for line in process.stdout:
-        if line.startswith("epoch   2/"):
-            process.send_signal(signal.SIGTERM)
-            break
-    output, errors = process.communicate(timeout=120)
-    assert process.returncode == 130 and "Traceback" not in errors and "continue with --resume" in output
+    command = [sys.executable, str(ROOT / "train.py"), *DIGITS, "--epochs", "200", *dirs(tmp_path)]
+    returncode, output, errors = signal_at_epoch(command, tmp_path, signal.SIGTERM)
+    assert returncode == 130 and "Traceback" not in errors and "continue with --resume" in output
     assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob("*.lock")) and not list(tmp_path.rglob(".*"))
     assert torch.load(tmp_path / "model_hub" / "pre_trained" / "lenet_last.pth", weights_only=True)["epoch"] >= 2
 
