@@ -76,6 +76,24 @@ CLASSES = {name: dataset.classes for name, dataset in DATASETS.items()}
 
 # The study's augmentation: random affine with independent parameters per image.
 AUGMENT = {"degrees": 15.0, "translate": 0.1, "scale": (0.9, 1.1), "shear": 3.0}
+# --augment: the training scripts' recipes, each a set of affine_matrices ranges (None: no augmentation).
+# shift-flip suits pictures whose left-right mirror is the same class (garments, not characters):
+# a mirror on half the images and the study's shifts, without rotation, scaling or shear.
+AUGMENTS = {
+    "study": AUGMENT,
+    "shift-flip": {"degrees": 0.0, "translate": 0.1, "scale": (1.0, 1.0), "shear": 0.0, "flip": True},
+    "none": None,
+}
+
+
+def augment_recipe(value):
+    """A checkpoint's or flag's augment value as an AUGMENTS name (checkpoints before --augment NAME
+    stored True for the study's affine and False for none)."""
+    if value is True:
+        return "study"
+    if value is False:
+        return "none"
+    return value
 
 # Split fractions: pre-training validates on 10 % of the training split; the search
 # "mini" subset is 10 % of the training split, itself split 80/20.
@@ -556,11 +574,13 @@ def normalize(batch, mean, std):
     return standardize(batch.unsqueeze(1).float(), mean, std)
 
 
-def affine_matrices(count, generator=None, degrees=15.0, translate=0.1, scale=(0.9, 1.1), shear=3.0):
+def affine_matrices(count, generator=None, degrees=15.0, translate=0.1, scale=(0.9, 1.1), shear=3.0, flip=False):
     """Per-image inverse affine matrices [count, 2, 3] in affine_grid's normalised coordinates.
 
-    The forward map rotates, shears along x, scales and shifts; grid_sample needs where each
-    output pixel comes from, so the inverse is built directly (a 2x2 inverse in closed form).
+    The forward map (optionally mirrors left-right, with probability 1/2, first) rotates, shears
+    along x, scales and shifts; grid_sample needs where each output pixel comes from, so the
+    inverse is built directly (a 2x2 inverse in closed form). Without flip the draws are the
+    study's, number for number.
     """
     draws = torch.rand(5, count, generator=generator).mul_(2).sub_(1)  # uniform in [-1, 1]
     angle = draws[0] * math.radians(degrees)
@@ -572,7 +592,11 @@ def affine_matrices(count, generator=None, degrees=15.0, translate=0.1, scale=(0
     inv_zoom = 1.0 / zoom
     a, b = cos * inv_zoom, (sin - tan * cos) * inv_zoom
     c, d = -sin * inv_zoom, (cos + tan * sin) * inv_zoom
-    return torch.stack([a, b, -(a * shift_x + b * shift_y), c, d, -(c * shift_x + d * shift_y)], 1).view(count, 2, 3)
+    theta = torch.stack([a, b, -(a * shift_x + b * shift_y), c, d, -(c * shift_x + d * shift_y)], 1).view(count, 2, 3)
+    if flip:  # the inverse of (forward after a mirror) is the mirror after the inverse: negate the x row
+        mirrored = torch.rand(count, generator=generator) < 0.5
+        theta[mirrored, 0] *= -1
+    return theta
 
 
 _BASE_GRIDS = {}
@@ -592,7 +616,7 @@ def sampling_grid(theta, height, width):
     return torch.stack([grid_x, grid_y], dim=-1)
 
 
-def epoch_affines(sizes, generator, device, **recipe):
+def epoch_affines(sizes, generator, device, recipe=AUGMENT):
     """One epoch's affine matrices, a [size, 2, 3] view per batch, copied to the device at once.
 
     Drawn batch by batch on the CPU generator, in order, so they are exactly the numbers
@@ -600,7 +624,6 @@ def epoch_affines(sizes, generator, device, **recipe):
     but without a small host-to-device copy every step (on CUDA each one stalls the host).
     Batches of one image get no matrices: training skips them (BatchNorm).
     """
-    recipe = {**AUGMENT, **recipe}
     drawn = [affine_matrices(size, generator, **recipe) for size in sizes if size >= 2]
     if not drawn:
         return iter(())
@@ -608,7 +631,8 @@ def epoch_affines(sizes, generator, device, **recipe):
 
 
 def augment(batch, mean, std, generator=None, theta=None, **recipe):
-    """The study's random affine on a whole uint8 batch at once, returned normalised.
+    """A random affine (the study's, unless `recipe` changes its ranges) on a whole uint8 batch
+    at once, returned normalised.
 
     Parameters are drawn independently per image (on the CPU generator, so runs are
     reproducible on any device), or given as `theta` (from epoch_affines), and applied with

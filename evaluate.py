@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 
-from data import (CLASSES, EVAL_BATCH, DataError, Parser, UserError, add_flags, augment, check_writable,
-                  choose_precision, get_device, iterate_batches, load_images, normalize, output_lock, pyplot,
+from data import (AUGMENTS, CLASSES, EVAL_BATCH, DataError, Parser, UserError, add_flags, augment, augment_recipe,
+                  check_writable, choose_precision, get_device, iterate_batches, load_images, normalize, output_lock, pyplot,
                   read_json, run_script, save_figure, write_json, atomic_path)
 from models import MODELS, count_parameters, load_checkpoint
 
@@ -173,17 +173,17 @@ def plot_predictions(images, labels, probabilities, classes, path, seed=0):
     plot_grid(images[chosen].numpy(), captions, path, f"true>predicted, {wrong} mistakes in red", colors)
 
 
-def plot_augmentation(images, labels, classes, mean, std, path, seed=0):
-    """Training images as the network sees them after the study's random affine."""
+def plot_augmentation(images, labels, classes, mean, std, path, seed=0, recipe="study"):
+    """Training images as the network saw them in training, after its --augment recipe."""
     chosen = torch.from_numpy(np.random.default_rng(seed).choice(len(labels), size=min(50, len(labels)),
                                                                  replace=False))
     originals = images[chosen]
-    warped = augment(originals, mean, std, torch.Generator().manual_seed(seed))[:, 0] * std + mean
+    warped = augment(originals, mean, std, torch.Generator().manual_seed(seed), **AUGMENTS[recipe])[:, 0] * std + mean
     pairs, captions = [], []
     for original, moved, label in zip(originals, warped, labels[chosen]):
         pairs += [original.numpy(), (moved.clamp(0, 1) * 255).numpy()]
         captions += [f"{classes[label]}", f"{classes[label]} aug."]
-    plot_grid(pairs, captions, path, "training images: original, then augmented")
+    plot_grid(pairs, captions, path, f"training images: original, then augmented (--augment {recipe})")
 
 
 # ----------------------------------------------------------------------------- your own images
@@ -344,9 +344,10 @@ def measure(state, model, path, args, device):
                        f"{name} on the {dataset} {split} split ({len(labels):,} images)")
         if split == "test":
             plot_predictions(images, labels, probabilities, classes, folder / f"{name}_predictions.png", args.seed)
-        if split == args.split or split == "train":
+        recipe = augment_recipe(state.get("args", {}).get("augment", "study"))
+        if (split == args.split or split == "train") and AUGMENTS.get(recipe):  # none: nothing to show
             plot_augmentation(images, labels, classes, state["mean"], state["std"], folder / f"{name}_augment.png",
-                              args.seed)
+                              args.seed, recipe)
     print(f"\n{name} ({path}, {dataset}{', one batch per split: dry run' if args.dry_run else ''})")
     print(metrics_table([(split, result[split]) for split in outputs]))
     for split in outputs:

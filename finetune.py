@@ -35,7 +35,7 @@ DEFAULTS = {  # the one place fine-tuning's defaults live (dataset and batch siz
     "epochs": 5,
     "patience": 5,  # only used with --val-fraction
     "clip": 1.0,
-    "augment": True,
+    "augment": "study",
     "val_fraction": 0.0,  # none: train on 100 % of the training split, keep the last epoch
 }
 

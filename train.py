@@ -27,9 +27,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data import (CLASSES, EVAL_BATCH, VAL_FRACTION, Parser, Precision, UserError, add_flags, augment, batch_sizes,
-                  check_writable, choose_precision, epoch_affines, get_device, iterate_batches, load_images,
-                  mean_std, mini_split, normalize, output_lock, positive_float, positive_int, pyplot, read_json,
+from data import (AUGMENTS, CLASSES, EVAL_BATCH, VAL_FRACTION, Parser, Precision, UserError, add_flags, augment,
+                  augment_recipe, batch_sizes, check_writable, choose_precision, epoch_affines, get_device,
+                  iterate_batches, load_images, mean_std, mini_split, normalize, output_lock, positive_float, positive_int, pyplot, read_json,
                   run_script, save_figure, set_seed, shard_length, stratified_split, stratified_subset,
                   non_negative_float, write_json)
 from models import MODELS, build_model, load_checkpoint, save_checkpoint, unwrap
@@ -47,7 +47,7 @@ DEFAULTS = {
     "epochs": 20,
     "patience": 10,  # epochs without a better validation loss before stopping
     "clip": 1.0,  # the study's gradient clipping (0: off)
-    "augment": True,  # the study's random affine
+    "augment": "study",  # the study's random affine (data.AUGMENTS holds the recipes)
 }
 SEARCHED = ("learning_rate", "batch_size", "momentum", "weight_decay")  # what search.py chooses
 RUN_KEYS = ("dataset", "subset", "seed", "learning_rate", "batch_size", "momentum", "weight_decay", "clip",
@@ -82,8 +82,12 @@ def add_training_flags(parser, defaults, learning_rate_help, searched=False):
                         help=f"early-stopping patience in epochs (default: {defaults['patience']})")
     parser.add_argument("--clip", type=non_negative_float, default=None,
                         help=f"gradient-norm clipping, 0 turns it off (default: {defaults['clip']})")
-    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
-                        help="the study's random affine (default: on)")
+    parser.add_argument("--augment", choices=list(AUGMENTS), default=None,
+                        help="training augmentation: study (the study's random affine: rotation, shift, scale, "
+                             "shear), shift-flip (shifts and left-right mirrors: for garments, not characters) "
+                             f"or none (default: {defaults['augment']})")
+    parser.add_argument("--no-augment", dest="augment", action="store_const", const="none",
+                        help="the same as --augment none")
     parser.add_argument("--resume", action="store_true", help="continue the run from its _last.pth checkpoint")
     parser.add_argument("--dry-run", action="store_true", help="one training and one validation batch; "
                                                                "writes nothing")
@@ -164,9 +168,10 @@ def resumed_run(args, best_path, log):
     saved = state.get("args", {})
     for key in RUN_KEYS:
         given = getattr(args, key, None)
+        if key == "augment" and key in saved:
+            saved = {**saved, key: augment_recipe(saved[key])}
         if given is not None and key in saved and given != saved[key]:
-            flag = "--augment/--no-augment" if key == "augment" else "--" + key.replace("_", "-").replace(
-                "learning-rate", "lr")
+            flag = "--" + key.replace("_", "-").replace("learning-rate", "lr")
             raise TrainingError(f"{flag} {given} contradicts the run in {last_path} ({saved[key]}): leave the "
                                 f"flag out to resume that run, or start a new run without --resume")
     done = state.get("epoch", 0)
@@ -268,15 +273,15 @@ def train_one_epoch(model, optimizer, data, args, generator, *, rank=0, world_si
     batches = iterate_batches(images, labels, args.batch_size, shuffle=True, generator=generator,
                               rank=rank, world_size=world_size)
     sizes = batch_sizes(shard_length(len(labels), world_size), args.batch_size)
-    affines = None
+    affines, recipe = None, AUGMENTS[augment_recipe(args.augment)]
     for step, (batch, target) in enumerate(progress_bar(batches, len(sizes), progress)):
         if max_batches is not None and step >= max_batches:
             break
         if len(target) < 2:  # BatchNorm cannot train on a single image (a last batch of one)
             continue
-        if args.augment and affines is None:  # drawn after the shuffle, as one draw per step would be
-            affines = epoch_affines(sizes, generator, device)
-        inputs = augment(batch, data["mean"], data["std"], theta=next(affines)) if args.augment else \
+        if recipe and affines is None:  # drawn after the shuffle, as one draw per step would be
+            affines = epoch_affines(sizes, generator, device, recipe)
+        inputs = augment(batch, data["mean"], data["std"], theta=next(affines)) if recipe else \
             normalize(batch, data["mean"], data["std"])
         if args.precision.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)

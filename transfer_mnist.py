@@ -39,7 +39,7 @@ DEFAULTS = {  # the one place transfer's defaults live
     "epochs": 5,  # as the study
     "patience": 5,  # unused: transfer keeps the last epoch (no validation set)
     "clip": 1.0,
-    "augment": True,
+    "augment": "study",
 }
 
 

@@ -233,6 +233,25 @@ def test_augment_with_zero_ranges_is_normalisation_alone():
     assert torch.allclose(out, data.normalize(batch, 0.2, 0.3), atol=1e-3)
 
 
+def test_shift_flip_mirrors_about_half_the_images_and_nothing_else():
+    batch = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (200, 28, 28), dtype=np.uint8))
+    recipe = {**data.AUGMENTS["shift-flip"], "translate": 0}  # the mirror alone
+    out = augment(batch, 0.0, 1.0 / 255, torch.Generator().manual_seed(0), **recipe)[:, 0]
+    same = (out - batch.float()).abs().amax(dim=(1, 2)) < 1e-3
+    mirrored = (out - batch.float().flip(-1)).abs().amax(dim=(1, 2)) < 1e-3
+    assert torch.all(same ^ mirrored)  # every image is exactly itself or its mirror
+    assert 70 < int(mirrored.sum()) < 130
+
+
+def test_the_study_recipe_draws_no_mirrors_and_the_same_numbers_as_before():
+    theta = data.affine_matrices(500, torch.Generator().manual_seed(3), **data.AUGMENTS["study"])
+    flipped = data.affine_matrices(500, torch.Generator().manual_seed(3), **{**data.AUGMENTS["study"], "flip": True})
+    assert torch.all(theta[:, 0, 0] > 0)  # a mirror would make the x scale negative
+    negated = flipped[:, 0, 0] < 0
+    assert torch.equal(flipped[~negated], theta[~negated]) and torch.equal(flipped[negated, 0], -theta[negated, 0])
+    assert data.AUGMENTS["none"] is None and data.augment_recipe(True) == "study" and data.augment_recipe(False) == "none"
+
+
 def test_augment_translation_moves_the_ink_by_at_most_ten_percent():
     batch = stroke_batch(64)
     out = augment(batch, 0.0, 1.0 / 255, torch.Generator().manual_seed(0), degrees=0, scale=(1, 1), shear=0)

@@ -217,3 +217,19 @@ def test_one_copy_of_the_epochs_affines_trains_exactly_as_one_draw_per_step():
         assert torch.equal(value, reference.state_dict()[name]), name
     untrained, _ = fresh()
     assert any(not torch.equal(value, untrained.state_dict()[name]) for name, value in model.state_dict().items())
+
+
+def test_each_augment_recipe_trains_differently_and_is_recorded(tmp_path, capsys):
+    weights = {}
+    for recipe in ["study", "shift-flip", "none"]:
+        train.main(DIGITS + ["--epochs", "1", "--batch-size", "64", "--augment", recipe] + dirs(tmp_path / recipe))
+        state = torch.load(tmp_path / recipe / "model_hub" / "pre_trained" / "lenet.pth", weights_only=True)
+        assert state["args"]["augment"] == recipe
+        weights[recipe] = state["state_dict"]["fc.weight"]
+    assert not torch.equal(weights["study"], weights["shift-flip"])
+    assert not torch.equal(weights["shift-flip"], weights["none"])
+    assert "augment        shift-flip       flag" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(DIGITS + ["--augment", "flips", "--dry-run"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "invalid choice: 'flips'" in error and len(error.splitlines()) == 1

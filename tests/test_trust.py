@@ -131,6 +131,9 @@ def test_resume_restores_the_run_and_refuses_contradicting_flags(tmp_path, capsy
                           (["--lr", "0.1"], "--lr 0.1 contradicts"),
                           (["--batch-size", "64"], "--batch-size 64 contradicts"),
                           (["--seed", "3"], "--seed 3 contradicts"),
+                          (["--no-augment"], "--augment none contradicts"),
+                          (["--augment", "shift-flip"], "--augment shift-flip contradicts"),
+                          (["--augment", "study", "--epochs", "2"], "already trained 2 epochs"),
                           (["--epochs", "2"], "already trained 2 epochs"),
                           ([], "already trained 2 epochs")]:
         message = exit_message(train.main, ["--model", "lenet", "--resume"] + flags + dirs(tmp_path))
@@ -141,6 +144,7 @@ def test_resume_restores_the_run_and_refuses_contradicting_flags(tmp_path, capsy
     out = capsys.readouterr().out
     assert f"batch_size     32               resumed run {last}" in out
     assert f"dataset        sklearn-digits   resumed run {last}" in out
+    assert f"augment        study            resumed run {last}" in out
     state = torch.load(last, weights_only=True)
     assert state["epoch"] == 3 and state["args"]["batch_size"] == 32 and state["args"]["learning_rate"] == 0.05
     assert state["optimizer"]["param_groups"][0]["lr"] == 0.05
@@ -517,3 +521,18 @@ def test_a_decompression_bomb_among_pictures_is_one_line_and_the_others_answered
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "too many pixels to decode safely" in result.stderr
     assert result.stdout.count(": ") == 2
+
+
+def test_resume_reads_checkpoints_that_stored_augment_as_true_or_false(tmp_path, capsys):
+    """Checkpoints written before --augment took a recipe name hold True (the study's) or False."""
+    train.main(DIGITS + ["--epochs", "1", "--batch-size", "32"] + dirs(tmp_path))
+    last = tmp_path / "model_hub" / "pre_trained" / "lenet_last.pth"
+    state = torch.load(last, weights_only=True)
+    state["args"]["augment"] = False
+    torch.save(state, last)
+    assert "--augment study contradicts" in exit_message(
+        train.main, ["--model", "lenet", "--resume", "--augment", "study", "--epochs", "2"] + dirs(tmp_path))
+    capsys.readouterr()
+    train.main(["--model", "lenet", "--resume", "--no-augment", "--epochs", "2"] + dirs(tmp_path))
+    assert f"augment        none             flag" in capsys.readouterr().out
+    assert torch.load(last, weights_only=True)["args"]["augment"] == "none"

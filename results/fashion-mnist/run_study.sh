@@ -4,20 +4,31 @@
 # the fine-tuned weights published without optimizer state -> evaluate.py --model all.
 # Resumable: run it again after any interruption; each stage continues where it stopped.
 #   bash results/fashion-mnist/run_study.sh [networks...]                (from the repository root)
-#   bash results/fashion-mnist/run_study.sh [--no-augment] [--seed N] [networks...]
-# --no-augment is the option measured against the recipe: the same networks, the same search
-# winners (the study's complete search JSON, copied), epochs and fine-tuning, with one change:
-# no random affine in pre-training or fine-tuning. It writes to results/fashion-mnist/no-augment/.
+#   bash results/fashion-mnist/run_study.sh [--no-augment | --augment shift-flip] [--seed N] [networks...]
+# --no-augment and --augment shift-flip are the options measured against the recipe: the same
+# networks, the same search winners (the study's complete search JSON, copied), epochs and
+# fine-tuning, with one change: no augmentation, or shifts and left-right mirrors instead of the
+# study's random affine (train.py --augment). They write to results/fashion-mnist/no-augment/ and
+# results/fashion-mnist/shift-flip/.
 # --seed N (N > 0) repeats pre-training and fine-tuning with seed N (splits, initialisation,
 # shuffling, augmentation, dropout) on the study's search winners, into .../seed-N/.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-study=results/fashion-mnist here=results/fashion-mnist variant=()
-if [ "${1:-}" = --no-augment ]; then here=$here/no-augment variant=(--no-augment); shift; fi
-if [ "${1:-}" = --seed ]; then
-  [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || { echo "--seed needs a whole number above 0 (seed 0 is the study's run)"; exit 2; }
-  here=$here/seed-$2 variant+=(--seed "$2"); shift 2
-fi
+study=results/fashion-mnist recipe= seed= variant=()
+while [ $# -gt 0 ]; do
+  case $1 in
+    --no-augment) recipe=no-augment variant+=(--no-augment); shift ;;
+    --augment)
+      [ "${2:-}" = shift-flip ] || { echo "--augment takes shift-flip here (the study's is the default; --no-augment for none)"; exit 2; }
+      recipe=$2 variant+=(--augment "$2"); shift 2 ;;
+    --seed)
+      [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || { echo "--seed needs a whole number above 0 (seed 0 is the study's run)"; exit 2; }
+      seed=$2 variant+=(--seed "$2"); shift 2 ;;
+    -*) echo "unknown option $1: use --no-augment, --augment shift-flip, --seed N, then network names"; exit 2 ;;
+    *) break ;;
+  esac
+done
+here=$study${recipe:+/$recipe}${seed:+/seed-$seed}
 out=$here/outputs work=$here/work hub=$here/model_hub logs=$here/logs
 mkdir -p "$logs" "$hub/fine_tuned" "$out/search"
 data=(--dataset fashion-mnist --no-download)
