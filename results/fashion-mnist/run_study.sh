@@ -32,7 +32,8 @@ here=$study${recipe:+/$recipe}${seed:+/seed-$seed}
 out=$here/outputs work=$here/work hub=$here/model_hub logs=$here/logs
 mkdir -p "$logs" "$hub/fine_tuned" "$out/search"
 data=(--dataset fashion-mnist --no-download)
-stamp() { echo "$1 rc=$2 seconds=$3 $(date -u +%FT%TZ) $(uname -m) $(nproc) cores" >> "$logs/times.log"; }
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
+stamp() { echo "$1 rc=$2 seconds=$3 $(date -u +%FT%TZ) $(uname -m) $(nproc) cores${gpu:+ $gpu}" >> "$logs/times.log"; }
 step() {  # name, log, command...
   local name=$1 log=$2; shift 2
   local start=$(date +%s); "$@" >> "$log" 2>&1; local rc=$?
@@ -40,13 +41,16 @@ step() {  # name, log, command...
 }
 for m in ${@:-lenet spinalnet alexnet resnet vggnet}; do
   if [ ${#variant[@]} -eq 0 ]; then
-    step "search $m" "$logs/search_$m.log" python search.py --model $m "${data[@]}" --outputs "$out" || continue
+    if ! grep -q '"complete": true' "$out/search/$m.json" 2>/dev/null; then
+      step "search $m" "$logs/search_$m.log" python search.py --model $m "${data[@]}" --outputs "$out" || continue
+    fi
   elif grep -q '"complete": true' "$study/outputs/search/$m.json" 2>/dev/null; then
     cp "$study/outputs/search/$m.json" "$out/search/$m.json"
   else
     echo "$m: the study's search is not complete: run bash $0 $m first"; continue
   fi
-  # a stage is done when its JSON (written only at its end) and checkpoint are there
+  # a stage is done when its JSON (the search's: "complete": true; the others' are written only
+  # at their end) and checkpoint are there
   if ! [ -f "$out/train/$m.json" ] || ! [ -f "$work/pre_trained/$m.pth" ]; then
     resume=(); [ -f "$work/pre_trained/${m}_last.pth" ] && resume=(--resume)
     step "train $m" "$logs/train_$m.log" python train.py --model $m "${data[@]}" "${variant[@]}" --hub "$work" \

@@ -2,7 +2,7 @@
 
     python results/fashion-mnist/table.py
 
-One table per recipe (the study's; --no-augment) with, per network that finished every
+One table per recipe (the study's; --no-augment; --augment shift-flip) with, per network that finished every
 stage: the search winner, pre-training epochs run (best by validation loss), train and
 test accuracy, weighted precision / recall / F1 on the test split and the wall time of each
 stage (each stage's own clock, in the JSONs); then the ensemble row of `evaluate.py --model all`; then, where seed-N/ folders hold
@@ -70,24 +70,40 @@ def recipe_table(folder, search_folder):
     return "\n".join(rows)
 
 
+def hardware(run, name):
+    """Where a run's pre-training ran, from the last 'train NAME rc=0' line of its logs/times.log."""
+    lines = [line for line in (run / "logs" / "times.log").read_text().splitlines()
+             if line.startswith(f"train {name} rc=0 ")] if (run / "logs" / "times.log").is_file() else []
+    if not lines:
+        return "?"
+    gpu = lines[-1].split(" cores", 1)[1].strip()
+    return gpu.replace("NVIDIA ", "") if gpu else "CPU"
+
+
 def seed_lines(folder):
-    """Test accuracy mean +- std per network over seed 0 (folder) and every seed-N/ below it."""
+    """Test accuracy mean +- std per network over seed 0 (folder) and every seed-N/ below it, each
+    from its network's evaluation JSON, with where it was trained and evaluated."""
     runs = {}
     for run in [folder] + sorted(folder.glob("seed-*")):
-        comparison = load(run / "outputs" / "eval" / "comparison.json") or {"models": {}}
-        for name, result in comparison["models"].items():
-            if name != "ensemble":
-                runs.setdefault(name, []).append(result["test"]["accuracy"])
+        seed = run.name.removeprefix("seed-") if run != folder else "0"
+        for name in ORDER:
+            result = load(run / "outputs" / "eval" / f"{name}.json")
+            if result is not None:
+                runs.setdefault(name, []).append((seed, 100 * result["test"]["accuracy"], hardware(run, name),
+                                                  result.get("precision", "?")))
     lines = []
     for name in [name for name in ORDER if len(runs.get(name, [])) > 1]:
-        values = [100 * value for value in runs[name]]
+        values = [value for _, value, _, _ in runs[name]]
+        each = "; ".join(f"seed {seed}: {value:.2f} ({where}, {precision})" for seed, value, where, precision in
+                         runs[name])
         lines.append(f"- {NAMES[name]}: {statistics.mean(values):.2f} +- {statistics.stdev(values):.2f} % over "
-                     f"{len(values)} seeds ({', '.join(f'{value:.2f}' for value in values)})")
+                     f"{len(values)} seeds ({each})")
     return lines
 
 
 def main():
-    for title, folder in [("the study's recipe", HERE), ("--no-augment", HERE / "no-augment")]:
+    for title, folder in [("the study's recipe", HERE), ("--no-augment", HERE / "no-augment"),
+                          ("--augment shift-flip", HERE / "shift-flip")]:
         table = recipe_table(folder, HERE)
         if table is None:
             continue
