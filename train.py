@@ -424,11 +424,18 @@ def plot_history(history, path, title):
 
 # ----------------------------------------------------------------------------- wiring
 
-def prepare_model(model, device, args, world_size):
-    """Move to the device, then the memory format, DDP and compile wrappers."""
+def prepare_model(model, device, args, world_size, optimizer=None):
+    """Move to the device, then the memory format, DDP and compile wrappers.
+
+    A resumed run's optimizer state was loaded while the model was still on the CPU: loading it
+    again after the move makes torch cast each state tensor to its parameter's device (without
+    it, the first step on a GPU fails with tensors on two devices).
+    """
     model = model.to(device)
     if args.precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if optimizer is not None:
+        optimizer.load_state_dict(optimizer.state_dict())
     if world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -455,7 +462,7 @@ def run_stage(args, model, optimizer, data, *, json_path, title, best_path, meta
     """
     json_path, last_path = Path(json_path), last_checkpoint_path(best_path)
     log(f"precision: {args.precision.name} ({args.precision.reason})")
-    model = prepare_model(model, device, args, world_size)
+    model = prepare_model(model, device, args, world_size, optimizer)
     if args.dry_run:
         history = fit(model, optimizer, data, args, history=history, rank=rank, world_size=world_size, log=log)
         log("dry run finished: one training and one validation batch ran, nothing was written")

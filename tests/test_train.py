@@ -233,3 +233,29 @@ def test_each_augment_recipe_trains_differently_and_is_recorded(tmp_path, capsys
         train.main(DIGITS + ["--augment", "flips", "--dry-run"])
     error = capsys.readouterr().err
     assert exit_info.value.code == 2 and "invalid choice: 'flips'" in error and len(error.splitlines()) == 1
+
+
+@pytest.mark.parametrize("make_optimizer", [lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
+                                            lambda params: torch.optim.Adam(params, lr=1e-3)])
+def test_a_resumed_optimizer_state_follows_the_model_to_its_device(make_optimizer):
+    """Resuming loads the optimizer state on the CPU before prepare_model moves the model; on a
+    GPU the first step then failed with tensors on two devices. With no GPU here, a change of
+    dtype made after the state was loaded stands in for the move: prepare_model must cast the
+    state to whatever its parameters became."""
+    from types import SimpleNamespace
+
+    from data import Precision
+
+    model = build_model("lenet", 10)
+    optimizer = make_optimizer(model.parameters())
+    model(torch.rand(4, 1, 28, 28)).sum().backward()
+    optimizer.step()
+    resumed_model = build_model("lenet", 10)
+    resumed = make_optimizer(resumed_model.parameters())
+    resumed.load_state_dict(optimizer.state_dict())
+    resumed_model.double()  # the parameters change after the state was loaded, as a move to a GPU does
+    args = SimpleNamespace(precision=Precision(False, False, "test"), compile=False)
+    moved = train.prepare_model(resumed_model, torch.device("cpu"), args, 1, resumed)
+    states = [resumed.state[param] for param in moved.parameters()]
+    buffers = [value for state in states for key, value in state.items() if key != "step"]
+    assert len(buffers) >= len(states) == 14 and all(buffer.dtype == torch.float64 for buffer in buffers)
