@@ -16,7 +16,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ORDER = ["lenet", "alexnet", "vggnet", "resnet", "spinalnet"]
 NAMES = {"lenet": "LeNet", "alexnet": "AlexNet", "vggnet": "VGGNet", "resnet": "ResNet", "spinalnet": "SpinalNet",
-         "ensemble": "ensemble"}
+         "ensnet": "EnsNet", "ensemble": "ensemble"}
 
 
 def load(path):
@@ -52,7 +52,7 @@ def recipe_table(folder, search_folder):
         return None
     rows = ["| network | search winner: lr, batch, momentum, weight decay | pre-training epochs (best) "
             "| train acc. | test acc. | test P / R / F1 (weighted) | minutes: search + pre-training + "
-            "fine-tuning |", "| --- | --- | ---: | ---: | ---: | --- | --- |"]
+            "fine-tuning | trained on |", "| --- | --- | ---: | ---: | ---: | --- | --- | --- |"]
     for name in [name for name in ORDER if name in comparison["models"]] + ["ensemble"]:
         result = comparison["models"].get(name)
         if result is None:
@@ -66,16 +66,57 @@ def recipe_table(folder, search_folder):
         wall = minutes(searched, elapsed(history), elapsed(tuning)) if history else ""
         rows.append(f"| {NAMES[name]} | {winner(search['best_params']) if search.get('best_params') else ''} "
                     f"| {epochs} | {percent(train['accuracy'])} | {percent(test['accuracy'])} "
-                    f"| {percent(test['precision'])} / {percent(test['recall'])} / {percent(test['f1'])} | {wall} |")
+                    f"| {percent(test['precision'])} / {percent(test['recall'])} / {percent(test['f1'])} | {wall} "
+                    f"| {hardware(folder, name) if name != 'ensemble' else ''} |")
     return "\n".join(rows)
+
+
+def pretraining_table():
+    """Best validation accuracy of pre-training (the epoch early stopping keeps) per recipe and seed:
+    every run that finished pre-training, fine-tuned or not (same 10 % validation split per seed)."""
+    columns = [("study, seed 0", HERE), ("seed 1", HERE / "seed-1"), ("seed 2", HERE / "seed-2"),
+               ("--no-augment", HERE / "no-augment"), ("--augment shift-flip", HERE / "shift-flip")]
+    rows = ["| network | " + " | ".join(title for title, _ in columns[:3]) + " | study, mean +- std | "
+            + " | ".join(title for title, _ in columns[3:]) + " |", "| --- |" + " ---: |" * (len(columns) + 1)]
+    for name in ORDER:
+        cells, study = [], []
+        for title, folder in columns:
+            history = load(folder / "outputs" / "train" / f"{name}.json")
+            if history is None:
+                cells.append("")
+                continue
+            cells.append(f"{percent(history['best_val_acc'])} ({history['best_epoch']}/{len(history['history'])}, "
+                         f"{hardware(folder, name)})")
+            if folder in (HERE, HERE / "seed-1", HERE / "seed-2"):
+                study.append(100 * history["best_val_acc"])
+        spread = f"{statistics.mean(study):.2f} +- {statistics.stdev(study):.2f}" if len(study) > 1 else ""
+        rows.append(f"| {NAMES[name]} | " + " | ".join(cells[:3] + [spread] + cells[3:]) + " |")
+    return "\n".join(rows)
+
+
+def pretrained_test_lines():
+    """Test accuracy of checkpoints evaluated without (or before) fine-tuning: outputs/pre-trained/
+    and EnsNet's folder."""
+    lines = []
+    for path in sorted(HERE.glob("**/outputs/pre-trained/eval/*.json")) + sorted(HERE.glob("ensnet/outputs/eval/*.json")):
+        result = load(path)
+        if result is None or "test" not in result:
+            continue
+        folder = path.parents[3].name if "pre-trained" in path.parts else "study"
+        recipe = {"no-augment": "--no-augment", "shift-flip": "--augment shift-flip"}.get(folder, "the study's recipe")
+        lines.append(f"- {NAMES.get(result['model'], result['model'])}, {recipe}: {percent(result['test']['accuracy'])} "
+                     f"% test (F1 {percent(result['test']['f1'])}), the pre-trained checkpoint of epoch "
+                     f"{result.get('epochs', '?')}, evaluated with {result.get('precision', '?')}")
+    return lines
 
 
 def hardware(run, name):
     """Where a run's pre-training ran, from the last 'train NAME rc=0' line of its logs/times.log."""
     lines = [line for line in (run / "logs" / "times.log").read_text().splitlines()
              if line.startswith(f"train {name} rc=0 ")] if (run / "logs" / "times.log").is_file() else []
-    if not lines:
-        return "?"
+    if not lines:  # runs from before times.log named the GPU ran on the CPU, in fp32
+        history = load(run / "outputs" / "train" / f"{name}.json") or {}
+        return "CPU" if history.get("args", {}).get("precision") == "fp32" else "?"
     gpu = lines[-1].split(" cores", 1)[1].strip()
     return gpu.replace("NVIDIA ", "") if gpu else "CPU"
 
@@ -110,7 +151,13 @@ def main():
         print(f"{title} (test split, percent)\n\n{table}\n")
         lines = seed_lines(folder)
         if lines:
-            print("\n".join(["seeds (pre-training + fine-tuning again, the same search winners):"] + lines) + "\n")
+            print("\n".join(["test accuracy over seeds (pre-training + fine-tuning again, the same search "
+                              "winners):"] + lines) + "\n")
+    print("pre-training: best validation accuracy, percent (best epoch / epochs run, trained on)\n")
+    print(pretraining_table() + "\n")
+    lines = pretrained_test_lines()
+    if lines:
+        print("\n".join(["checkpoints evaluated before (or without) fine-tuning:"] + lines))
 
 
 if __name__ == "__main__":
