@@ -32,6 +32,7 @@ preflight() {
     python evaluate.py --ckpt $tuned "${flags[@]}"; } >> "$OUT/preflight.log" 2>&1
 }
 # MPS lets the small kernels of many processes share the GPU at once; without it they take turns
+echo quit | timeout 5 nvidia-cuda-mps-control > /dev/null 2>&1; sleep 1  # a daemon left by an earlier call on a warm machine
 if nvidia-cuda-mps-control -d 2>/dev/null && timeout 60 bash -c "$(declare -f preflight); here=$here OUT=$OUT preflight"; then
   mps=on; log "MPS on; pre-flight passed"
 else
