@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 
-from data import (AUGMENTS, CLASSES, EVAL_BATCH, DataError, Parser, UserError, add_flags, augment, augment_recipe,
-                  check_writable, choose_precision, get_device, iterate_batches, load_images, normalize, output_lock, pyplot,
-                  read_json, run_script, save_figure, write_json, atomic_path)
+from data import (AUGMENTS, CLASSES, EVAL_BATCH, DataError, Parser, UserError, add_flags, atomic_path, augment,
+                  augment_recipe, check_writable, choose_precision, get_device, iterate_batches, load_images,
+                  normalize, output_lock, pyplot, read_json, run_script, save_figure, write_json)
 from models import MODELS, count_parameters, load_checkpoint
 
 CASE_ALIKE = "cijklmopsuvwxyz"  # letters whose upper and lower case look alike in handwriting

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 
 from data import (AUGMENTS, CLASSES, EVAL_BATCH, VAL_FRACTION, Parser, Precision, UserError, add_flags, augment,
                   augment_recipe, batch_sizes, check_writable, choose_precision, epoch_affines, get_device,
-                  iterate_batches, load_images, mean_std, mini_split, normalize, output_lock, positive_float, positive_int, pyplot, read_json,
-                  run_script, save_figure, set_seed, shard_length, stratified_split, stratified_subset,
-                  non_negative_float, write_json)
+                  iterate_batches, load_images, mean_std, mini_split, normalize, output_lock, positive_float,
+                  positive_int, pyplot, read_json, run_script, save_figure, set_seed, shard_length, stratified_split,
+                  stratified_subset, non_negative_float, write_json)
 from models import MODELS, build_model, load_checkpoint, save_checkpoint, unwrap
 
 # The one place pre-training's defaults live; used when neither a flag, the resumed run nor

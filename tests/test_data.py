@@ -249,7 +249,8 @@ def test_the_study_recipe_draws_no_mirrors_and_the_same_numbers_as_before():
     assert torch.all(theta[:, 0, 0] > 0)  # a mirror would make the x scale negative
     negated = flipped[:, 0, 0] < 0
     assert torch.equal(flipped[~negated], theta[~negated]) and torch.equal(flipped[negated, 0], -theta[negated, 0])
-    assert data.AUGMENTS["none"] is None and data.augment_recipe(True) == "study" and data.augment_recipe(False) == "none"
+    assert data.AUGMENTS["none"] is None
+    assert data.augment_recipe(True) == "study" and data.augment_recipe(False) == "none"
 
 
 def test_augment_translation_moves_the_ink_by_at_most_ten_percent():

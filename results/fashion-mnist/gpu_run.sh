@@ -36,7 +36,7 @@ echo quit | timeout 5 nvidia-cuda-mps-control > /dev/null 2>&1; sleep 1  # a dae
 if nvidia-cuda-mps-control -d 2>/dev/null && timeout 60 bash -c "$(declare -f preflight); here=$here OUT=$OUT preflight"; then
   mps=on; log "MPS on; pre-flight passed"
 else
-  echo quit | nvidia-cuda-mps-control 2>/dev/null; mps=off; log "MPS off"
+  echo quit | timeout 5 nvidia-cuda-mps-control 2>/dev/null; mps=off; log "MPS off"
   preflight || { log "pre-flight failed: see preflight.log"; exit 1; }
   log "pre-flight passed"
 fi

@@ -2,12 +2,17 @@
 
     python results/fashion-mnist/table.py
 
-One table per recipe (the study's; --no-augment; --augment shift-flip) with, per network that finished every
-stage: the search winner, pre-training epochs run (best by validation loss), train and
-test accuracy, weighted precision / recall / F1 on the test split and the wall time of each
-stage (each stage's own clock, in the JSONs); then the ensemble row of `evaluate.py --model all`; then, where seed-N/ folders hold
-more runs, test accuracy as mean +- std over the seeds. Standard library only: it reads, it
-never trains or evaluates.
+- One table per recipe (the study's; --no-augment; --augment shift-flip). Per network that
+  finished every stage: the search winner, pre-training epochs run (best by validation loss),
+  train and test accuracy, weighted precision / recall / F1 on the test split, the wall time
+  of each stage (each stage's own clock, in the JSONs) and where it trained. Then the
+  ensemble row of `evaluate.py --model all`, and, where seed-N/ folders hold more runs, test
+  accuracy as mean +- std over the seeds.
+- Pre-training's best validation accuracy for every run that finished pre-training, by
+  recipe and seed.
+- The test accuracy of checkpoints evaluated before (or without) fine-tuning.
+
+Standard library only: it reads, it never trains or evaluates.
 """
 import json
 import statistics
@@ -98,14 +103,16 @@ def pretrained_test_lines():
     """Test accuracy of checkpoints evaluated without (or before) fine-tuning: outputs/pre-trained/
     and EnsNet's folder."""
     lines = []
-    for path in sorted(HERE.glob("**/outputs/pre-trained/eval/*.json")) + sorted(HERE.glob("ensnet/outputs/eval/*.json")):
+    paths = sorted(HERE.glob("**/outputs/pre-trained/eval/*.json")) + sorted(HERE.glob("ensnet/outputs/eval/*.json"))
+    for path in paths:
         result = load(path)
         if result is None or "test" not in result:
             continue
         folder = path.parents[3].name if "pre-trained" in path.parts else "study"
         recipe = {"no-augment": "--no-augment", "shift-flip": "--augment shift-flip"}.get(folder, "the study's recipe")
-        lines.append(f"- {NAMES.get(result['model'], result['model'])}, {recipe}: {percent(result['test']['accuracy'])} "
-                     f"% test (F1 {percent(result['test']['f1'])}), the pre-trained checkpoint of epoch "
+        lines.append(f"- {NAMES.get(result['model'], result['model'])}, {recipe}: "
+                     f"{percent(result['test']['accuracy'])} % test (F1 {percent(result['test']['f1'])}), "
+                     f"the pre-trained checkpoint of epoch "
                      f"{result.get('epochs', '?')}, evaluated with {result.get('precision', '?')}")
     return lines
 
