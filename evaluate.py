@@ -330,6 +330,7 @@ def measure(state, model, path, args, device):
     result = {"model": name, "checkpoint": str(path), "dataset": dataset, "epochs": state.get("epoch"),
               "parameters": count_parameters(model), "seconds_per_epoch": seconds_per_epoch(args.outputs, name),
               "precision": args.precision.name}
+    recipe = augment_recipe(state.get("args", {}).get("augment", "study"))  # what its training saw
     outputs = {}
     for split in ["train", "test"] if args.split == "both" else [args.split]:
         images, labels = split_images(dataset, split, args)
@@ -344,7 +345,6 @@ def measure(state, model, path, args, device):
                        f"{name} on the {dataset} {split} split ({len(labels):,} images)")
         if split == "test":
             plot_predictions(images, labels, probabilities, classes, folder / f"{name}_predictions.png", args.seed)
-        recipe = augment_recipe(state.get("args", {}).get("augment", "study"))
         if (split == args.split or split == "train") and AUGMENTS.get(recipe):  # none: nothing to show
             plot_augmentation(images, labels, classes, state["mean"], state["std"], folder / f"{name}_augment.png",
                               args.seed, recipe)

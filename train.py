@@ -166,10 +166,10 @@ def resumed_run(args, best_path, log):
     state, model = load_checkpoint(last_path, args.model,
                                    hint=f"python {Path(sys.argv[0]).name} --model {args.model} (without --resume)")
     saved = state.get("args", {})
+    if "augment" in saved:  # a recipe name, also from checkpoints that stored True/False
+        saved = {**saved, "augment": augment_recipe(saved["augment"])}
     for key in RUN_KEYS:
         given = getattr(args, key, None)
-        if key == "augment" and key in saved:
-            saved = {**saved, key: augment_recipe(saved[key])}
         if given is not None and key in saved and given != saved[key]:
             flag = "--" + key.replace("_", "-").replace("learning-rate", "lr")
             raise TrainingError(f"{flag} {given} contradicts the run in {last_path} ({saved[key]}): leave the "
