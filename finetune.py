@@ -36,6 +36,7 @@ DEFAULTS = {  # the one place fine-tuning's defaults live (dataset and batch siz
     "patience": 5,  # only used with --val-fraction
     "clip": 1.0,
     "augment": "study",
+    "schedule": "constant",
     "val_fraction": 0.0,  # none: train on 100 % of the training split, keep the last epoch
 }
 

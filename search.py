@@ -89,7 +89,7 @@ def run_trial(name, params, data, args, device):
     """Train one configuration from scratch; its score is the best epoch's validation loss."""
     set_seed(args.seed)
     trial = argparse.Namespace(**{**vars(args), **params, "patience": args.epochs, "clip": TRAIN_DEFAULTS["clip"],
-                                  "augment": TRAIN_DEFAULTS["augment"]})
+                                  "augment": TRAIN_DEFAULTS["augment"], "schedule": TRAIN_DEFAULTS["schedule"]})
     model = build_model(name, len(CLASSES[args.dataset])).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=params["learning_rate"], momentum=params["momentum"],
                                 weight_decay=params["weight_decay"])

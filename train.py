@@ -48,12 +48,16 @@ DEFAULTS = {
     "patience": 10,  # epochs without a better validation loss before stopping
     "clip": 1.0,  # the study's gradient clipping (0: off)
     "augment": "study",  # the study's random affine (data.AUGMENTS holds the recipes)
+    "schedule": "constant",  # the study's: one learning rate throughout (SCHEDULES below)
 }
 SEARCHED = ("learning_rate", "batch_size", "momentum", "weight_decay")  # what search.py chooses
 RUN_KEYS = ("dataset", "subset", "seed", "learning_rate", "batch_size", "momentum", "weight_decay", "clip",
-            "augment", "val_fraction")  # what defines a run: --resume refuses flags that contradict them
+            "augment", "schedule", "val_fraction")  # what defines a run: --resume refuses flags that contradict them
 NAN_CHECK_EVERY = 100  # batches between checks for a diverged loss (each check syncs the GPU)
 DIVERGED = 10.0  # a mean training loss above DIVERGED x ln(classes) (chance is 1 x) means divergence
+# --schedule: the learning rate over a run. constant: --lr throughout (the study's); cosine: from --lr
+# down to 0 along half a cosine over all --epochs, set before every step.
+SCHEDULES = ("constant", "cosine")
 
 
 class TrainingError(UserError):
@@ -88,6 +92,9 @@ def add_training_flags(parser, defaults, learning_rate_help, searched=False):
                              f"or none (default: {defaults['augment']})")
     parser.add_argument("--no-augment", dest="augment", action="store_const", const="none",
                         help="the same as --augment none")
+    parser.add_argument("--schedule", choices=SCHEDULES, default=None,
+                        help="learning rate over the run: constant (--lr throughout) or cosine (from --lr down to 0 "
+                             f"over all --epochs, step by step) (default: {defaults['schedule']})")
     parser.add_argument("--resume", action="store_true", help="continue the run from its _last.pth checkpoint")
     parser.add_argument("--dry-run", action="store_true", help="one training and one validation batch; "
                                                                "writes nothing")
@@ -174,13 +181,17 @@ def resumed_run(args, best_path, log):
             flag = "--" + key.replace("_", "-").replace("learning-rate", "lr")
             raise TrainingError(f"{flag} {given} contradicts the run in {last_path} ({saved[key]}): leave the "
                                 f"flag out to resume that run, or start a new run without --resume")
+    if saved.get("schedule") == "cosine" and args.epochs is not None and args.epochs != saved.get("epochs"):
+        raise TrainingError(f"--epochs {args.epochs} contradicts the run in {last_path}: its cosine schedule was "
+                            f"planned over {saved.get('epochs')} epochs; leave --epochs out to resume it, or start "
+                            f"a new run without --resume")
     done = state.get("epoch", 0)
     wanted = args.epochs if args.epochs is not None else saved.get("epochs")
     if wanted is not None and wanted <= done:
         raise TrainingError(f"the run in {last_path} has already trained {done} epochs, --epochs is {wanted}: "
                             f"pass --epochs above {done} to train more; nothing was written")
     log(f"resuming {last_path} after epoch {done}")
-    return state, model, [(f"resumed run {last_path}", {key: saved[key] for key in RUN_KEYS + ("patience",)
+    return state, model, [(f"resumed run {last_path}", {key: saved[key] for key in RUN_KEYS + ("epochs", "patience")
                                                         if key in saved})]
 
 
@@ -257,7 +268,15 @@ def progress_bar(batches, total, enabled):
     return tqdm(batches, total=total, leave=False, unit="batch")
 
 
-def train_one_epoch(model, optimizer, data, args, generator, *, rank=0, world_size=1, max_batches=None,
+def scheduled_lr(args, epoch, step, steps):
+    """The learning rate of step `step` (of `steps`) in epoch `epoch` (from 1) under args.schedule."""
+    if args.schedule == "constant":
+        return args.learning_rate
+    progress = (epoch - 1 + step / steps) / args.epochs
+    return args.learning_rate * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_one_epoch(model, optimizer, data, args, generator, *, epoch=1, rank=0, world_size=1, max_batches=None,
                     progress=False):
     """One pass over this rank's shard: {"loss", "acc", "images"} summed over all ranks.
 
@@ -288,6 +307,9 @@ def train_one_epoch(model, optimizer, data, args, generator, *, rank=0, world_si
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision.bf16):
             logits = model(inputs)
         loss = F.cross_entropy(logits.float(), target)
+        if args.schedule != "constant":  # constant: the optimizer keeps the --lr it was built with
+            for group in optimizer.param_groups:
+                group["lr"] = scheduled_lr(args, epoch, step, len(sizes))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if args.clip:
@@ -364,7 +386,7 @@ def fit(model, optimizer, data, args, *, history=(), best_path=None, meta=None, 
         generator.manual_seed(epoch_seed(args.seed, epoch))
         torch.manual_seed(epoch_seed(args.seed, epoch))
         epoch_start = time.time()
-        train = train_one_epoch(model, optimizer, data, args, generator,
+        train = train_one_epoch(model, optimizer, data, args, generator, epoch=epoch,
                                 progress=rank == 0 and sys.stdout.isatty() and not args.dry_run, **limit)
         train_seconds = time.time() - epoch_start
         if not math.isfinite(train["loss"]):
@@ -375,7 +397,8 @@ def fit(model, optimizer, data, args, *, history=(), best_path=None, meta=None, 
         row = {"epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"],
                "val_loss": val["loss"] if val else None, "val_acc": val["acc"] if val else None,
                "seconds": time.time() - epoch_start, "images": int(train["images"]),
-               "images_per_sec": train["images"] / max(train_seconds, 1e-9), "elapsed": time.time() - started}
+               "images_per_sec": train["images"] / max(train_seconds, 1e-9), "elapsed": time.time() - started,
+               "lr": optimizer.param_groups[0]["lr"]}
         history.append(row)
         best = best_row(history)
         if rank == 0 and best_path:  # saved before the epoch's line is printed

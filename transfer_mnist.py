@@ -40,6 +40,7 @@ DEFAULTS = {  # the one place transfer's defaults live
     "patience": 5,  # unused: transfer keeps the last epoch (no validation set)
     "clip": 1.0,
     "augment": "study",
+    "schedule": "constant",
 }
 
 

@@ -40,7 +40,8 @@ def race(pipeline, data, test_set, device, args):
     images, labels = data["train"]
     loader = original_loader(images.cpu(), labels.cpu(), data["mean"], data["std"], args.batch_size, args.workers,
                              args.seed) if pipeline == "study" else None
-    settings = SimpleNamespace(batch_size=args.batch_size, augment=True, clip=DEFAULTS["clip"], precision=precision)
+    settings = SimpleNamespace(batch_size=args.batch_size, augment=True, schedule="constant", clip=DEFAULTS["clip"],
+                               precision=precision)
     seconds, accuracies = 0.0, []
     for epoch in range(1, args.max_epochs + 1):
         model.train()

@@ -174,7 +174,7 @@ def test_a_training_epoch_never_copies_the_training_set():
     model = build_model("lenet", 62)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     with LargestTensors() as recorder:
-        args = argparse.Namespace(batch_size=batch_size, augment=True, clip=1.0,
+        args = argparse.Namespace(batch_size=batch_size, augment=True, schedule="constant", clip=1.0,
                                   precision=Precision(False, False, "test"))
         result = train.train_one_epoch(model, optimizer, {"train": (images, labels), "mean": 0.17, "std": 0.33},
                                        args, torch.Generator().manual_seed(0))

@@ -194,7 +194,7 @@ def test_one_copy_of_the_epochs_affines_trains_exactly_as_one_draw_per_step():
     images = torch.randint(0, 256, (70, 28, 28), dtype=torch.uint8)  # 70 = 4 batches of 16 and one of 6
     labels = torch.arange(70) % 10
     data = {"train": (images, labels), "mean": 0.3, "std": 0.3}
-    args = SimpleNamespace(batch_size=16, augment=True, clip=1.0,
+    args = SimpleNamespace(batch_size=16, augment=True, schedule="constant", clip=1.0,
                            precision=choose_precision("fp32", torch.device("cpu")))
 
     def fresh():

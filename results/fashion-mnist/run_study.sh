@@ -4,31 +4,38 @@
 # the fine-tuned weights published without optimizer state -> evaluate.py --model all.
 # Resumable: run it again after any interruption; each stage continues where it stopped.
 #   bash results/fashion-mnist/run_study.sh [networks...]                (from the repository root)
-#   bash results/fashion-mnist/run_study.sh [--no-augment | --augment shift-flip] [--seed N] [networks...]
+#   bash results/fashion-mnist/run_study.sh [--no-augment | --augment shift-flip] [--schedule cosine] [--seed N] [networks...]
 # --no-augment and --augment shift-flip are the options measured against the recipe: the same
 # networks, the same search winners (the study's complete search JSON, copied), epochs and
 # fine-tuning, with one change: no augmentation, or shifts and left-right mirrors instead of the
 # study's random affine (train.py --augment). They write to results/fashion-mnist/no-augment/ and
 # results/fashion-mnist/shift-flip/.
+# --schedule cosine anneals the learning rate of pre-training and fine-tuning from the searched (and
+# the fine-tuning) --lr down to 0 over their epochs (train.py --schedule); alone or with an
+# augmentation option, into .../cosine/ or .../shift-flip-cosine/ (no-augment-cosine/).
 # --seed N (N > 0) repeats pre-training and fine-tuning with seed N (splits, initialisation,
 # shuffling, augmentation, dropout) on the study's search winners, into .../seed-N/.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-study=results/fashion-mnist recipe= seed= variant=()
+study=results/fashion-mnist recipe= schedule= seed= variant=()
 while [ $# -gt 0 ]; do
   case $1 in
     --no-augment) recipe=no-augment variant+=(--no-augment); shift ;;
     --augment)
       [ "${2:-}" = shift-flip ] || { echo "--augment takes shift-flip here (the study's is the default; --no-augment for none)"; exit 2; }
       recipe=$2 variant+=(--augment "$2"); shift 2 ;;
+    --schedule)
+      [ "${2:-}" = cosine ] || { echo "--schedule takes cosine here (the study's constant rate is the default)"; exit 2; }
+      schedule=$2 variant+=(--schedule "$2"); shift 2 ;;
     --seed)
       [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || { echo "--seed needs a whole number above 0 (seed 0 is the study's run)"; exit 2; }
       seed=$2 variant+=(--seed "$2"); shift 2 ;;
-    -*) echo "unknown option $1: use --no-augment, --augment shift-flip, --seed N, then network names"; exit 2 ;;
+    -*) echo "unknown option $1: use --no-augment, --augment shift-flip, --schedule cosine, --seed N, then network names"; exit 2 ;;
     *) break ;;
   esac
 done
-here=$study${recipe:+/$recipe}${seed:+/seed-$seed}
+name=$recipe${schedule:+${recipe:+-}$schedule}
+here=$study${name:+/$name}${seed:+/seed-$seed}
 out=$here/outputs work=$here/work hub=$here/model_hub logs=$here/logs
 mkdir -p "$logs" "$hub/fine_tuned" "$out/search"
 data=(--dataset fashion-mnist --no-download)
