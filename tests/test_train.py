@@ -259,3 +259,59 @@ def test_a_resumed_optimizer_state_follows_the_model_to_its_device(make_optimize
     states = [resumed.state[param] for param in moved.parameters()]
     buffers = [value for state in states for key, value in state.items() if key != "step"]
     assert len(buffers) >= len(states) == 14 and all(buffer.dtype == torch.float64 for buffer in buffers)
+
+
+def test_the_cosine_schedule_anneals_from_lr_to_zero_step_by_step():
+    from types import SimpleNamespace
+
+    cosine = SimpleNamespace(schedule="cosine", learning_rate=0.1, epochs=4)
+    rates = [train.scheduled_lr(cosine, epoch, step, 10) for epoch in range(1, 5) for step in range(10)]
+    assert rates[0] == pytest.approx(0.1) and rates[20] == pytest.approx(0.05)  # the start and halfway
+    assert all(earlier > later for earlier, later in zip(rates, rates[1:]))
+    assert 0 < rates[-1] < 1e-3
+    constant = SimpleNamespace(schedule="constant", learning_rate=0.1, epochs=4)
+    assert {train.scheduled_lr(constant, epoch, step, 10) for epoch in range(1, 5) for step in range(10)} == {0.1}
+
+
+def test_a_cosine_run_interrupted_and_resumed_repeats_an_uninterrupted_one(tmp_path, capsys):
+    import signal
+
+    cosine = DIGITS + ["--lr", "0.05", "--schedule", "cosine"]
+    train.main(cosine + ["--epochs", "6"] + dirs(tmp_path / "straight"))
+    straight = json.loads((tmp_path / "straight" / "outputs" / "train" / "lenet.json").read_text())["history"]
+    rates = [row["lr"] for row in straight]
+    assert all(earlier > later for earlier, later in zip(rates, rates[1:])) and rates[-1] < 0.05 / 100
+    train.main(DIGITS + ["--lr", "0.05", "--epochs", "6"] + dirs(tmp_path / "constant"))
+    constant = json.loads((tmp_path / "constant" / "outputs" / "train" / "lenet.json").read_text())["history"]
+    assert {row["lr"] for row in constant} == {0.05} and constant[-1]["train_loss"] != straight[-1]["train_loss"]
+
+    stopped = tmp_path / "stopped"
+    command = [sys.executable, str(ROOT / "train.py"), *cosine, "--epochs", "6", *dirs(stopped)]
+    returncode, _, errors = signal_at_epoch(command, tmp_path, signal.SIGINT)
+    assert returncode == 130, errors[-1000:]
+    last = stopped / "model_hub" / "pre_trained" / "lenet_last.pth"
+    assert 2 <= torch.load(last, weights_only=True)["epoch"] < 6
+    for flags, wanted in [(["--schedule", "constant"], "--schedule constant contradicts"),
+                          (["--epochs", "8"], "its cosine schedule was planned over 6 epochs")]:
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(["--model", "lenet", "--resume"] + flags + dirs(stopped))
+        assert wanted in str(exit_info.value.code) and "\n" not in str(exit_info.value.code)
+    capsys.readouterr()
+    train.main(["--model", "lenet", "--resume"] + dirs(stopped))  # its own 6 epochs, its own schedule
+    out = capsys.readouterr().out
+    assert f"epochs         6                resumed run {last}" in out
+    assert f"schedule       cosine           resumed run {last}" in out
+    resumed = json.loads((stopped / "outputs" / "train" / "lenet.json").read_text())["history"]
+    assert [row["epoch"] for row in resumed] == list(range(1, 7))
+    for a, b in zip(straight, resumed):
+        assert a["lr"] == pytest.approx(b["lr"]) and a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+
+
+def test_fine_tuning_follows_its_own_schedule(trained_lenet, tmp_path):
+    _, checkpoint = trained_lenet
+    finetune.main(["--ckpt", str(checkpoint), "--epochs", "3", "--schedule", "cosine"] + dirs(tmp_path))
+    history = json.loads((tmp_path / "outputs" / "finetune" / "lenet.json").read_text())["history"]
+    rates = [row["lr"] for row in history]
+    assert rates[0] < finetune.DEFAULTS["learning_rate"] and all(a > b for a, b in zip(rates, rates[1:]))
+    state = torch.load(tmp_path / "model_hub" / "fine_tuned" / "lenet_tuned.pth", weights_only=True)
+    assert state["args"]["schedule"] == "cosine"

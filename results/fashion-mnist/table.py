@@ -2,7 +2,8 @@
 
     python results/fashion-mnist/table.py
 
-- One table per recipe (the study's; --no-augment; --augment shift-flip). Per network that
+- One table per recipe (the study's; --no-augment; --augment shift-flip; --augment shift-flip
+  --schedule cosine). Per network that
   finished every stage: the search winner, pre-training epochs run (best by validation loss),
   train and test accuracy, weighted precision / recall / F1 on the test split, the wall time
   of each stage (each stage's own clock, in the JSONs) and where it trained. Then the
@@ -20,6 +21,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ORDER = ["lenet", "alexnet", "vggnet", "resnet", "spinalnet"]
+RECIPES = {"no-augment": "--no-augment", "shift-flip": "--augment shift-flip",  # folder: its options
+           "shift-flip-cosine": "--augment shift-flip --schedule cosine"}
 NAMES = {"lenet": "LeNet", "alexnet": "AlexNet", "vggnet": "VGGNet", "resnet": "ResNet", "spinalnet": "SpinalNet",
          "ensnet": "EnsNet", "ensemble": "ensemble"}
 
@@ -80,7 +83,8 @@ def pretraining_table():
     """Best validation accuracy of pre-training (the epoch early stopping keeps) per recipe and seed:
     every run that finished pre-training, fine-tuned or not (same 10 % validation split per seed)."""
     columns = [("study, seed 0", HERE), ("seed 1", HERE / "seed-1"), ("seed 2", HERE / "seed-2"),
-               ("--no-augment", HERE / "no-augment"), ("--augment shift-flip", HERE / "shift-flip")]
+               ("--no-augment", HERE / "no-augment"), ("--augment shift-flip", HERE / "shift-flip"),
+               ("shift-flip + cosine", HERE / "shift-flip-cosine")]
     rows = ["| network | " + " | ".join(title for title, _ in columns[:3]) + " | study, mean +- std | "
             + " | ".join(title for title, _ in columns[3:]) + " |", "| --- |" + " ---: |" * (len(columns) + 1)]
     for name in ORDER:
@@ -109,7 +113,7 @@ def pretrained_test_lines():
         if result is None or "test" not in result:
             continue
         folder = path.parents[3].name if "pre-trained" in path.parts else "study"
-        recipe = {"no-augment": "--no-augment", "shift-flip": "--augment shift-flip"}.get(folder, "the study's recipe")
+        recipe = RECIPES.get(folder, "the study's recipe")
         lines.append(f"- {NAMES.get(result['model'], result['model'])}, {recipe}: "
                      f"{percent(result['test']['accuracy'])} % test (F1 {percent(result['test']['f1'])}), "
                      f"the pre-trained checkpoint of epoch "
@@ -150,8 +154,7 @@ def seed_lines(folder):
 
 
 def main():
-    for title, folder in [("the study's recipe", HERE), ("--no-augment", HERE / "no-augment"),
-                          ("--augment shift-flip", HERE / "shift-flip")]:
+    for title, folder in [("the study's recipe", HERE)] + [(recipe, HERE / name) for name, recipe in RECIPES.items()]:
         table = recipe_table(folder, HERE)
         if table is None:
             continue
