@@ -4,7 +4,8 @@
 # the fine-tuned weights published without optimizer state -> evaluate.py --model all.
 # Resumable: run it again after any interruption; each stage continues where it stopped.
 #   bash results/fashion-mnist/run_study.sh [networks...]                (from the repository root)
-#   bash results/fashion-mnist/run_study.sh [--no-augment | --augment shift-flip] [--schedule cosine] [--seed N] [networks...]
+#   bash results/fashion-mnist/run_study.sh [--no-augment | --augment shift-flip] [--schedule cosine] [--seed N]
+#        [--epochs N] [--finetune-epochs N] [networks...]
 # --no-augment and --augment shift-flip are the options measured against the recipe: the same
 # networks, the same search winners (the study's complete search JSON, copied), epochs and
 # fine-tuning, with one change: no augmentation, or shifts and left-right mirrors instead of the
@@ -15,9 +16,12 @@
 # augmentation option, into .../cosine/ or .../shift-flip-cosine/ (no-augment-cosine/).
 # --seed N (N > 0) repeats pre-training and fine-tuning with seed N (splits, initialisation,
 # shuffling, augmentation, dropout) on the study's search winners, into .../seed-N/.
+# --epochs N and --finetune-epochs N shorten (or lengthen) pre-training and fine-tuning (train.py
+# and finetune.py --epochs; the study's 20 and 5 otherwise): for a network whose full run does not
+# fit the machine. The JSONs and the tables say how many epochs ran.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-study=results/fashion-mnist recipe= schedule= seed= variant=()
+study=results/fashion-mnist recipe= schedule= seed= variant=() pretrain=() tune=()
 while [ $# -gt 0 ]; do
   case $1 in
     --no-augment) recipe=no-augment variant+=(--no-augment); shift ;;
@@ -27,10 +31,14 @@ while [ $# -gt 0 ]; do
     --schedule)
       [ "${2:-}" = cosine ] || { echo "--schedule takes cosine here (the study's constant rate is the default)"; exit 2; }
       schedule=$2 variant+=(--schedule "$2"); shift 2 ;;
+    --epochs | --finetune-epochs)
+      [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || { echo "$1 needs a whole number above 0"; exit 2; }
+      if [ "$1" = --epochs ]; then pretrain=(--epochs "$2"); else tune=(--epochs "$2"); fi; shift 2 ;;
     --seed)
       [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || { echo "--seed needs a whole number above 0 (seed 0 is the study's run)"; exit 2; }
       seed=$2 variant+=(--seed "$2"); shift 2 ;;
-    -*) echo "unknown option $1: use --no-augment, --augment shift-flip, --schedule cosine, --seed N, then network names"; exit 2 ;;
+    -*) echo "unknown option $1: use --no-augment, --augment shift-flip, --schedule cosine, --seed N, --epochs N," \
+          "--finetune-epochs N, then network names"; exit 2 ;;
     *) break ;;
   esac
 done
@@ -60,13 +68,13 @@ for m in ${@:-lenet spinalnet alexnet resnet vggnet}; do
   # at their end) and checkpoint are there
   if ! [ -f "$out/train/$m.json" ] || ! [ -f "$work/pre_trained/$m.pth" ]; then
     resume=(); [ -f "$work/pre_trained/${m}_last.pth" ] && resume=(--resume)
-    step "train $m" "$logs/train_$m.log" python train.py --model $m "${data[@]}" "${variant[@]}" --hub "$work" \
-      --outputs "$out" "${resume[@]}" || continue
+    step "train $m" "$logs/train_$m.log" python train.py --model $m "${data[@]}" "${variant[@]}" "${pretrain[@]}" \
+      --hub "$work" --outputs "$out" "${resume[@]}" || continue
   fi
   if ! [ -f "$out/finetune/$m.json" ] || ! [ -f "$work/fine_tuned/${m}_tuned.pth" ]; then
     resume=(); [ -f "$work/fine_tuned/${m}_tuned_last.pth" ] && resume=(--resume)
-    step "finetune $m" "$logs/finetune_$m.log" python finetune.py --model $m "${variant[@]}" --hub "$work" \
-      --outputs "$out" "${resume[@]}" || continue
+    step "finetune $m" "$logs/finetune_$m.log" python finetune.py --model $m "${variant[@]}" "${tune[@]}" \
+      --hub "$work" --outputs "$out" "${resume[@]}" || continue
   fi
   python - "$work/fine_tuned/${m}_tuned.pth" "$hub/fine_tuned/${m}_tuned.pth" <<'PY'
 import os, sys, torch
