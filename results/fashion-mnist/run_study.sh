@@ -16,9 +16,9 @@
 # augmentation option, into .../cosine/ or .../shift-flip-cosine/ (no-augment-cosine/).
 # --seed N (N > 0) repeats pre-training and fine-tuning with seed N (splits, initialisation,
 # shuffling, augmentation, dropout) on the study's search winners, into .../seed-N/.
-# --epochs N and --finetune-epochs N shorten (or lengthen) pre-training and fine-tuning (train.py
-# and finetune.py --epochs; the study's 20 and 5 otherwise): for a network whose full run does not
-# fit the machine. The JSONs and the tables say how many epochs ran.
+# --epochs N and --finetune-epochs N lengthen (or shorten) pre-training and fine-tuning (train.py
+# and finetune.py --epochs; the study's 20 and 5 otherwise), into a folder named for them:
+# .../shift-flip-cosine-40-epochs/, .../cosine-finetune-3-epochs/.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 study=results/fashion-mnist recipe= schedule= seed= variant=() pretrain=() tune=()
@@ -43,6 +43,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 name=$recipe${schedule:+${recipe:+-}$schedule}
+[ ${#pretrain[@]} -gt 0 ] && name=${name:+$name-}${pretrain[1]}-epochs
+[ ${#tune[@]} -gt 0 ] && name=${name:+$name-}finetune-${tune[1]}-epochs
 here=$study${name:+/$name}${seed:+/seed-$seed}
 out=$here/outputs work=$here/work hub=$here/model_hub logs=$here/logs
 mkdir -p "$logs" "$hub/fine_tuned" "$out/search"
@@ -55,7 +57,7 @@ step() {  # name, log, command...
   stamp "$name" $rc $(( $(date +%s) - start )); return $rc
 }
 for m in ${@:-lenet spinalnet alexnet resnet vggnet}; do
-  if [ ${#variant[@]} -eq 0 ]; then
+  if [ "$here" = "$study" ]; then  # the study's own run searches; every option reuses its winners
     if ! grep -q '"complete": true' "$out/search/$m.json" 2>/dev/null; then
       step "search $m" "$logs/search_$m.log" python search.py --model $m "${data[@]}" --outputs "$out" || continue
     fi
