@@ -2,8 +2,7 @@
 
     python results/fashion-mnist/table.py
 
-- One table per recipe (the study's; --no-augment; --augment shift-flip; --augment shift-flip
-  --schedule cosine). Per network that
+- One table per recipe (the study's, then each option folder in RECIPES). Per network that
   finished every stage: the search winner, pre-training epochs run (best by validation loss),
   train and test accuracy, weighted precision / recall / F1 on the test split, the wall time
   of each stage (each stage's own clock, in the JSONs) and where it trained. Then the
@@ -22,7 +21,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ORDER = ["lenet", "alexnet", "vggnet", "resnet", "spinalnet"]
 RECIPES = {"no-augment": "--no-augment", "shift-flip": "--augment shift-flip",  # folder: its options
-           "shift-flip-cosine": "--augment shift-flip --schedule cosine"}
+           "shift-flip-cosine": "--augment shift-flip --schedule cosine",
+           "shift-flip-cosine-40-epochs": "--augment shift-flip --schedule cosine --epochs 40"}
 NAMES = {"lenet": "LeNet", "alexnet": "AlexNet", "vggnet": "VGGNet", "resnet": "ResNet", "spinalnet": "SpinalNet",
          "ensnet": "EnsNet", "ensemble": "ensemble"}
 
@@ -83,8 +83,7 @@ def pretraining_table():
     """Best validation accuracy of pre-training (the epoch early stopping keeps) per recipe and seed:
     every run that finished pre-training, fine-tuned or not (same 10 % validation split per seed)."""
     columns = [("study, seed 0", HERE), ("seed 1", HERE / "seed-1"), ("seed 2", HERE / "seed-2"),
-               ("--no-augment", HERE / "no-augment"), ("--augment shift-flip", HERE / "shift-flip"),
-               ("shift-flip + cosine", HERE / "shift-flip-cosine")]
+               ] + [(f"{name}/", HERE / name) for name in RECIPES]  # options by folder: the headings say each
     rows = ["| network | " + " | ".join(title for title, _ in columns[:3]) + " | study, mean +- std | "
             + " | ".join(title for title, _ in columns[3:]) + " |", "| --- |" + " ---: |" * (len(columns) + 1)]
     for name in ORDER:
