@@ -308,8 +308,9 @@ def train_one_epoch(model, optimizer, data, args, generator, *, epoch=1, rank=0,
             logits = model(inputs)
         loss = F.cross_entropy(logits.float(), target)
         if args.schedule != "constant":  # constant: the optimizer keeps the --lr it was built with
+            rate = scheduled_lr(args, epoch, step, len(sizes))
             for group in optimizer.param_groups:
-                group["lr"] = scheduled_lr(args, epoch, step, len(sizes))
+                group["lr"] = rate
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if args.clip:

@@ -82,8 +82,8 @@ def recipe_table(folder, search_folder):
 def pretraining_table():
     """Best validation accuracy of pre-training (the epoch early stopping keeps) per recipe and seed:
     every run that finished pre-training, fine-tuned or not (same 10 % validation split per seed)."""
-    columns = [("study, seed 0", HERE), ("seed 1", HERE / "seed-1"), ("seed 2", HERE / "seed-2"),
-               ] + [(f"{name}/", HERE / name) for name in RECIPES]  # options by folder: the headings say each
+    seeds = [("study, seed 0", HERE), ("seed 1", HERE / "seed-1"), ("seed 2", HERE / "seed-2")]
+    columns = seeds + [(f"{name}/", HERE / name) for name in RECIPES]  # options by folder: the headings say each
     rows = ["| network | " + " | ".join(title for title, _ in columns[:3]) + " | study, mean +- std | "
             + " | ".join(title for title, _ in columns[3:]) + " |", "| --- |" + " ---: |" * (len(columns) + 1)]
     for name in ORDER:
@@ -95,7 +95,7 @@ def pretraining_table():
                 continue
             cells.append(f"{percent(history['best_val_acc'])} ({history['best_epoch']}/{len(history['history'])}, "
                          f"{hardware(folder, name)})")
-            if folder in (HERE, HERE / "seed-1", HERE / "seed-2"):
+            if (title, folder) in seeds:
                 study.append(100 * history["best_val_acc"])
         spread = f"{statistics.mean(study):.2f} +- {statistics.stdev(study):.2f}" if len(study) > 1 else ""
         rows.append(f"| {NAMES[name]} | " + " | ".join(cells[:3] + [spread] + cells[3:]) + " |")
