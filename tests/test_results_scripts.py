@@ -16,6 +16,8 @@ STUDY = ROOT / "results" / "fashion-mnist"
     (["--augment", "rotate"], "--augment takes shift-flip"),
     (["--epochs", "0"], "--epochs needs a whole number above 0"),
     (["--finetune-epochs", "two"], "--finetune-epochs needs a whole number above 0"),
+    (["--finetune-lr", "0"], "--finetune-lr needs a number above 0"),
+    (["--finetune-lr", "1e-4x"], "--finetune-lr needs a number above 0"),
     (["--seed", "0"], "--seed needs a whole number above 0"),
     (["--fast"], "unknown option --fast"),
 ])
@@ -38,3 +40,50 @@ def test_table_prints_every_committed_comparison():
         for name, result in json.loads(path.read_text())["models"].items():
             accuracy = f"| {100 * result['test']['accuracy']:.2f} |"
             assert accuracy in printed, (path, name)
+
+
+def sandbox_study(tmp_path):
+    """A copy of run_study.sh in an empty repository layout, with a `python` on PATH that only
+    records its arguments: what the script would run, without running it."""
+    study = tmp_path / "results" / "fashion-mnist"
+    study.mkdir(parents=True)
+    (study / "run_study.sh").write_text((STUDY / "run_study.sh").read_text())
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(f'#!/bin/sh\necho "$*" >> {tmp_path}/calls\n')
+    (bin_dir / "python").chmod(0o755)
+    return study, {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+
+
+def test_finetune_options_reuse_the_recipes_finished_pre_training(tmp_path):
+    study, env = sandbox_study(tmp_path)
+    base = study / "shift-flip-cosine"
+    (base / "outputs" / "train").mkdir(parents=True)
+    (base / "work" / "pre_trained").mkdir(parents=True)
+    (base / "logs").mkdir()
+    (base / "outputs" / "train" / "resnet.json").write_text('{"best_epoch": 20}')
+    (base / "work" / "pre_trained" / "resnet.pth").write_bytes(b"weights")
+    (base / "logs" / "times.log").write_text("train resnet rc=0 seconds=9 2026-11-26T00:00:00Z x86_64 1 cores\n")
+    (study / "outputs" / "search").mkdir(parents=True)
+    (study / "outputs" / "search" / "resnet.json").write_text('{"complete": true}')
+    result = subprocess.run(["bash", str(study / "run_study.sh"), "--augment", "shift-flip", "--schedule", "cosine",
+                             "--finetune-lr", "1e-4", "resnet"], capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    here = study / "shift-flip-cosine-finetune-lr-0.0001"  # the rate written as printf %g writes it
+    assert (here / "work" / "pre_trained" / "resnet.pth").read_bytes() == b"weights"
+    assert (here / "outputs" / "train" / "resnet.json").read_text() == '{"best_epoch": 20}'
+    assert "train resnet rc=0 " in (here / "logs" / "times.log").read_text()
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert not any(call.startswith("train.py") for call in calls)
+    tuning = [call for call in calls if call.startswith("finetune.py")]
+    assert len(tuning) == 1 and "--lr 0.0001" in tuning[0] and "--schedule cosine" in tuning[0]
+
+
+def test_finetune_options_wait_for_the_recipes_pre_training(tmp_path):
+    study, env = sandbox_study(tmp_path)
+    (study / "outputs" / "search").mkdir(parents=True)
+    (study / "outputs" / "search" / "lenet.json").write_text('{"complete": true}')
+    result = subprocess.run(["bash", str(study / "run_study.sh"), "--finetune-epochs", "3", "lenet"],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert "lenet: the pre-training in results/fashion-mnist has not finished" in result.stdout
+    assert not (tmp_path / "calls").exists()  # nothing trained, nothing fine-tuned

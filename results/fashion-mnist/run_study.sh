@@ -5,7 +5,7 @@
 # Resumable: run it again after any interruption; each stage continues where it stopped.
 #   bash results/fashion-mnist/run_study.sh [networks...]                (from the repository root)
 #   bash results/fashion-mnist/run_study.sh [--no-augment | --augment shift-flip] [--schedule cosine] [--seed N]
-#        [--epochs N] [--finetune-epochs N] [networks...]
+#        [--epochs N] [--finetune-epochs N] [--finetune-lr X] [networks...]
 # --no-augment and --augment shift-flip are the options measured against the recipe: the same
 # networks, the same search winners (the study's complete search JSON, copied), epochs and
 # fine-tuning, with one change: no augmentation, or shifts and left-right mirrors instead of the
@@ -19,6 +19,10 @@
 # --epochs N and --finetune-epochs N lengthen (or shorten) pre-training and fine-tuning (train.py
 # and finetune.py --epochs; the study's 20 and 5 otherwise), into a folder named for them:
 # .../shift-flip-cosine-40-epochs/, .../cosine-finetune-3-epochs/.
+# --finetune-lr X fine-tunes at Adam rate X instead of the study's 1e-3 (finetune.py --lr), into
+# .../shift-flip-cosine-40-epochs-finetune-lr-0.0001/.
+# --finetune-epochs and --finetune-lr change fine-tuning only: such a folder reuses the pre-training
+# (JSON, plot and checkpoint, copied) of the folder named without them, which must have finished.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 study=results/fashion-mnist recipe= schedule= seed= variant=() pretrain=() tune=()
@@ -33,18 +37,25 @@ while [ $# -gt 0 ]; do
       schedule=$2 variant+=(--schedule "$2"); shift 2 ;;
     --epochs | --finetune-epochs)
       [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || { echo "$1 needs a whole number above 0"; exit 2; }
-      if [ "$1" = --epochs ]; then pretrain=(--epochs "$2"); else tune=(--epochs "$2"); fi; shift 2 ;;
+      if [ "$1" = --epochs ]; then pretrain=(--epochs "$2"); else tune+=(--epochs "$2"); fi; shift 2 ;;
+    --finetune-lr)
+      [[ "${2:-}" =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$ ]] && LC_ALL=C awk -v x="$2" 'BEGIN { exit !(x > 0) }' \
+        || { echo "--finetune-lr needs a number above 0, such as 0.0001"; exit 2; }
+      tune+=(--lr "$(LC_ALL=C printf %g "$2")"); shift 2 ;;
     --seed)
       [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || { echo "--seed needs a whole number above 0 (seed 0 is the study's run)"; exit 2; }
       seed=$2 variant+=(--seed "$2"); shift 2 ;;
     -*) echo "unknown option $1: use --no-augment, --augment shift-flip, --schedule cosine, --seed N, --epochs N," \
-          "--finetune-epochs N, then network names"; exit 2 ;;
+          "--finetune-epochs N, --finetune-lr X, then network names"; exit 2 ;;
     *) break ;;
   esac
 done
 name=$recipe${schedule:+${recipe:+-}$schedule}
 [ ${#pretrain[@]} -gt 0 ] && name=${name:+$name-}${pretrain[1]}-epochs
-[ ${#tune[@]} -gt 0 ] && name=${name:+$name-}finetune-${tune[1]}-epochs
+base=$study${name:+/$name}${seed:+/seed-$seed}  # where this recipe's pre-training lives
+for (( i = 0; i < ${#tune[@]}; i += 2 )); do
+  case ${tune[i]} in --epochs) name=${name:+$name-}finetune-${tune[i+1]}-epochs ;; --lr) name=${name:+$name-}finetune-lr-${tune[i+1]} ;; esac
+done
 here=$study${name:+/$name}${seed:+/seed-$seed}
 out=$here/outputs work=$here/work hub=$here/model_hub logs=$here/logs
 mkdir -p "$logs" "$hub/fine_tuned" "$out/search"
@@ -68,6 +79,18 @@ for m in ${@:-lenet spinalnet alexnet resnet vggnet}; do
   fi
   # a stage is done when its JSON (the search's: "complete": true; the others' are written only
   # at their end) and checkpoint are there
+  if [ "$base" != "$here" ] && { ! [ -f "$out/train/$m.json" ] || ! [ -f "$work/pre_trained/$m.pth" ]; }; then
+    if ! [ -f "$base/outputs/train/$m.json" ] || ! [ -f "$base/work/pre_trained/$m.pth" ]; then
+      echo "$m: the pre-training in $base has not finished: run bash $0 without the fine-tuning options first"
+      continue
+    fi
+    mkdir -p "$out/train" "$work/pre_trained"
+    cp "$base/outputs/train/$m.json" "$out/train/$m.json"
+    cp "$base/outputs/train/$m.png" "$out/train/$m.png" 2>/dev/null
+    cp "$base/work/pre_trained/$m.pth" "$work/pre_trained/$m.pth.$$.tmp" && mv "$work/pre_trained/$m.pth.$$.tmp" "$work/pre_trained/$m.pth"
+    { grep "^train $m rc=0 " "$base/logs/times.log" 2>/dev/null | tail -n 1
+      echo "reused $m pre-training from $base $(date -u +%FT%TZ)"; } >> "$logs/times.log"
+  fi
   if ! [ -f "$out/train/$m.json" ] || ! [ -f "$work/pre_trained/$m.pth" ]; then
     resume=(); [ -f "$work/pre_trained/${m}_last.pth" ] && resume=(--resume)
     step "train $m" "$logs/train_$m.log" python train.py --model $m "${data[@]}" "${variant[@]}" "${pretrain[@]}" \

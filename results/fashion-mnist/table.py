@@ -71,7 +71,9 @@ def recipe_table(folder, search_folder):
         tuning = load(folder / "outputs" / "finetune" / f"{name}.json") or {}
         epochs = f"{len(history['history'])} ({history['best_epoch']})" if history else ""
         searched = search_seconds(search) if folder == search_folder else "0 (the study's winner)"
-        wall = minutes(searched, elapsed(history), elapsed(tuning)) if history else ""
+        source = reused_from(folder, name)
+        pretraining = f"0 ({source}'s)" if source else elapsed(history)
+        wall = minutes(searched, pretraining, elapsed(tuning)) if history else ""
         rows.append(f"| {NAMES[name]} | {winner(search['best_params']) if search.get('best_params') else ''} "
                     f"| {epochs} | {percent(train['accuracy'])} | {percent(test['accuracy'])} "
                     f"| {percent(test['precision'])} / {percent(test['recall'])} / {percent(test['f1'])} | {wall} "
@@ -83,7 +85,8 @@ def pretraining_table():
     """Best validation accuracy of pre-training (the epoch early stopping keeps) per recipe and seed:
     every run that finished pre-training, fine-tuned or not (same 10 % validation split per seed)."""
     seeds = [("study, seed 0", HERE), ("seed 1", HERE / "seed-1"), ("seed 2", HERE / "seed-2")]
-    columns = seeds + [(f"{name}/", HERE / name) for name in RECIPES]  # options by folder: the headings say each
+    columns = seeds + [(f"{name}/", HERE / name) for name in RECIPES  # options by folder: the headings say each
+                       if not any(reused_from(HERE / name, network) for network in ORDER)]  # fine-tuning options
     rows = ["| network | " + " | ".join(title for title, _ in columns[:3]) + " | study, mean +- std | "
             + " | ".join(title for title, _ in columns[3:]) + " |", "| --- |" + " ---: |" * (len(columns) + 1)]
     for name in ORDER:
@@ -118,6 +121,15 @@ def pretrained_test_lines():
                      f"the pre-trained checkpoint of epoch "
                      f"{result.get('epochs', '?')}, evaluated with {result.get('precision', '?')}")
     return lines
+
+
+def reused_from(run, name):
+    """The folder whose pre-training a fine-tuning option copied (run_study.sh's 'reused' line), or None."""
+    log = run / "logs" / "times.log"
+    lines = [line for line in log.read_text().splitlines() if line.startswith(f"reused {name} pre-training from ")] \
+        if log.is_file() else []
+    return lines[-1].split(" from ", 1)[1].split()[0].split("fashion-mnist", 1)[-1].strip("/") or "the study" \
+        if lines else None
 
 
 def hardware(run, name):
