@@ -17,6 +17,8 @@ STUDY = ROOT / "results" / "fashion-mnist"
     (["--epochs", "0"], "--epochs needs a whole number above 0"),
     (["--finetune-epochs", "two"], "--finetune-epochs needs a whole number above 0"),
     (["--finetune-lr", "0"], "--finetune-lr needs a number above 0"),
+    (["--weight-decay", "-1"], "--weight-decay needs a number of 0 or more"),
+    (["--weight-decay"], "--weight-decay needs a number of 0 or more"),
     (["--finetune-lr", "1e-4x"], "--finetune-lr needs a number above 0"),
     (["--seed", "0"], "--seed needs a whole number above 0"),
     (["--fast"], "unknown option --fast"),
@@ -87,3 +89,17 @@ def test_finetune_options_wait_for_the_recipes_pre_training(tmp_path):
                             capture_output=True, text=True, timeout=60, env=env)
     assert "lenet: the pre-training in results/fashion-mnist has not finished" in result.stdout
     assert not (tmp_path / "calls").exists()  # nothing trained, nothing fine-tuned
+
+
+def test_weight_decay_option_pre_trains_into_its_own_folder(tmp_path):
+    study, env = sandbox_study(tmp_path)
+    (study / "outputs" / "search").mkdir(parents=True)
+    (study / "outputs" / "search" / "resnet.json").write_text('{"complete": true}')
+    result = subprocess.run(["bash", str(study / "run_study.sh"), "--augment", "shift-flip", "--epochs", "40",
+                             "--weight-decay", "1e-4", "resnet"], capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    here = study / "shift-flip-40-epochs-weight-decay-0.0001"
+    assert (here / "outputs" / "search" / "resnet.json").read_text() == '{"complete": true}'  # the study's winners
+    training = [call for call in (tmp_path / "calls").read_text().splitlines() if call.startswith("train.py")]
+    assert len(training) == 1 and "--epochs 40 --weight-decay 0.0001" in training[0]
+    assert f"--outputs {here.relative_to(tmp_path)}/outputs" in training[0]

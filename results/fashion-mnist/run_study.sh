@@ -19,13 +19,19 @@
 # --epochs N and --finetune-epochs N lengthen (or shorten) pre-training and fine-tuning (train.py
 # and finetune.py --epochs; the study's 20 and 5 otherwise), into a folder named for them:
 # .../shift-flip-cosine-40-epochs/, .../cosine-finetune-3-epochs/.
+# --weight-decay X pre-trains with SGD weight decay X instead of the search winner's (train.py
+# --weight-decay), into .../shift-flip-cosine-40-epochs-weight-decay-0.0001/.
 # --finetune-lr X fine-tunes at Adam rate X instead of the study's 1e-3 (finetune.py --lr), into
 # .../shift-flip-cosine-40-epochs-finetune-lr-0.0001/.
 # --finetune-epochs and --finetune-lr change fine-tuning only: such a folder reuses the pre-training
 # (JSON, plot and checkpoint, copied) of the folder named without them, which must have finished.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-study=results/fashion-mnist recipe= schedule= seed= variant=() pretrain=() tune=()
+study=results/fashion-mnist recipe= schedule= seed= epochs= decay= tune_epochs= tune_lr= variant=()
+number() {  # NUMBER, LOWEST (0: 0 allowed; above: above 0), written as printf %g writes it (1e-4 and 0.0001 name one folder)
+  [[ "$1" =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$ ]] &&
+    LC_ALL=C awk -v x="$1" -v lowest="$2" 'BEGIN { exit !(lowest == "0" ? x >= 0 : x > 0) }' && LC_ALL=C printf %g "$1"
+}
 while [ $# -gt 0 ]; do
   case $1 in
     --no-augment) recipe=no-augment variant+=(--no-augment); shift ;;
@@ -37,25 +43,27 @@ while [ $# -gt 0 ]; do
       schedule=$2 variant+=(--schedule "$2"); shift 2 ;;
     --epochs | --finetune-epochs)
       [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || { echo "$1 needs a whole number above 0"; exit 2; }
-      if [ "$1" = --epochs ]; then pretrain=(--epochs "$2"); else tune+=(--epochs "$2"); fi; shift 2 ;;
+      if [ "$1" = --epochs ]; then epochs=$2; else tune_epochs=$2; fi; shift 2 ;;
+    --weight-decay)
+      decay=$(number "${2:-}" 0) || { echo "--weight-decay needs a number of 0 or more, such as 0.0001"; exit 2; }; shift 2 ;;
     --finetune-lr)
-      [[ "${2:-}" =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$ ]] && LC_ALL=C awk -v x="$2" 'BEGIN { exit !(x > 0) }' \
-        || { echo "--finetune-lr needs a number above 0, such as 0.0001"; exit 2; }
-      tune+=(--lr "$(LC_ALL=C printf %g "$2")"); shift 2 ;;
+      tune_lr=$(number "${2:-}" above) || { echo "--finetune-lr needs a number above 0, such as 0.0001"; exit 2; }; shift 2 ;;
     --seed)
       [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || { echo "--seed needs a whole number above 0 (seed 0 is the study's run)"; exit 2; }
       seed=$2 variant+=(--seed "$2"); shift 2 ;;
     -*) echo "unknown option $1: use --no-augment, --augment shift-flip, --schedule cosine, --seed N, --epochs N," \
-          "--finetune-epochs N, --finetune-lr X, then network names"; exit 2 ;;
+          "--weight-decay X, --finetune-epochs N, --finetune-lr X, then network names"; exit 2 ;;
     *) break ;;
   esac
 done
+pretrain=(${epochs:+--epochs $epochs} ${decay:+--weight-decay $decay})
+tune=(${tune_epochs:+--epochs $tune_epochs} ${tune_lr:+--lr $tune_lr})
 name=$recipe${schedule:+${recipe:+-}$schedule}
-[ ${#pretrain[@]} -gt 0 ] && name=${name:+$name-}${pretrain[1]}-epochs
+[ -n "$epochs" ] && name=${name:+$name-}$epochs-epochs
+[ -n "$decay" ] && name=${name:+$name-}weight-decay-$decay
 base=$study${name:+/$name}${seed:+/seed-$seed}  # where this recipe's pre-training lives
-for (( i = 0; i < ${#tune[@]}; i += 2 )); do
-  case ${tune[i]} in --epochs) name=${name:+$name-}finetune-${tune[i+1]}-epochs ;; --lr) name=${name:+$name-}finetune-lr-${tune[i+1]} ;; esac
-done
+[ -n "$tune_epochs" ] && name=${name:+$name-}finetune-$tune_epochs-epochs
+[ -n "$tune_lr" ] && name=${name:+$name-}finetune-lr-$tune_lr
 here=$study${name:+/$name}${seed:+/seed-$seed}
 out=$here/outputs work=$here/work hub=$here/model_hub logs=$here/logs
 mkdir -p "$logs" "$hub/fine_tuned" "$out/search"
