@@ -103,3 +103,34 @@ def test_weight_decay_option_pre_trains_into_its_own_folder(tmp_path):
     training = [call for call in (tmp_path / "calls").read_text().splitlines() if call.startswith("train.py")]
     assert len(training) == 1 and "--epochs 40 --weight-decay 0.0001" in training[0]
     assert f"--outputs {here.relative_to(tmp_path)}/outputs" in training[0]
+
+
+@pytest.mark.parametrize("arguments, wanted", [
+    ([], "usage: bash"),
+    (["no-such-folder", "resnet", "1e-4"], "no-such-folder/work/pre_trained/resnet.pth is missing"),
+])
+def test_finetune_lr_validation_refuses_in_one_line(arguments, wanted):
+    result = subprocess.run(["bash", str(STUDY / "finetune_lr_validation.sh"), *arguments], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and wanted in result.stdout and len(result.stdout.splitlines()) == 1
+    assert not (STUDY / "finetune-lr-validation" / "no-such-folder").exists()
+
+
+def test_finetune_lr_validation_runs_each_rate_on_the_held_out_split(tmp_path):
+    study, env = sandbox_study(tmp_path)
+    (study / "finetune_lr_validation.sh").write_text((STUDY / "finetune_lr_validation.sh").read_text())
+    run = study / "shift-flip-cosine"
+    (run / "outputs" / "train").mkdir(parents=True)
+    (run / "work" / "pre_trained").mkdir(parents=True)
+    (run / "outputs" / "train" / "resnet.json").write_text("{}")
+    (run / "work" / "pre_trained" / "resnet.pth").write_bytes(b"weights")
+    script = str(study / "finetune_lr_validation.sh")
+    result = subprocess.run(["bash", script, "shift-flip-cosine", "resnet", "1e-4", "0.001"], capture_output=True,
+                            text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    tuning = [call for call in (tmp_path / "calls").read_text().splitlines() if call.startswith("finetune.py")]
+    assert len(tuning) == 2 and all("--val-fraction 0.1" in call for call in tuning)
+    assert "--lr 0.0001 " in tuning[0] and "lr-0.0001" in tuning[0] and "--lr 0.001 " in tuning[1]
+    bad = subprocess.run(["bash", script, "shift-flip-cosine", "resnet", "fast"], capture_output=True, text=True,
+                         timeout=60, env=env)
+    assert bad.returncode == 2 and bad.stdout.strip() == "each RATE is a number above 0, such as 0.0001"

@@ -132,6 +132,22 @@ def reused_from(run, name):
         if lines else None
 
 
+def finetune_validation_lines():
+    """Fine-tuning on the 90 % pre-training trained on, validated on the 10 % it held out, one run per
+    Adam rate (finetune-lr-validation/FOLDER/, from finetune_lr_validation.sh): what chose --finetune-lr."""
+    lines = []
+    for path in sorted(HERE.glob("finetune-lr-validation/*/outputs/lr-*/finetune/*.json")):
+        run = load(path)
+        start = load(HERE / Path(run["args"]["ckpt"]).relative_to("results/fashion-mnist").parents[2] / "outputs"
+                     / "train" / path.name)
+        each = ", ".join(percent(row["val_acc"]) for row in run["history"])
+        lines.append(f"- {NAMES[path.stem]} from {Path(run['args']['ckpt']).parents[2].name}/ "
+                     f"({percent(start['best_val_acc']) if start else '?'} before), Adam lr "
+                     f"{run['args']['learning_rate']:g}, {run['args']['schedule']}: {each} (epochs 1 to "
+                     f"{len(run['history'])})")
+    return lines
+
+
 def hardware(run, name):
     """Where a run's pre-training ran, from the last 'train NAME rc=0' line of its logs/times.log."""
     lines = [line for line in (run / "logs" / "times.log").read_text().splitlines()
@@ -176,6 +192,10 @@ def main():
                               "winners):"] + lines) + "\n")
     print("pre-training: best validation accuracy, percent (best epoch / epochs run, trained on)\n")
     print(pretraining_table() + "\n")
+    lines = finetune_validation_lines()
+    if lines:
+        print("\n".join(["fine-tuning's learning rate on validation: validation accuracy, percent, after each "
+                          "epoch of fine-tuning on the other 90 %:"] + lines) + "\n")
     lines = pretrained_test_lines()
     if lines:
         print("\n".join(["checkpoints evaluated before (or without) fine-tuning:"] + lines))
