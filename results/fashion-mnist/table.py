@@ -22,7 +22,16 @@ HERE = Path(__file__).resolve().parent
 ORDER = ["lenet", "alexnet", "vggnet", "resnet", "spinalnet"]
 RECIPES = {"no-augment": "--no-augment", "shift-flip": "--augment shift-flip",  # folder: its options
            "shift-flip-cosine": "--augment shift-flip --schedule cosine",
-           "shift-flip-cosine-40-epochs": "--augment shift-flip --schedule cosine --epochs 40"}
+           "shift-flip-cosine-40-epochs": "--augment shift-flip --schedule cosine --epochs 40",
+           "shift-flip-cosine-40-epochs-finetune-lr-0.0001":
+               "--augment shift-flip --schedule cosine --epochs 40 --finetune-lr 0.0001",
+           "shift-flip-cosine-60-epochs": "--augment shift-flip --schedule cosine --epochs 60",
+           "shift-flip-cosine-60-epochs-finetune-lr-0.0001":
+               "--augment shift-flip --schedule cosine --epochs 60 --finetune-lr 0.0001",
+           "shift-flip-cosine-40-epochs-weight-decay-0.0001":
+               "--augment shift-flip --schedule cosine --epochs 40 --weight-decay 0.0001",
+           "shift-flip-cosine-40-epochs-weight-decay-0.0001-finetune-lr-0.0001":
+               "--augment shift-flip --schedule cosine --epochs 40 --weight-decay 0.0001 --finetune-lr 0.0001"}
 NAMES = {"lenet": "LeNet", "alexnet": "AlexNet", "vggnet": "VGGNet", "resnet": "ResNet", "spinalnet": "SpinalNet",
          "ensnet": "EnsNet", "ensemble": "ensemble"}
 
@@ -86,7 +95,8 @@ def pretraining_table():
     every run that finished pre-training, fine-tuned or not (same 10 % validation split per seed)."""
     seeds = [("study, seed 0", HERE), ("seed 1", HERE / "seed-1"), ("seed 2", HERE / "seed-2")]
     columns = seeds + [(f"{name}/", HERE / name) for name in RECIPES  # options by folder: the headings say each
-                       if not any(reused_from(HERE / name, network) for network in ORDER)]  # fine-tuning options
+                       if any((HERE / name / "outputs" / "train" / f"{network}.json").is_file()
+                              and not reused_from(HERE / name, network) for network in ORDER)]
     rows = ["| network | " + " | ".join(title for title, _ in columns[:3]) + " | study, mean +- std | "
             + " | ".join(title for title, _ in columns[3:]) + " |", "| --- |" + " ---: |" * (len(columns) + 1)]
     for name in ORDER:
