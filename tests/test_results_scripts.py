@@ -3,6 +3,7 @@ work, and table.py prints what the committed JSONs hold."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -134,3 +135,39 @@ def test_finetune_lr_validation_runs_each_rate_on_the_held_out_split(tmp_path):
     bad = subprocess.run(["bash", script, "shift-flip-cosine", "resnet", "fast"], capture_output=True, text=True,
                          timeout=60, env=env)
     assert bad.returncode == 2 and bad.stdout.strip() == "each RATE is a number above 0, such as 0.0001"
+
+
+def fake_run(folder, name, val_acc, rate, weights):
+    for part in ("outputs/train", "outputs/finetune", "model_hub/fine_tuned"):
+        (folder / part).mkdir(parents=True, exist_ok=True)
+    (folder / "outputs" / "train" / f"{name}.json").write_text(json.dumps({"best_val_acc": val_acc}))
+    (folder / "outputs" / "finetune" / f"{name}.json").write_text(json.dumps({"args": {"learning_rate": rate}}))
+    (folder / "model_hub" / "fine_tuned" / f"{name}_tuned.pth").write_bytes(weights)
+
+
+@pytest.mark.parametrize("better_rate, wanted", [(1e-4, b"reused, 1e-4"), (1e-3, b"long, 1e-3")])
+def test_pick_by_validation_links_the_best_validated_run(tmp_path, monkeypatch, better_rate, wanted):
+    sys.path.insert(0, str(STUDY))
+    try:
+        import pick_by_validation as pick
+    finally:
+        sys.path.remove(str(STUDY))
+    monkeypatch.setattr(pick, "HERE", tmp_path)
+    monkeypatch.setattr(pick, "OUT", tmp_path / "picked")
+    monkeypatch.setattr(pick, "RECIPES", {"long": "", "long-lr": "", "short": ""})
+    fake_run(tmp_path, "resnet", 0.86, 1e-3, b"study")
+    fake_run(tmp_path / "long", "resnet", 0.92, 1e-3, b"long, 1e-3")
+    fake_run(tmp_path / "long-lr", "resnet", 0.92, 1e-4, b"reused, 1e-4")  # the same pre-training
+    fake_run(tmp_path / "short", "resnet", 0.91, 1e-4, b"short")
+    for rate, last in [(1e-4, 0.925 if better_rate == 1e-4 else 0.90), (1e-3, 0.92)]:
+        run = tmp_path / "finetune-lr-validation" / "long" / "outputs" / f"lr-{rate:g}" / "finetune"
+        run.mkdir(parents=True)
+        (run / "resnet.json").write_text(json.dumps({"args": {"learning_rate": rate},
+                                                     "history": [{"val_acc": 0.5}, {"val_acc": last}]}))
+    assert pick.main() == 0
+    link = tmp_path / "picked" / "model_hub" / "fine_tuned" / "resnet_tuned.pth"
+    assert link.is_symlink() and not Path(str(link.readlink())).is_absolute() and link.read_bytes() == wanted
+    picks = json.loads((tmp_path / "picked" / "picks.json").read_text())
+    assert picks["validated_finetune_lr"] == better_rate
+    assert sorted(picks["networks"]["resnet"]["candidates"]) == ["long", "long-lr", "short", "the study's recipe"]
+    assert not (tmp_path / "picked" / "model_hub" / "fine_tuned" / "lenet_tuned.pth").exists()
