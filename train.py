@@ -83,7 +83,8 @@ def add_training_flags(parser, defaults, learning_rate_help, searched=False):
     parser.add_argument("--lr", dest="learning_rate", type=positive_float, default=None,
                         help=f"{learning_rate_help} (default: {prefix}{defaults['learning_rate']})")
     parser.add_argument("--patience", type=positive_int, default=None,
-                        help=f"early-stopping patience in epochs (default: {defaults['patience']})")
+                        help=f"early-stopping patience in epochs (default: {defaults['patience']}); a cosine "
+                             f"schedule runs all --epochs and keeps the best epoch, so it takes none")
     parser.add_argument("--clip", type=non_negative_float, default=None,
                         help=f"gradient-norm clipping, 0 turns it off (default: {defaults['clip']})")
     parser.add_argument("--augment", choices=list(AUGMENTS), default=None,
@@ -156,6 +157,13 @@ def resolve_settings(args, defaults, layers, log=print):
                 setattr(args, key, values[key])
                 sources[key] = source
                 break
+    if getattr(args, "schedule", None) == "cosine" and "patience" in sources:
+        # stopping while the rate is still high would leave the annealing undone
+        if sources["patience"] == "flag":
+            raise TrainingError(f"--patience {args.patience} stops constant-rate runs early; a cosine schedule runs "
+                                f"all its --epochs and keeps the best epoch: leave --patience out, or give fewer "
+                                f"--epochs")
+        sources["patience"] += "; unused: a cosine schedule runs all its epochs"
     log("settings (value: source):")
     for key in defaults:
         log(f"  {key:14} {getattr(args, key)!s:16} {sources[key]}")
@@ -410,7 +418,8 @@ def fit(model, optimizer, data, args, *, history=(), best_path=None, meta=None, 
         log(epoch_line(row, args.epochs))
         if args.dry_run:
             break
-        if data["val"] and best["val_loss"] is not None and epoch - best["epoch"] >= args.patience:
+        if data["val"] and best["val_loss"] is not None and epoch - best["epoch"] >= args.patience \
+                and args.schedule != "cosine":
             log(f"early stop: no better validation loss for {args.patience} epochs (best: epoch {best['epoch']})")
             break
     return history
