@@ -5,7 +5,7 @@
 # Resumable: run it again after any interruption; each stage continues where it stopped.
 #   bash results/fashion-mnist/run_study.sh [networks...]                (from the repository root)
 #   bash results/fashion-mnist/run_study.sh [--no-augment | --augment shift-flip] [--schedule cosine] [--seed N]
-#        [--epochs N] [--finetune-epochs N] [--finetune-lr X] [networks...]
+#        [--epochs N] [--weight-decay X] [--finetune-epochs N] [--finetune-lr X] [networks...]
 # --no-augment and --augment shift-flip are the options measured against the recipe: the same
 # networks, the same search winners (the study's complete search JSON, copied), epochs and
 # fine-tuning, with one change: no augmentation, or shifts and left-right mirrors instead of the
@@ -93,9 +93,10 @@ for m in ${@:-lenet spinalnet alexnet resnet vggnet}; do
       continue
     fi
     mkdir -p "$out/train" "$work/pre_trained"
-    cp "$base/outputs/train/$m.json" "$out/train/$m.json"
-    cp "$base/outputs/train/$m.png" "$out/train/$m.png" 2>/dev/null
-    cp "$base/work/pre_trained/$m.pth" "$work/pre_trained/$m.pth.$$.tmp" && mv "$work/pre_trained/$m.pth.$$.tmp" "$work/pre_trained/$m.pth"
+    for pair in "outputs/train/$m.png $out/train/$m.png" "work/pre_trained/$m.pth $work/pre_trained/$m.pth" \
+                "outputs/train/$m.json $out/train/$m.json"; do  # each copy whole or not at all
+      read -r from to <<< "$pair"; [ -f "$base/$from" ] && cp "$base/$from" "$to.$$.tmp" && mv "$to.$$.tmp" "$to"
+    done
     { grep "^train $m rc=0 " "$base/logs/times.log" 2>/dev/null | tail -n 1
       echo "reused $m pre-training from $base $(date -u +%FT%TZ)"; } >> "$logs/times.log"
   fi
