@@ -142,6 +142,28 @@ def reused_from(run, name):
         if lines else None
 
 
+def picks_table():
+    """picked-by-validation/: the run pick_by_validation.py linked per network, its pre-training
+    validation accuracy, and what evaluate.py --model all measured on the test split, ensemble last."""
+    picks = load(HERE / "picked-by-validation" / "picks.json")
+    comparison = load(HERE / "picked-by-validation" / "outputs" / "eval" / "comparison.json")
+    if picks is None or comparison is None:
+        return None
+    rows = ["| network | picked run | pre-training validation acc. | train acc. | test acc. | test P / R / F1 "
+            "(weighted) |", "| --- | --- | ---: | ---: | ---: | --- |"]
+    for name in [name for name in ORDER if name in comparison["models"]] + ["ensemble"]:
+        result = comparison["models"].get(name)
+        if result is None:
+            continue
+        pick = picks["networks"].get(name, {})
+        test = result["test"]
+        rows.append(f"| {NAMES[name]} | {pick.get('picked', 'the mean of the probabilities above')} "
+                    f"| {percent(pick['pre_training_best_val_acc']) if pick else ''} "
+                    f"| {percent(result['train']['accuracy'])} | {percent(test['accuracy'])} "
+                    f"| {percent(test['precision'])} / {percent(test['recall'])} / {percent(test['f1'])} |")
+    return "\n".join(rows)
+
+
 def finetune_validation_lines():
     """Fine-tuning on the 90 % pre-training trained on, validated on the 10 % it held out, one run per
     Adam rate (finetune-lr-validation/FOLDER/, from finetune_lr_validation.sh): what chose --finetune-lr."""
@@ -200,6 +222,9 @@ def main():
         if lines:
             print("\n".join(["test accuracy over seeds (pre-training + fine-tuning again, the same search "
                               "winners):"] + lines) + "\n")
+    table = picks_table()
+    if table:
+        print(f"picked by validation (test split, percent)\n\n{table}\n")
     print("pre-training: best validation accuracy, percent (best epoch / epochs run, trained on)\n")
     print(pretraining_table() + "\n")
     lines = finetune_validation_lines()
