@@ -59,8 +59,13 @@ def percent(value):
     return f"{100 * value:.2f}"
 
 
-def winner(params):
-    return ", ".join(f"{params[key]:g}" for key in ("learning_rate", "batch_size", "momentum", "weight_decay"))
+def winner(params, used=None):
+    """The search winner's lr, batch, momentum and weight decay; a value pre-training changed (an
+    option such as --weight-decay) is shown as used, with the winner's beside it."""
+    used = used or {}
+    return ", ".join(f"{params[key]:g}" if used.get(key, params[key]) == params[key] else
+                     f"**{used[key]:g}** (searched {params[key]:g})"
+                     for key in ("learning_rate", "batch_size", "momentum", "weight_decay"))
 
 
 def recipe_table(folder, search_folder):
@@ -83,7 +88,8 @@ def recipe_table(folder, search_folder):
         source = reused_from(folder, name)
         pretraining = f"0 ({source}'s)" if source else elapsed(history)
         wall = minutes(searched, pretraining, elapsed(tuning)) if history else ""
-        rows.append(f"| {NAMES[name]} | {winner(search['best_params']) if search.get('best_params') else ''} "
+        used = history.get("args", {}) if history else {}
+        rows.append(f"| {NAMES[name]} | {winner(search['best_params'], used) if search.get('best_params') else ''} "
                     f"| {epochs} | {percent(train['accuracy'])} | {percent(test['accuracy'])} "
                     f"| {percent(test['precision'])} / {percent(test['recall'])} / {percent(test['f1'])} | {wall} "
                     f"| {hardware(folder, name) if name != 'ensemble' else ''} |")
