@@ -50,7 +50,8 @@ def sandbox_study(tmp_path):
     records its arguments: what the script would run, without running it."""
     study = tmp_path / "results" / "fashion-mnist"
     study.mkdir(parents=True)
-    (study / "run_study.sh").write_text((STUDY / "run_study.sh").read_text())
+    for script in ("run_study.sh", "numbers.sh"):
+        (study / script).write_text((STUDY / script).read_text())
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "python").write_text(f'#!/bin/sh\necho "$*" >> {tmp_path}/calls\n')
@@ -132,9 +133,12 @@ def test_finetune_lr_validation_runs_each_rate_on_the_held_out_split(tmp_path):
     tuning = [call for call in (tmp_path / "calls").read_text().splitlines() if call.startswith("finetune.py")]
     assert len(tuning) == 2 and all("--val-fraction 0.1" in call for call in tuning)
     assert "--lr 0.0001 " in tuning[0] and "lr-0.0001" in tuning[0] and "--lr 0.001 " in tuning[1]
-    bad = subprocess.run(["bash", script, "shift-flip-cosine", "resnet", "fast"], capture_output=True, text=True,
-                         timeout=60, env=env)
-    assert bad.returncode == 2 and bad.stdout.strip() == "each RATE is a number above 0, such as 0.0001"
+    (tmp_path / "calls").unlink()
+    for rates in (["fast"], ["1e-5", "-1"]):  # a bad rate anywhere: nothing runs, not even the good ones
+        bad = subprocess.run(["bash", script, "shift-flip-cosine", "resnet", *rates], capture_output=True, text=True,
+                             timeout=60, env=env)
+        assert bad.returncode == 2 and bad.stdout.strip() == "each RATE is a number above 0, such as 0.0001"
+        assert not (tmp_path / "calls").exists() or "finetune.py" not in (tmp_path / "calls").read_text()
 
 
 def fake_run(folder, name, val_acc, rate, weights):

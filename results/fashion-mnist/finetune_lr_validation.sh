@@ -12,6 +12,11 @@ cd "$(dirname "$0")/../.."
 study=results/fashion-mnist
 [ $# -ge 3 ] || { echo "usage: bash $0 OPTION-FOLDER NETWORK RATE... (such as shift-flip-cosine-40-epochs resnet 0.0001 0.001)"; exit 2; }
 folder=$1 m=$2; shift 2
+source $study/numbers.sh
+rates=()
+for lr in "$@"; do  # every rate checked before any runs
+  rates+=("$(number "$lr" above)") || { echo "each RATE is a number above 0, such as 0.0001"; exit 2; }
+done
 ckpt=$study/$folder/work/pre_trained/$m.pth
 [ -f "$ckpt" ] && [ -f "$study/$folder/outputs/train/$m.json" ] ||
   { echo "$ckpt is missing: finish that pre-training first (run_study.sh with the folder's options)"; exit 2; }
@@ -20,8 +25,7 @@ print("--augment", a["augment"], "--schedule", a.get("schedule", "constant"), "-
   "$study/$folder/outputs/train/$m.json")) || exit 2
 v=$study/finetune-lr-validation/$folder
 mkdir -p "$v/logs"
-for lr in "$@"; do
-  lr=$(LC_ALL=C printf %g "$lr" 2> /dev/null) && [ "$lr" != 0 ] || { echo "each RATE is a number above 0, such as 0.0001"; exit 2; }
+for lr in "${rates[@]}"; do
   [ -f "$v/outputs/lr-$lr/finetune/$m.json" ] && continue
   python finetune.py --model $m --ckpt "$ckpt" "${recipe[@]}" --lr $lr --val-fraction 0.1 --no-download \
     --hub "$v/work/lr-$lr" --outputs "$v/outputs/lr-$lr" >> "$v/logs/finetune_${m}_lr-$lr.log" 2>&1

@@ -28,10 +28,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 study=results/fashion-mnist recipe= schedule= seed= epochs= decay= tune_epochs= tune_lr= variant=()
-number() {  # NUMBER, LOWEST (0: 0 allowed; above: above 0), written as printf %g writes it (1e-4 and 0.0001 name one folder)
-  [[ "$1" =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$ ]] &&
-    LC_ALL=C awk -v x="$1" -v lowest="$2" 'BEGIN { exit !(lowest == "0" ? x >= 0 : x > 0) }' && LC_ALL=C printf %g "$1"
-}
+source results/fashion-mnist/numbers.sh  # number: checks and normalises --weight-decay and --finetune-lr
 while [ $# -gt 0 ]; do
   case $1 in
     --no-augment) recipe=no-augment variant+=(--no-augment); shift ;;

@@ -139,13 +139,20 @@ def pretrained_test_lines():
     return lines
 
 
-def reused_from(run, name):
-    """The folder whose pre-training a fine-tuning option copied (run_study.sh's 'reused' line), or None."""
+def times_lines(run, prefix):
+    """The lines of a run's logs/times.log that start with prefix (none without the file)."""
     log = run / "logs" / "times.log"
-    lines = [line for line in log.read_text().splitlines() if line.startswith(f"reused {name} pre-training from ")] \
-        if log.is_file() else []
-    return lines[-1].split(" from ", 1)[1].split()[0].split("fashion-mnist", 1)[-1].strip("/") or "the study" \
-        if lines else None
+    return [line for line in log.read_text().splitlines() if line.startswith(prefix)] if log.is_file() else []
+
+
+def reused_from(run, name):
+    """The folder (relative to this one) whose pre-training a fine-tuning option copied, from
+    run_study.sh's last 'reused NAME pre-training from FOLDER' line, or None."""
+    lines = times_lines(run, f"reused {name} pre-training from ")
+    if not lines:
+        return None
+    folder = Path(lines[-1].split(" from ", 1)[1].split()[0]).relative_to("results/fashion-mnist")
+    return folder.as_posix() if folder.parts else "the study"
 
 
 def picks_table():
@@ -175,11 +182,10 @@ def finetune_validation_lines():
     Adam rate (finetune-lr-validation/FOLDER/, from finetune_lr_validation.sh): what chose --finetune-lr."""
     lines = []
     for path in sorted(HERE.glob("finetune-lr-validation/*/outputs/lr-*/finetune/*.json")):
-        run = load(path)
-        start = load(HERE / Path(run["args"]["ckpt"]).relative_to("results/fashion-mnist").parents[2] / "outputs"
-                     / "train" / path.name)
+        run, folder = load(path), path.parents[3].name  # FOLDER/outputs/lr-X/finetune/NAME.json
+        start = load(HERE / folder / "outputs" / "train" / path.name)
         each = ", ".join(percent(row["val_acc"]) for row in run["history"])
-        lines.append(f"- {NAMES[path.stem]} from {Path(run['args']['ckpt']).parents[2].name}/ "
+        lines.append(f"- {NAMES[path.stem]} from {folder}/ "
                      f"({percent(start['best_val_acc']) if start else '?'} before), Adam lr "
                      f"{run['args']['learning_rate']:g}, {run['args']['schedule']}: {each} (epochs 1 to "
                      f"{len(run['history'])})")
@@ -188,8 +194,7 @@ def finetune_validation_lines():
 
 def hardware(run, name):
     """Where a run's pre-training ran, from the last 'train NAME rc=0' line of its logs/times.log."""
-    lines = [line for line in (run / "logs" / "times.log").read_text().splitlines()
-             if line.startswith(f"train {name} rc=0 ")] if (run / "logs" / "times.log").is_file() else []
+    lines = times_lines(run, f"train {name} rc=0 ")
     if not lines:  # runs from before times.log named the GPU ran on the CPU, in fp32
         history = load(run / "outputs" / "train" / f"{name}.json") or {}
         return "CPU" if history.get("args", {}).get("precision") == "fp32" else "?"
