@@ -86,7 +86,7 @@ def run(args):
     best_path = Path(args.hub) / "fine_tuned" / f"{args.model}_tuned.pth"
     json_path = Path(args.outputs) / "finetune" / f"{args.model}.json"
     with locked_outputs(args, best_path, json_path, rank):
-        resumed, resumed_model, layers = resumed_run(args, best_path, log)
+        resumed, resumed_model, layers = resumed_run(args, best_path, log, json_path)
         pretrained = {"dataset": state["dataset"], "batch_size": state["args"].get("batch_size")}
         layers.append((f"checkpoint {source}", {key: value for key, value in pretrained.items() if value is not None}))
         resolve_settings(args, DEFAULTS, layers, log)

@@ -170,7 +170,7 @@ def resolve_settings(args, defaults, layers, log=print):
     return sources
 
 
-def resumed_run(args, best_path, log):
+def resumed_run(args, best_path, log, json_path=None):
     """(state, model, settings layers) of the run being resumed, or (None, None, []) without --resume.
 
     Flags that contradict the run, or leave it nothing to train, are refused first.
@@ -195,7 +195,10 @@ def resumed_run(args, best_path, log):
                             f"a new run without --resume")
     done = state.get("epoch", 0)
     wanted = args.epochs if args.epochs is not None else saved.get("epochs")
-    if wanted is not None and wanted <= done:
+    if wanted == done and json_path is not None and not Path(json_path).exists() and Path(best_path).exists():
+        # interrupted after its last epoch was saved, before its JSON: nothing to train, the JSON to write
+        log(f"the run in {last_path} has trained all its {done} epochs but has no {json_path}: writing it")
+    elif wanted is not None and wanted <= done:
         raise TrainingError(f"the run in {last_path} has already trained {done} epochs, --epochs is {wanted}: "
                             f"pass --epochs above {done} to train more; nothing was written")
     log(f"resuming {last_path} after epoch {done}")
@@ -539,7 +542,7 @@ def run(args):
     best_path = Path(args.hub) / "pre_trained" / f"{args.model}.pth"
     json_path = Path(args.outputs) / "train" / f"{args.model}.json"
     with locked_outputs(args, best_path, json_path, rank):
-        resumed, model, layers = resumed_run(args, best_path, log)
+        resumed, model, layers = resumed_run(args, best_path, log, json_path)
         if not resumed:
             search_path, searched = search_result(args, args.dataset or DEFAULTS["dataset"], log)
             layers.append((str(search_path), searched))

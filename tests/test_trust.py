@@ -139,7 +139,14 @@ def test_resume_restores_the_run_and_refuses_contradicting_flags(tmp_path, capsy
         message = exit_message(train.main, ["--model", "lenet", "--resume"] + flags + dirs(tmp_path))
         assert wanted in message
     assert {path: path.stat().st_mtime_ns for path in (tmp_path / "model_hub").rglob("*.pth")} == before
+    summary_path = tmp_path / "outputs" / "train" / "lenet.json"
+    finished = json.loads(summary_path.read_text())
+    summary_path.unlink()  # interrupted after its last epoch's checkpoint, before its JSON: resume writes the JSON
     capsys.readouterr()
+    train.main(["--model", "lenet", "--resume"] + dirs(tmp_path))
+    assert "has trained all its 2 epochs but has no" in capsys.readouterr().out
+    assert json.loads(summary_path.read_text())["history"] == finished["history"]
+    assert {path: path.stat().st_mtime_ns for path in (tmp_path / "model_hub").rglob("*.pth")} == before
     train.main(["--model", "lenet", "--resume", "--epochs", "3"] + dirs(tmp_path))
     out = capsys.readouterr().out
     assert f"batch_size     32               resumed run {last}" in out
