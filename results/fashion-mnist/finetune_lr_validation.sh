@@ -20,8 +20,9 @@ done
 ckpt=$study/$folder/work/pre_trained/$m.pth
 [ -f "$ckpt" ] && [ -f "$study/$folder/outputs/train/$m.json" ] ||
   { echo "$ckpt is missing: finish that pre-training first (run_study.sh with the folder's options)"; exit 2; }
-recipe=($(python -c 'import json, sys; a = json.load(open(sys.argv[1]))["args"]
-print("--augment", a["augment"], "--schedule", a.get("schedule", "constant"), "--seed", a["seed"])' \
+recipe=($(python -c 'import json, sys; a = json.load(open(sys.argv[1]))["args"]  # older JSONs: augment true/false
+augment = {True: "study", False: "none"}.get(a["augment"], a["augment"])
+print("--augment", augment, "--schedule", a.get("schedule", "constant"), "--seed", a["seed"])' \
   "$study/$folder/outputs/train/$m.json")) || exit 2
 v=$study/finetune-lr-validation/$folder
 mkdir -p "$v/logs"
