@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import ROOT
@@ -149,8 +150,17 @@ def fake_run(folder, name, val_acc, rate, weights):
     (folder / "model_hub" / "fine_tuned" / f"{name}_tuned.pth").write_bytes(weights)
 
 
-@pytest.mark.parametrize("better_rate, wanted", [(1e-4, b"reused, 1e-4"), (1e-3, b"long, 1e-3")])
-def test_pick_by_validation_links_the_best_validated_run(tmp_path, monkeypatch, better_rate, wanted):
+def validation_run(root, name, rate, val_acc, val_loss):
+    run = root / "finetune-lr-validation" / "long" / "outputs" / f"lr-{rate:g}" / "finetune"
+    run.mkdir(parents=True, exist_ok=True)
+    (run / f"{name}.json").write_text(json.dumps({"args": {"model": name, "learning_rate": rate}, "history": [
+        {"val_acc": 0.5, "val_loss": 1.0}, {"val_acc": val_acc, "val_loss": val_loss}]}))
+
+
+@pytest.mark.parametrize("acc, loss, better_rate, wanted", [(0.925, 0.30, 1e-4, b"reused, 1e-4"),
+                                                             (0.900, 0.20, 1e-3, b"long, 1e-3"),
+                                                             (0.920, 0.20, 1e-4, b"reused, 1e-4")])  # tie: lower loss
+def test_pick_by_validation_links_the_best_validated_run(tmp_path, monkeypatch, acc, loss, better_rate, wanted):
     sys.path.insert(0, str(STUDY))
     try:
         import pick_by_validation as pick
@@ -163,15 +173,75 @@ def test_pick_by_validation_links_the_best_validated_run(tmp_path, monkeypatch, 
     fake_run(tmp_path / "long", "resnet", 0.92, 1e-3, b"long, 1e-3")
     fake_run(tmp_path / "long-lr", "resnet", 0.92, 1e-4, b"reused, 1e-4")  # the same pre-training
     fake_run(tmp_path / "short", "resnet", 0.91, 1e-4, b"short")
-    for rate, last in [(1e-4, 0.925 if better_rate == 1e-4 else 0.90), (1e-3, 0.92)]:
-        run = tmp_path / "finetune-lr-validation" / "long" / "outputs" / f"lr-{rate:g}" / "finetune"
-        run.mkdir(parents=True)
-        (run / "resnet.json").write_text(json.dumps({"args": {"learning_rate": rate},
-                                                     "history": [{"val_acc": 0.5}, {"val_acc": last}]}))
+    validation_run(tmp_path, "resnet", 1e-4, acc, loss)
+    validation_run(tmp_path, "resnet", 1e-3, 0.92, 0.25)
+    other = 1e-3 if better_rate == 1e-4 else 1e-4  # another network's choice never decides ResNet's
+    validation_run(tmp_path, "alexnet", other, 0.99, 0.1)
     assert pick.main() == 0
     link = tmp_path / "picked" / "model_hub" / "fine_tuned" / "resnet_tuned.pth"
     assert link.is_symlink() and not Path(str(link.readlink())).is_absolute() and link.read_bytes() == wanted
     picks = json.loads((tmp_path / "picked" / "picks.json").read_text())
-    assert picks["validated_finetune_lr"] == better_rate
+    assert picks["networks"]["resnet"]["validated_finetune_lr"] == better_rate
+    assert pick.validated_rate("lenet") == other  # no runs of its own: the choice over all networks
     assert sorted(picks["networks"]["resnet"]["candidates"]) == ["long", "long-lr", "short", "the study's recipe"]
     assert not (tmp_path / "picked" / "model_hub" / "fine_tuned" / "lenet_tuned.pth").exists()
+
+
+def study_module(name):
+    sys.path.insert(0, str(STUDY))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(STUDY))
+
+
+def test_the_ensemble_is_the_most_accurate_subset_on_validation_ties_to_fewer_networks():
+    ensemble = study_module("ensemble_by_validation")
+    labels = np.array([0, 1, 2])
+    sure = lambda classes: np.eye(3, dtype=np.float16)[classes]  # noqa: E731
+    # a and c together get all three right; b pulls any mix it joins down
+    probabilities = {"a": sure([0, 1, 0]) * 0.6, "b": sure([1, 0, 1]), "c": sure([2, 2, 2]) * 0.5}
+    probabilities["a"][2, 2] = 0.3
+    members, accuracy, scored = ensemble.choose(probabilities, labels)
+    assert members == ["a", "c"] and accuracy == 1.0 and len(scored) == 4
+    tie = {"a": sure([0, 1, 2]), "b": sure([0, 1, 2]), "c": sure([0, 1, 2])}  # all subsets perfect: the pair wins
+    assert ensemble.choose(tie, labels)[0] == ["a", "b"]
+    with pytest.raises(ensemble.UserError, match="needs two networks"):
+        ensemble.choose({"a": tie["a"]}, labels)
+
+
+def test_ensemble_by_validation_links_the_chosen_fine_tuned_networks_and_repeats_from_saved(
+        trained_lenet, trained_spinalnet, tmp_path, monkeypatch, capsys):
+    ensemble = study_module("ensemble_by_validation")
+    monkeypatch.setattr(ensemble, "HERE", tmp_path)
+    monkeypatch.setattr(ensemble, "OUT", tmp_path / "picked")
+    _, lenet = trained_lenet
+    for folder, name, source in [("a", "lenet", lenet), ("b", "spinalnet", trained_spinalnet)]:
+        (tmp_path / folder / "work" / "pre_trained").mkdir(parents=True)
+        (tmp_path / folder / "work" / "pre_trained" / f"{name}.pth").write_bytes(source.read_bytes())
+    for folder, name in [("a", "lenet"), ("b-finetune-lr-0.0001", "spinalnet")]:  # the second reused b's pre-training
+        tuned = tmp_path / folder / "model_hub" / "fine_tuned" / f"{name}_tuned.pth"
+        tuned.parent.mkdir(parents=True)
+        tuned.write_bytes(f"{name} fine-tuned".encode())
+        (tmp_path / "picked" / "model_hub" / "fine_tuned").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "picked" / "model_hub" / "fine_tuned" / f"{name}_tuned.pth").symlink_to(tuned)
+    with pytest.raises(ensemble.UserError, match="picks.json is missing"):
+        ensemble.run(ensemble.parse_args([]))
+    (tmp_path / "picked" / "picks.json").write_text(json.dumps({"networks": {
+        "spinalnet": {"picked": "b-finetune-lr-0.0001"}, "lenet": {"picked": "a"}}}))
+    assert ensemble.run(ensemble.parse_args([])) == 0
+    result = json.loads((tmp_path / "picked" / "ensemble" / "ensemble.json").read_text())
+    assert result["members"] == ["lenet", "spinalnet"] and result["networks"]["spinalnet"]["pre_trained"] == \
+        "b/work/pre_trained/spinalnet.pth"
+    saved = np.load(tmp_path / "picked" / "validation_probabilities.npz")
+    mean = (saved["lenet"].astype(np.float32) + saved["spinalnet"].astype(np.float32)) / 2
+    assert result["val_acc"] == float((mean.argmax(1) == saved["labels"]).mean()) and len(saved["labels"]) > 100
+    hub = tmp_path / "picked" / "ensemble" / "model_hub" / "fine_tuned"
+    assert (hub / "spinalnet_tuned.pth").read_bytes() == b"spinalnet fine-tuned"
+    assert not Path(str((hub / "lenet_tuned.pth").readlink())).is_absolute()
+    for path in tmp_path.glob("*/work/pre_trained/*.pth"):
+        path.unlink()
+    with pytest.raises(ensemble.UserError, match="pass --from-saved"):
+        ensemble.run(ensemble.parse_args([]))
+    assert ensemble.run(ensemble.parse_args(["--from-saved"])) == 0
+    assert json.loads((tmp_path / "picked" / "ensemble" / "ensemble.json").read_text()) == result

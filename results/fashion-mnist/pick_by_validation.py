@@ -10,7 +10,8 @@ with seed 0, for a test evaluation and an ensemble that the test split chose not
   validation images, so their accuracies compare.
 - The pick: the highest best validation accuracy of pre-training. Folders that share a
   pre-training (a fine-tuning option reuses it) tie; the tie goes to the fine-tuning rate that
-  validation chose (finetune-lr-validation/: the rate with the best last-epoch validation accuracy).
+  validation chose for that network (finetune-lr-validation/: the best last-epoch validation accuracy,
+  then the lower validation loss; a network without runs of its own takes the choice over all).
 - Writes picked-by-validation/model_hub/fine_tuned/NAME_tuned.pth as relative links to the picked
   checkpoints (no copies) and picked-by-validation/picks.json with every candidate's numbers.
 
@@ -26,13 +27,18 @@ from table import HERE, NAMES, ORDER, RECIPES, load
 OUT = HERE / "picked-by-validation"
 
 
-def validated_rate():
-    """The fine-tuning Adam rate with the best last-epoch validation accuracy in finetune-lr-validation/."""
+def validated_rate(name):
+    """The fine-tuning Adam rate that validation chose for `name` (finetune-lr-validation/), or None.
+
+    The best last-epoch validation accuracy wins, ties to the lower validation loss. A network with
+    no validation runs of its own takes the rate chosen over every network's runs.
+    """
     runs = [load(path) for path in sorted(HERE.glob("finetune-lr-validation/*/outputs/lr-*/finetune/*.json"))]
     runs = [run for run in runs if run and run.get("history")]
-    if not runs:
+    own = [run for run in runs if run["args"]["model"] == name]
+    if not own and not runs:
         return None
-    best = max(runs, key=lambda run: run["history"][-1]["val_acc"])
+    best = max(own or runs, key=lambda run: (run["history"][-1]["val_acc"], -run["history"][-1]["val_loss"]))
     return best["args"]["learning_rate"]
 
 
@@ -61,13 +67,14 @@ def link_atomically(target, link):
 
 
 def main():
-    rate = validated_rate()
     hub = OUT / "model_hub" / "fine_tuned"
     hub.mkdir(parents=True, exist_ok=True)
     picks = {"rule": "highest pre-training validation accuracy (seed 0, the same 6,000 images); ties (a shared "
-                     "pre-training) to the fine-tuning rate validation chose", "validated_finetune_lr": rate,
+                     "pre-training) to the fine-tuning rate validation chose for the network (best last-epoch "
+                     "validation accuracy, then the lower loss; a network without runs of its own: over all)",
              "networks": {}}
     for name in ORDER:
+        rate = validated_rate(name)
         found = candidates(name, rate)
         stale = hub / f"{name}_tuned.pth"
         if not found:
@@ -78,6 +85,7 @@ def main():
         picks["networks"][name] = {
             "picked": folder.relative_to(HERE).as_posix() if folder != HERE else "the study's recipe",
             "pre_training_best_val_acc": accuracy,
+            "validated_finetune_lr": rate,
             "candidates": {(f.relative_to(HERE).as_posix() if f != HERE else "the study's recipe"): value
                            for value, _, f in sorted(found, key=lambda candidate: candidate[2])}}
         print(f"{NAMES[name]}: {picks['networks'][name]['picked']} ({100 * accuracy:.2f} % validation, "

@@ -20,7 +20,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ORDER = ["lenet", "alexnet", "vggnet", "resnet", "spinalnet"]
-RECIPES = {"no-augment": "--no-augment", "shift-flip": "--augment shift-flip",  # folder: its options
+RECIPES = {"no-augment": "--no-augment",  # folder: its options
+           "no-augment-finetune-lr-0.0001": "--no-augment --finetune-lr 0.0001",
+           "shift-flip": "--augment shift-flip",
            "shift-flip-cosine": "--augment shift-flip --schedule cosine",
            "shift-flip-cosine-40-epochs": "--augment shift-flip --schedule cosine --epochs 40",
            "shift-flip-cosine-40-epochs-finetune-lr-0.0001":
@@ -172,6 +174,16 @@ def picks_table():
         test = result["test"]
         rows.append(f"| {NAMES[name]} | {pick.get('picked', 'the mean of the probabilities above')} "
                     f"| {percent(pick['pre_training_best_val_acc']) if pick else ''} "
+                    f"| {percent(result['train']['accuracy'])} | {percent(test['accuracy'])} "
+                    f"| {percent(test['precision'])} / {percent(test['recall'])} / {percent(test['f1'])} |")
+    chosen = load(HERE / "picked-by-validation" / "ensemble" / "ensemble.json")
+    measured = load(HERE / "picked-by-validation" / "ensemble" / "outputs" / "eval" / "comparison.json")
+    if chosen and measured and sorted(measured["models"]) == sorted(chosen["members"] + ["ensemble"]):
+        result = measured["models"]["ensemble"]
+        test = result["test"]
+        members = " and ".join(NAMES[name] for name in chosen["members"])
+        rows.append(f"| ensemble chosen on validation | the mean of {members} "
+                    f"| {percent(chosen['val_acc'])} (the pre-trained networks) "
                     f"| {percent(result['train']['accuracy'])} | {percent(test['accuracy'])} "
                     f"| {percent(test['precision'])} / {percent(test['recall'])} / {percent(test['f1'])} |")
     return "\n".join(rows)

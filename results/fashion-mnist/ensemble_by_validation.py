@@ -1,0 +1,167 @@
+"""Which of the networks picked by validation join the ensemble: chosen on validation too, never on the
+test split.
+
+    python results/fashion-mnist/pick_by_validation.py              # first: one network per architecture
+    python results/fashion-mnist/ensemble_by_validation.py          # writes picked-by-validation/ensemble/
+    python evaluate.py --model all --dataset fashion-mnist --hub results/fashion-mnist/picked-by-validation/ensemble/model_hub \
+        --outputs results/fashion-mnist/picked-by-validation/ensemble/outputs
+
+The picked networks were fine-tuned on all the training images, so none has a held-out split left. Their
+pre-trained checkpoints (seed 0) each held out the same 10 % (6,000 images): each of them predicts those
+images, every subset of two or more networks is scored by the accuracy of its mean probability (what
+evaluate.py's ensemble averages), and the best subset wins; ties go to fewer networks. The chosen
+networks' fine-tuned checkpoints are linked (relative links, no copies) into
+picked-by-validation/ensemble/model_hub/fine_tuned/, and ensemble.json lists every subset's accuracy.
+
+The probabilities are saved in picked-by-validation/validation_probabilities.npz (float16), and the choice
+is always made from them: `--from-saved` repeats it on a clone, where the pre-trained checkpoints (in the
+ignored work/ folders) are not.
+"""
+import argparse
+import itertools
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(HERE.parents[1]))
+
+from data import VAL_FRACTION, UserError, load_images, run_script, stratified_split  # noqa: E402
+from table import ORDER  # noqa: E402
+
+OUT = HERE / "picked-by-validation"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Choose the ensemble's members among the picked networks on "
+                                                 "the validation images their pre-training held out.")
+    parser.add_argument("--from-saved", action="store_true",
+                        help="choose from the saved validation probabilities instead of the pre-trained checkpoints")
+    parser.add_argument("--data-dir", default="data", help="folder with the dataset files (default: data)")
+    return parser.parse_args(argv)
+
+
+def choose(probabilities, labels):
+    """(members, accuracy, every subset's accuracy): the subset of two or more networks whose mean
+    probability is most accurate; ties to fewer networks, then to the earlier subset in `probabilities`' order."""
+    names = list(probabilities)
+    scored = []
+    for size in range(2, len(names) + 1):
+        for members in itertools.combinations(names, size):
+            mean = np.mean([probabilities[name].astype(np.float32) for name in members], axis=0)
+            scored.append((float((mean.argmax(1) == labels).mean()), list(members)))
+    if not scored:
+        raise UserError(f"an ensemble needs two networks, and {len(names)} were picked: run pick_by_validation.py "
+                        f"after more networks have finished")
+    accuracy, members = max(scored, key=lambda item: (item[0], -len(item[1])))  # max keeps the first of equals
+    return members, accuracy, scored
+
+
+def pre_trained_checkpoint(folder, name):
+    """The pre-training a picked folder fine-tuned: its own, or the one a fine-tuning option reused."""
+    path = folder / "work" / "pre_trained" / f"{name}.pth"
+    if path.is_file() or "finetune-" not in folder.name:
+        return path
+    base = folder.name.split("finetune-")[0].rstrip("-")  # run_study.sh names fine-tuning options last
+    return (folder.parent / base if base else folder.parent) / "work" / "pre_trained" / f"{name}.pth"
+
+
+def predict(picks, data_dir):
+    """{name: probabilities on the held-out images}, the labels, and each network's numbers."""
+    import torch
+
+    from evaluate import predict_probabilities
+    from models import load_checkpoint
+
+    probabilities, networks, split = {}, {}, None
+    for name, pick in picks.items():
+        folder = HERE if pick["picked"] == "the study's recipe" else HERE / pick["picked"]
+        path = pre_trained_checkpoint(folder, name)
+        if not path.is_file():
+            raise UserError(f"{path} is missing (work/ folders are not committed): run this where that pre-training "
+                            f"ran, or pass --from-saved to use the saved probabilities")
+        state, model = load_checkpoint(path, name)
+        run = (state["dataset"], state["args"].get("seed", 0), state["args"].get("val_fraction", VAL_FRACTION))
+        if split is None:
+            split = run
+            images, labels = load_images(run[0], train=True, data_dir=data_dir, download=False)
+            held = stratified_split(labels, run[2], run[1])[1]
+            images, labels = images[held], labels[held]
+        elif run != split:
+            raise UserError(f"{path} held out another split ({run}, not {split}): the networks' validation "
+                            f"accuracies would not compare; pick seed-0 runs of one dataset")
+        probabilities[name] = predict_probabilities(model, images, state["mean"], state["std"],
+                                                    torch.device("cpu")).numpy().astype(np.float16)
+        networks[name] = {"picked": pick["picked"], "pre_trained": path.relative_to(HERE).as_posix(),
+                          "recorded_best_val_acc": pick.get("pre_training_best_val_acc")}
+        print(f"{name}: {path.relative_to(HERE)} predicted {len(labels):,} held-out images")
+    return probabilities, labels.numpy(), networks
+
+
+def save_atomically(path, write):
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(temporary)
+    os.replace(temporary, path)
+
+
+def save_arrays(path, **arrays):
+    with open(path, "wb") as file:  # a file object: np.savez would add .npz to the temporary name
+        np.savez_compressed(file, **arrays)
+
+
+def link_atomically(target, link):
+    temporary = link.with_name(f".{link.name}.{os.getpid()}.tmp")
+    temporary.symlink_to(os.path.relpath(target, link.parent))
+    os.replace(temporary, link)
+
+
+def run(args):
+    picks_path, saved = OUT / "picks.json", OUT / "validation_probabilities.npz"
+    if not picks_path.is_file():
+        raise UserError(f"{picks_path} is missing: run python {HERE / 'pick_by_validation.py'} first")
+    picks = json.loads(picks_path.read_text())["networks"]
+    picks = {name: picks[name] for name in ORDER if name in picks}
+    if args.from_saved:
+        if not saved.is_file():
+            raise UserError(f"{saved} is missing: run without --from-saved where the pre-trained checkpoints are")
+        with np.load(saved) as stored:
+            labels, probabilities = stored["labels"], {name: stored[name] for name in picks if name in stored}
+        if list(probabilities) != list(picks):
+            raise UserError(f"{saved} holds {', '.join(probabilities)}, but the picks are {', '.join(picks)}: run "
+                            f"without --from-saved to predict again")
+        networks = json.loads((OUT / "ensemble" / "ensemble.json").read_text())["networks"]
+    else:
+        probabilities, labels, networks = predict(picks, args.data_dir)
+        save_atomically(saved, lambda path: save_arrays(path, labels=labels, **probabilities))
+    for name, values in probabilities.items():
+        networks[name]["val_acc"] = float((values.astype(np.float32).argmax(1) == labels).mean())
+    members, accuracy, scored = choose(probabilities, labels)
+    hub = OUT / "ensemble" / "model_hub" / "fine_tuned"
+    hub.mkdir(parents=True, exist_ok=True)
+    for name in ORDER:
+        link = hub / f"{name}_tuned.pth"
+        if name in members:
+            link_atomically((OUT / "model_hub" / "fine_tuned" / f"{name}_tuned.pth").resolve(), link)
+        elif link.is_symlink() or link.exists():
+            link.unlink()
+    result = {"rule": "every subset of two or more picked networks, scored by the accuracy of its mean probability "
+                      "on the images their pre-training held out; ties to fewer networks",
+              "validation_images": int(len(labels)), "networks": networks, "members": members,
+              "val_acc": accuracy,
+              "subsets": [{"members": subset, "val_acc": value} for value, subset in
+                          sorted(scored, key=lambda item: (-item[0], len(item[1])))]}
+    save_atomically(OUT / "ensemble" / "ensemble.json",
+                    lambda path: path.write_text(json.dumps(result, indent=2) + "\n"))
+    for name, network in networks.items():
+        print(f"{name}: {100 * network['val_acc']:.2f} % on the held-out images")
+    print(f"ensemble: {' + '.join(members)}, {100 * accuracy:.2f} % ({len(scored)} subsets tried); "
+          f"wrote {OUT / 'ensemble' / 'ensemble.json'} and the links in {hub}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_script(run, parse_args()))
