@@ -245,3 +245,16 @@ def test_ensemble_by_validation_links_the_chosen_fine_tuned_networks_and_repeats
         ensemble.run(ensemble.parse_args([]))
     assert ensemble.run(ensemble.parse_args(["--from-saved"])) == 0
     assert json.loads((tmp_path / "picked" / "ensemble" / "ensemble.json").read_text()) == result
+
+
+def test_gpu_run_refuses_a_missing_job_list_or_bad_seconds_before_any_work(tmp_path):
+    script = str(STUDY / "gpu_run.sh")
+    env = {"PATH": "/usr/bin:/bin", "OUT": str(tmp_path / "out")}
+    (tmp_path / "out").mkdir()
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("touch should-not-run\n")
+    for arguments, wanted in [([], "usage: bash"), ([str(tmp_path / "none.txt")], "usage: bash"),
+                              ([str(jobs), "soon"], "SECONDS must be a whole number above 0")]:
+        result = subprocess.run(["bash", script, *arguments], capture_output=True, text=True, timeout=60, env=env)
+        assert result.returncode == 2 and wanted in result.stdout and len(result.stdout.splitlines()) == 1
+    assert not list((tmp_path / "out").iterdir()) and not (ROOT / "should-not-run").exists()
