@@ -245,6 +245,10 @@ def test_ensemble_by_validation_links_the_chosen_fine_tuned_networks_and_repeats
         ensemble.run(ensemble.parse_args([]))
     assert ensemble.run(ensemble.parse_args(["--from-saved"])) == 0
     assert json.loads((tmp_path / "picked" / "ensemble" / "ensemble.json").read_text()) == result
+    (tmp_path / "picked" / "picks.json").write_text(json.dumps({"networks": {  # picked again, elsewhere
+        "spinalnet": {"picked": "b"}, "lenet": {"picked": "a"}}}))
+    with pytest.raises(ensemble.UserError, match="other picks"):
+        ensemble.run(ensemble.parse_args(["--from-saved"]))
 
 
 def test_gpu_run_refuses_a_missing_job_list_or_bad_seconds_before_any_work(tmp_path):

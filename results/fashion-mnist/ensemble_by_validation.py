@@ -126,14 +126,17 @@ def run(args):
     picks = json.loads(picks_path.read_text())["networks"]
     picks = {name: picks[name] for name in ORDER if name in picks}
     if args.from_saved:
-        if not saved.is_file():
-            raise UserError(f"{saved} is missing: run without --from-saved where the pre-trained checkpoints are")
+        record = OUT / "ensemble" / "ensemble.json"
+        if not saved.is_file() or not record.is_file():
+            raise UserError(f"{saved} or {record} is missing: run without --from-saved where the pre-trained "
+                            f"checkpoints are")
         with np.load(saved) as stored:
             labels, probabilities = stored["labels"], {name: stored[name] for name in picks if name in stored}
-        if list(probabilities) != list(picks):
-            raise UserError(f"{saved} holds {', '.join(probabilities)}, but the picks are {', '.join(picks)}: run "
-                            f"without --from-saved to predict again")
-        networks = json.loads((OUT / "ensemble" / "ensemble.json").read_text())["networks"]
+        networks = json.loads(record.read_text())["networks"]
+        if list(probabilities) != list(picks) or \
+                any(networks.get(name, {}).get("picked") != pick["picked"] for name, pick in picks.items()):
+            raise UserError(f"the saved probabilities are of other picks than {picks_path}: run without "
+                            f"--from-saved to predict again")
     else:
         probabilities, labels, networks = predict(picks, args.data_dir)
         save_atomically(saved, lambda path: save_arrays(path, labels=labels, **probabilities))
