@@ -243,8 +243,8 @@ def main():
         print(f"{title} (test split, percent)\n\n{table}\n")
         lines = seed_lines(folder)
         if lines:
-            print("\n".join(["test accuracy over seeds (pre-training + fine-tuning again, the same search "
-                              "winners):"] + lines) + "\n")
+            print("\n".join(["test accuracy over seeds (pre-training + fine-tuning again with the same "
+                              "settings):"] + lines) + "\n")
     table = picks_table()
     if table:
         print(f"picked by validation (test split, percent)\n\n{table}\n")
