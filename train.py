@@ -170,7 +170,7 @@ def resolve_settings(args, defaults, layers, log=print):
     return sources
 
 
-def resumed_run(args, best_path, log, json_path=None):
+def resumed_run(args, best_path, log, json_path):
     """(state, model, settings layers) of the run being resumed, or (None, None, []) without --resume.
 
     Flags that contradict the run, or leave it nothing to train, are refused first.
@@ -195,9 +195,9 @@ def resumed_run(args, best_path, log, json_path=None):
                             f"a new run without --resume")
     done = state.get("epoch", 0)
     wanted = args.epochs if args.epochs is not None else saved.get("epochs")
-    if wanted == done and json_path is not None and not Path(json_path).exists() and Path(best_path).exists():
+    if wanted == done and not Path(json_path).exists() and Path(best_path).exists():
         # interrupted after its last epoch was saved, before its JSON: nothing to train, the JSON to write
-        log(f"the run in {last_path} has trained all its {done} epochs but has no {json_path}: writing it")
+        log(f"the run in {last_path} has trained all its {done} epochs but has no {json_path}: resuming writes it")
     elif wanted is not None and wanted <= done:
         raise TrainingError(f"the run in {last_path} has already trained {done} epochs, --epochs is {wanted}: "
                             f"pass --epochs above {done} to train more; nothing was written")
