@@ -20,7 +20,6 @@ ignored work/ folders) are not.
 import argparse
 import itertools
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -30,7 +29,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parents[1]))
 
-from data import VAL_FRACTION, UserError, load_images, run_script, stratified_split  # noqa: E402
+from data import (VAL_FRACTION, UserError, atomic_path, load_images, run_script, stratified_split,  # noqa: E402
+                  write_json)
+from pick_by_validation import link_atomically  # noqa: E402
 from table import ORDER  # noqa: E402
 
 OUT = HERE / "picked-by-validation"
@@ -102,23 +103,6 @@ def predict(picks, data_dir):
     return probabilities, labels.numpy(), networks
 
 
-def save_atomically(path, write):
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(temporary)
-    os.replace(temporary, path)
-
-
-def save_arrays(path, **arrays):
-    with open(path, "wb") as file:  # a file object: np.savez would add .npz to the temporary name
-        np.savez_compressed(file, **arrays)
-
-
-def link_atomically(target, link):
-    temporary = link.with_name(f".{link.name}.{os.getpid()}.tmp")
-    temporary.symlink_to(os.path.relpath(target, link.parent))
-    os.replace(temporary, link)
-
-
 def run(args):
     picks_path, saved = OUT / "picks.json", OUT / "validation_probabilities.npz"
     if not picks_path.is_file():
@@ -139,7 +123,8 @@ def run(args):
                             f"--from-saved to predict again")
     else:
         probabilities, labels, networks = predict(picks, args.data_dir)
-        save_atomically(saved, lambda path: save_arrays(path, labels=labels, **probabilities))
+        with atomic_path(saved) as partial, open(partial, "wb") as file:  # a file: np.savez would add .npz to a name
+            np.savez_compressed(file, labels=labels, **probabilities)
     for name, values in probabilities.items():
         networks[name]["val_acc"] = float((values.astype(np.float32).argmax(1) == labels).mean())
     members, accuracy, scored = choose(probabilities, labels)
@@ -157,8 +142,7 @@ def run(args):
               "val_acc": accuracy,
               "subsets": [{"members": subset, "val_acc": value} for value, subset in
                           sorted(scored, key=lambda item: (-item[0], len(item[1])))]}
-    save_atomically(OUT / "ensemble" / "ensemble.json",
-                    lambda path: path.write_text(json.dumps(result, indent=2) + "\n"))
+    write_json(OUT / "ensemble" / "ensemble.json", result)
     for name, network in networks.items():
         print(f"{name}: {100 * network['val_acc']:.2f} % on the held-out images")
     print(f"ensemble: {' + '.join(members)}, {100 * accuracy:.2f} % ({len(scored)} subsets tried); "

@@ -70,6 +70,13 @@ def winner(params, used=None):
                      for key in ("learning_rate", "batch_size", "momentum", "weight_decay"))
 
 
+def metric_cells(result):
+    """An evaluation's train accuracy, test accuracy and test P / R / F1, as table cells."""
+    train, test = result["train"], result["test"]
+    return (f"{percent(train['accuracy'])} | {percent(test['accuracy'])} "
+            f"| {percent(test['precision'])} / {percent(test['recall'])} / {percent(test['f1'])}")
+
+
 def recipe_table(folder, search_folder):
     comparison = load(folder / "outputs" / "eval" / "comparison.json")
     if comparison is None:
@@ -81,7 +88,6 @@ def recipe_table(folder, search_folder):
         result = comparison["models"].get(name)
         if result is None:
             continue
-        test, train = result["test"], result["train"]
         search = load(search_folder / "outputs" / "search" / f"{name}.json") or {}
         history = load(folder / "outputs" / "train" / f"{name}.json") or {}
         tuning = load(folder / "outputs" / "finetune" / f"{name}.json") or {}
@@ -92,8 +98,7 @@ def recipe_table(folder, search_folder):
         wall = minutes(searched, pretraining, elapsed(tuning)) if history else ""
         used = history.get("args", {}) if history else {}
         rows.append(f"| {NAMES[name]} | {winner(search['best_params'], used) if search.get('best_params') else ''} "
-                    f"| {epochs} | {percent(train['accuracy'])} | {percent(test['accuracy'])} "
-                    f"| {percent(test['precision'])} / {percent(test['recall'])} / {percent(test['f1'])} | {wall} "
+                    f"| {epochs} | {metric_cells(result)} | {wall} "
                     f"| {hardware(folder, name) if name != 'ensemble' else ''} |")
     return "\n".join(rows)
 
@@ -171,21 +176,15 @@ def picks_table():
         if result is None:
             continue
         pick = picks["networks"].get(name, {})
-        test = result["test"]
         rows.append(f"| {NAMES[name]} | {pick.get('picked', 'the mean of the probabilities above')} "
-                    f"| {percent(pick['pre_training_best_val_acc']) if pick else ''} "
-                    f"| {percent(result['train']['accuracy'])} | {percent(test['accuracy'])} "
-                    f"| {percent(test['precision'])} / {percent(test['recall'])} / {percent(test['f1'])} |")
+                    f"| {percent(pick['pre_training_best_val_acc']) if pick else ''} | {metric_cells(result)} |")
     chosen = load(HERE / "picked-by-validation" / "ensemble" / "ensemble.json")
     measured = load(HERE / "picked-by-validation" / "ensemble" / "outputs" / "eval" / "comparison.json")
     if chosen and measured and sorted(measured["models"]) == sorted(chosen["members"] + ["ensemble"]):
-        result = measured["models"]["ensemble"]
-        test = result["test"]
         members = " and ".join(NAMES[name] for name in chosen["members"])
         rows.append(f"| ensemble chosen on validation | the mean of {members} "
                     f"| {percent(chosen['val_acc'])} (the pre-trained networks) "
-                    f"| {percent(result['train']['accuracy'])} | {percent(test['accuracy'])} "
-                    f"| {percent(test['precision'])} / {percent(test['recall'])} / {percent(test['f1'])} |")
+                    f"| {metric_cells(measured['models']['ensemble'])} |")
     return "\n".join(rows)
 
 
