@@ -83,10 +83,10 @@ log "evaluated"
 
 # what comes back (few files: the device tool returns 8): every new JSON, picture and log, the jobs'
 # output; the new fine-tuned checkpoints, and the new pre-trained checkpoints of seed 0 (their
-# validation predictions choose an ensemble's members), in 20 MB parts
+# validation predictions choose an ensemble's members), in 14 MB parts (a 20 MB part was refused)
 { find $here -type f -newer /tmp/gpu_run.marker ! -path '*/work/*' ! -name '*.pth' ! -name '*.lock' ! -name '*.npy' -print0
   printf '%s\0' /tmp/gpu_job_*.out; } | tar -czf "$OUT/results.tar.gz" --null -T -
 { find $here -path '*/model_hub/fine_tuned/*.pth' -newer /tmp/gpu_run.marker -print0
   find $here -path '*/work/pre_trained/*.pth' ! -name '*_last.pth' ! -path '*/seed-*' ! -path '*finetune*' \
-    -newer /tmp/gpu_run.marker -print0; } | tar -cf - --null -T - | split -b 20M - "$OUT/checkpoints.tar.part-"
+    -newer /tmp/gpu_run.marker -print0; } | tar -cf - --null -T - | split -b 14M - "$OUT/checkpoints.tar.part-"
 log "packed: $(ls -s "$OUT" | tr '\n' ' ')"
