@@ -6,24 +6,17 @@
 
 Every image in the project passes through here, so the two classic EMNIST traps are
 handled once: the official files store images transposed, and Letters labels start at 1.
-Also here, because every script needs them: atomic file writes, the output lock,
-device and precision choice, and the one-line handling of user errors.
+To add a dataset, add one entry to DATASETS; to add an augmentation, one entry to AUGMENTS.
 """
-import argparse
-import contextlib
-import errno
 import gzip
 import hashlib
 import http.client
-import json
 import math
 import os
-import random
 import re
-import signal
+import socket
 import struct
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -35,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from runs import DataError, atomic_path, is_terminal, positive_int
 
 DIGITS = "0123456789"
 UPPER = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -109,74 +104,24 @@ DOWNLOAD_RETRIES = 4  # further attempts, each resuming where the last one stopp
 DOWNLOAD_BACKOFF = 1.0  # seconds before the second attempt, doubled after each further one (at most 10x)
 
 
-class UserError(Exception):
-    """Something the user can fix: the message says what to do; scripts print it as one line."""
-
-
-class DataError(UserError):
-    """A problem with the user's data files."""
-
-
 def dataset_info(name):
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(sorted(DATASETS))}")
     return DATASETS[name]
 
 
-# ----------------------------------------------------------------------------- files written atomically
-
-@contextlib.contextmanager
-def atomic_path(path):
-    """Yield a unique temporary path beside `path`; it replaces `path` only if the block succeeds.
-
-    Whatever stops the block (an error, Ctrl-C, a full disk), the temporary file is removed
-    and the previous `path` stays as it was.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        yield Path(partial)
-        os.chmod(partial, 0o644)  # mkstemp's 0600 would hide results from the other users of a folder
-        os.replace(partial, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(partial)
-
-
-def write_json(path, payload):
-    with atomic_path(path) as partial:
-        partial.write_text(json.dumps(payload, indent=2) + "\n")
-
-
-def read_json(path, what):
-    """A JSON object from a file the user may have emptied or edited: one-line errors."""
-    try:
-        payload = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(f"{path} is not readable JSON ({type(err).__name__}): delete it or redo the {what}")
-    if not isinstance(payload, dict):
-        raise DataError(f"{path} does not hold a JSON object: delete it or redo the {what}")
-    return payload
-
-
-def pyplot():
-    """matplotlib's pyplot on the Agg backend: files only, whatever MPLBACKEND says."""
-    os.environ.pop("MPLBACKEND", None)  # an unusable value would break the import itself
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(figure, path, dpi=100):
-    """Save a matplotlib figure atomically (never a half-written PNG) and close it."""
-    with atomic_path(path) as partial:
-        figure.savefig(partial, dpi=dpi, format=Path(path).suffix.lstrip(".") or "png")
-    pyplot().close(figure)
+def add_data_flags(parser, *names, dataset_help="dataset (default: emnist-byclass)"):
+    """The dataset flags a script uses: --dataset, --data-dir, --no-download, --subset."""
+    flags = {
+        "dataset": dict(default=None, choices=sorted(DATASETS), help=dataset_help),
+        "data-dir": dict(default="data", help="folder with the dataset files (default: %(default)s)"),
+        "no-download": dict(action="store_true", help="never download missing data"),
+        "subset": dict(type=positive_int, default=None,
+                       help="train on a stratified sample of N images of the training split (default: all)"),
+    }
+    for name in names:
+        parser.add_argument(f"--{name}", **flags[name])
+    return parser
 
 
 # ----------------------------------------------------------------------------- IDX files
@@ -246,41 +191,58 @@ def source_signature(source):
 
 
 def cache_file(source, transpose):
-    """Where the decoded array of `source` is cached: beside it, or in CACHE_DIR if that is read-only.
+    """Where the decoded array of `source` is cached, without the content's CRC: beside the source,
+    or in CACHE_DIR if that is read-only.
 
     The name holds the source's signature, so a changed source never meets its old cache.
     """
     path = Path(source[0] if isinstance(source, tuple) else source)
     member = Path(source[1]).name if isinstance(source, tuple) else path.name
-    name = member.removesuffix(".gz") + (".upright" if transpose else "") + f".{source_signature(source)}.npy"
+    name = member.removesuffix(".gz") + (".upright" if transpose else "") + f".{source_signature(source)}"
     if writable(path.parent):
         return path.parent / name
     digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
     return CACHE_DIR / digest / name
 
 
-def load_idx(source, transpose=False):
-    """Decode an IDX source once; later calls read the cached .npy (well under a second for ByClass)."""
-    cache = cache_file(source, transpose)
-    if cache.exists():
+def read_cache(stem):
+    """The cached array whose CRC (in its name, about 0.1 s for ByClass) matches its content, else None."""
+    for cache in stem.parent.glob(f"{glob_escape(stem.name)}.*.npy") if stem.parent.is_dir() else ():
         try:
-            return np.load(cache)
+            array = np.load(cache)
+            if array.dtype == np.uint8 and f"{zlib.crc32(array):08x}" == cache.name.rsplit(".", 2)[1]:
+                return array
         except (ValueError, OSError, EOFError):
-            pass  # a damaged cache is rebuilt from the source below
+            pass
+        cache.unlink(missing_ok=True)  # damaged in place: decoded again below
+    return None
+
+
+def glob_escape(text):
+    return re.sub(r"([\[\]*?])", r"[\1]", text)
+
+
+def load_idx(source, transpose=False):
+    """Decode an IDX source once; later calls read the cached .npy (about a second for ByClass)."""
+    stem = cache_file(source, transpose)
+    array = read_cache(stem)
+    if array is not None:
+        return array
     array = parse_idx(read_source(source), source_name(source))
     if transpose:  # EMNIST stores every image transposed; make it upright like MNIST
         array = array.transpose(0, 2, 1)
     array = np.array(array, order="C")  # writable and contiguous (frombuffer's is neither)
+    cache = stem.with_name(f"{stem.name}.{zlib.crc32(array):08x}.npy")
     try:
         with atomic_path(cache) as partial:
             with open(partial, "wb") as handle:
                 np.save(handle, array)
-        stale = re.compile(re.escape(cache.name.rsplit(".", 2)[0]) + r"\.[0-9a-f]{16}\.npy")
+        stale = re.compile(re.escape(stem.name.rsplit(".", 1)[0]) + r"\.[0-9a-f]{16}\.[0-9a-f]{8}\.npy")
         for old in cache.parent.iterdir():  # caches of earlier versions of the source
             if old != cache and stale.fullmatch(old.name):
                 old.unlink(missing_ok=True)
-    except OSError:
-        pass  # caching is an optimisation: a read-only place or a full disk must not break loading
+    except Exception:  # noqa: BLE001 caching is an optimisation: a read-only place or a full disk must not break loading
+        pass
     return array
 
 
@@ -366,6 +328,9 @@ def fetch(url, path, md5, timeout=DOWNLOAD_TIMEOUT, retries=DOWNLOAD_RETRIES):
             raise DataError(f"download of {url} failed: HTTP {err.code} {err.reason}") from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
             reason = getattr(err, "reason", None) or err
+            if isinstance(reason, socket.gaierror):  # the name does not resolve: retrying cannot help
+                raise DataError(f"download of {url} failed: {url.split('/')[2]} cannot be resolved (no network, "
+                                f"or no name service)") from None
             if attempt == retries:
                 raise DataError(f"download of {url} failed after {retries + 1} attempts ({reason}); "
                                 f"run the command again to resume it") from None
@@ -387,7 +352,7 @@ def progress(total, initial, name):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024, desc=name,
-                disable=not sys.stderr.isatty(), leave=False)
+                disable=not is_terminal(sys.stderr), leave=False)
 
 
 def download(dataset, data_dir):
@@ -646,232 +611,3 @@ def augment(batch, mean, std, generator=None, theta=None, **recipe):
     return standardize(moved, mean, std)
 
 
-# ----------------------------------------------------------------------------- seeds, devices
-
-def set_seed(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def get_device(name="auto"):
-    """A torch.device that exists on this machine: auto is cuda, then mps, then cpu."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps"):
-        raise UserError(f"unknown --device {name!r}: use auto, cpu, cuda, cuda:N or mps")
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        raise UserError(f"--device {name}: this machine has {count} CUDA device(s); use --device auto or cpu")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UserError(f"--device {name}: MPS is not available on this machine; use --device auto or cpu")
-    return device
-
-
-def cpu_has_native_bf16():
-    """AVX512-BF16 or AMX: the CPU multiplies bf16 in hardware (Linux reports it in /proc/cpuinfo)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-@dataclass(frozen=True)
-class Precision:
-    """How the arithmetic runs: bf16 autocast and/or channels_last, and why."""
-    bf16: bool
-    channels_last: bool
-    reason: str
-
-    @property
-    def name(self):
-        return "bf16 + channels_last" if self.bf16 and self.channels_last else ("bf16" if self.bf16 else "fp32")
-
-
-PRECISIONS = ["auto", "fp32", "bf16"]
-
-
-def choose_precision(choice, device):
-    """--precision: auto picks bf16 autocast + channels_last only where bf16 is native and measured faster.
-
-    Measured (benchmarks/throughput.py): on a CPU with AVX512-BF16, bf16 + channels_last trains
-    1.1x (LeNet) to 2.2x (VGGNet) faster than fp32; without native bf16, bf16 is emulated and slower.
-    """
-    if choice == "fp32":
-        return Precision(False, False, "asked for with --precision fp32")
-    if choice == "bf16":
-        return Precision(True, device.type in ("cpu", "cuda"), "asked for with --precision bf16")
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return Precision(True, True, f"auto: {torch.cuda.get_device_name(device)} does bf16 natively")
-    if device.type == "cpu" and cpu_has_native_bf16():
-        return Precision(True, True, "auto: this CPU has AVX512-BF16/AMX (native bf16)")
-    what = {"cpu": "this CPU has no native bf16 (no AVX512-BF16 or AMX)",
-            "cuda": "this GPU has no native bf16"}.get(device.type, f"bf16 is not native on {device.type}")
-    return Precision(False, False, f"auto: {what}")
-
-
-# ----------------------------------------------------------------------------- command line
-
-class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line that says what to do."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
-def positive_float(text):
-    value = float(text)
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a number above 0, not {text}")
-    return value
-
-
-def non_negative_float(text):
-    value = float(text)
-    if not value >= 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
-    return value
-
-
-def fraction(text):
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be a fraction strictly between 0 and 1, not {text}")
-    return value
-
-
-def seed_value(text):
-    value = int(text)
-    if not 0 <= value < 2 ** 32:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 2**32 - 1, not {value}")
-    return value
-
-
-for _check, _name in [(positive_int, "a whole number"), (positive_float, "a number"),
-                      (non_negative_float, "a number"), (fraction, "a number"), (seed_value, "a whole number")]:
-    _check.__name__ = _name  # argparse says "invalid a number value: 'x'" for text that is no number
-
-
-COMMON_FLAGS = {  # each script picks the ones it uses (add_flags)
-    "dataset": dict(default=None, choices=sorted(DATASETS),
-                    help="dataset (default: emnist-byclass, or the checkpoint's when there is one)"),
-    "data-dir": dict(default="data", help="folder with the dataset files (default: %(default)s)"),
-    "subset": dict(type=positive_int, default=None,
-                   help="train on a stratified sample of N images of the training split (default: all)"),
-    "device": dict(default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps (default: auto)"),
-    "seed": dict(type=seed_value, default=None, help="seed for splits, shuffling, augmentation, init (default: 0)"),
-    "hub": dict(default="model_hub", help="checkpoint folder (default: %(default)s)"),
-    "outputs": dict(default="outputs", help="folder for JSON and plots (default: %(default)s)"),
-    "no-download": dict(action="store_true", help="never download missing data"),
-    "precision": dict(default="auto", choices=PRECISIONS,
-                      help="fp32, or bf16 autocast with channels_last; auto picks bf16 where the device does "
-                           "it natively (default: auto)"),
-    "compile": dict(action="store_true", help="torch.compile the model"),
-}
-
-
-def add_flags(parser, *names, **defaults):
-    """Add the named COMMON_FLAGS; keyword arguments override their defaults (help follows)."""
-    for name in names:
-        options = dict(COMMON_FLAGS[name])
-        key = name.replace("-", "_")
-        if key in defaults:
-            options["default"] = defaults[key]
-        parser.add_argument(f"--{name}", **options)
-    return parser
-
-
-# ----------------------------------------------------------------------------- running a script
-
-@contextlib.contextmanager
-def output_lock(*paths):
-    """Hold PATH.lock for each output path: a second run on the same outputs stops with one line.
-
-    flock is released by the kernel whatever ends the process, so a crashed run never
-    leaves a lock that blocks the next one.
-    """
-    try:
-        import fcntl
-    except ImportError:  # Windows: no locks, as before
-        yield
-        return
-    held = []
-    try:
-        for path in paths:
-            lock = Path(str(path) + ".lock")
-            lock.parent.mkdir(parents=True, exist_ok=True)
-            handle = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                owner = os.pread(handle, 32, 0).decode(errors="replace").strip() or "?"
-                os.close(handle)
-                raise UserError(f"another run (pid {owner}) is writing {path}: wait for it to finish, or give "
-                                f"this run other --hub/--outputs folders") from None
-            os.ftruncate(handle, 0)
-            os.pwrite(handle, str(os.getpid()).encode(), 0)
-            held.append((lock, handle))
-        yield
-    finally:
-        for lock, handle in held:
-            lock.unlink(missing_ok=True)
-            os.close(handle)
-
-
-def check_writable(*folders):
-    """Fail before any work when an output folder cannot be written."""
-    for folder in folders:
-        try:
-            Path(folder).mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=folder):
-                pass
-        except OSError as err:
-            raise UserError(f"cannot write in {folder} ({err.strerror}): choose another --hub/--outputs "
-                            f"or fix its permissions") from None
-
-
-def run_script(function, args):
-    """Run a script's work: user errors, Ctrl-C, a full disk and a closed pipe each end in one line."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` ends a run as Ctrl-C does: files complete
-    import torch.distributed as dist
-
-    try:
-        result = function(args)
-        if dist.is_initialized():
-            dist.barrier()  # rank 0 may still be writing files: tearing gloo down under it aborts
-        return result
-    except UserError as err:
-        sys.exit(f"error: {err}")
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
-        sys.exit(130)
-    except BrokenPipeError:  # output piped into `head`: stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
-    except OSError as err:
-        if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            sys.exit(f"error: no space left on the device ({err.filename or 'while writing'}): free some space "
-                     f"and run again; earlier files were left as they were")
-        if isinstance(err, PermissionError):
-            sys.exit(f"error: {err.strerror}: {err.filename}; fix the permissions or choose another folder")
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()

@@ -27,13 +27,15 @@ from pathlib import Path
 
 import torch
 
-from data import DataError, Parser, UserError, add_flags, choose_precision, get_device, run_script
+from data import DATASETS
 from evaluate import find_checkpoint, predict_probabilities, prepare_user_image
 from models import MODELS, load_checkpoint
+from runs import DataError, Parser, UserError, add_run_flags, choose_precision, get_device, one_line_errors
 
 PAGE = Path(__file__).with_name("demo.html")
 MAX_BODY = 4 * 1024 * 1024  # a drawing is a few KB; a phone photo a few MB
 TOP = 5
+TIMEOUT = 10  # seconds a client may stay silent before its connection is closed
 
 
 class Predictor:
@@ -42,8 +44,10 @@ class Predictor:
     def __init__(self, checkpoints, device, precision):
         self.device, self.precision, self.lock = device, precision, threading.Lock()
         self.networks = {}
-        for path in checkpoints:
-            state, model = load_checkpoint(path)
+        for path, wanted in checkpoints:
+            state, model = load_checkpoint(path, wanted, datasets=DATASETS)
+            if state["model"] in self.networks:
+                raise UserError(f"two checkpoints of {state['model']} ({path} and another): serve one per network")
             self.networks[state["model"]] = (state, model.to(device).eval())
         classes = {tuple(state["classes"]) for state, _ in self.networks.values()}
         if len(classes) > 1:
@@ -78,6 +82,13 @@ def top(probabilities, classes):
 def make_handler(predictor):
     class Handler(BaseHTTPRequestHandler):
         server_version = "emnist-cnn-demo"
+        timeout = TIMEOUT  # a silent or slow client never holds a thread for long
+
+        def handle(self):
+            try:
+                super().handle()
+            except (ConnectionError, TimeoutError, OSError):
+                self.close_connection = True  # the client went away: nothing to answer, keep serving
 
         def send_json(self, status, payload):
             body = json.dumps(payload).encode()
@@ -109,11 +120,9 @@ def make_handler(predictor):
             except ValueError:
                 self.send_json(411, {"error": "send the picture with a Content-Length"})
                 return
-            if length > MAX_BODY:
-                for _ in range(min(length, 4 * MAX_BODY) // 65536):  # drain a little, so the client reads the answer
-                    self.rfile.read(65536)
+            if length > MAX_BODY or length < 0:
+                self.close_connection = True  # answered at once; the body is never read
                 self.send_json(413, {"error": f"the body is {length:,} bytes; the limit is {MAX_BODY:,}"})
-                self.close_connection = True
                 return
             body = self.rfile.read(length) if length > 0 else b""
             try:
@@ -127,21 +136,34 @@ def make_handler(predictor):
     return Handler
 
 
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        """A client that resets or leaves mid-reply is logged in one line, never a traceback."""
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            sys.stderr.write(f"client {client_address[0]} went away ({type(error).__name__})\n")
+        else:
+            super().handle_error(request, client_address)
+
+
 def make_server(predictor, host="127.0.0.1", port=8000):
-    """A ThreadingHTTPServer (one thread a request) serving the page and the API."""
-    server = ThreadingHTTPServer((host, port), make_handler(predictor))
+    """A threading HTTP server (one thread a request) serving the page and the API."""
+    server = Server((host, port), make_handler(predictor))
     server.daemon_threads = True
     return server
 
 
 def checkpoints_to_serve(args):
+    """[(path, network it must hold, or None)]."""
     if args.ckpt:
-        return [Path(path) for path in args.ckpt]
+        return [(Path(path), args.model[0] if args.model else None) for path in args.ckpt]
     names = list(MODELS) if "all" in args.model else list(dict.fromkeys(args.model))
     found = []
     for name in names:
         try:
-            found.append(find_checkpoint(args.hub, name))
+            found.append((find_checkpoint(args.hub, name), name))
         except UserError as err:
             if len(names) == 1:
                 raise
@@ -159,32 +181,33 @@ def parse_args(argv=None):
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on; 0.0.0.0 opens it to the network (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
-    add_flags(parser, "hub", "device", "precision")
+    add_run_flags(parser, "hub", "device", "precision")
     args = parser.parse_args(argv)
     if not args.model and not args.ckpt:
         parser.error("give --model NAME (or all) or --ckpt PATH")
+    if args.ckpt and args.model and (len(args.model) > 1 or "all" in args.model or len(args.ckpt) > 1):
+        parser.error("with --ckpt, --model names the one network that checkpoint must hold")
     if not 0 <= args.port < 65536:
         parser.error(f"--port {args.port} is not a port number")
     return args
 
 
-def run(args):
-    device = get_device(args.device)
-    predictor = Predictor(checkpoints_to_serve(args), device, choose_precision(args.precision, device))
-    try:
-        server = make_server(predictor, args.host, args.port)
-    except OSError as err:
-        raise UserError(f"cannot listen on {args.host}:{args.port} ({err.strerror}): pick another --port") from None
-    print(f"serving {', '.join(predictor.networks)} on http://{args.host}:{server.server_address[1]} "
-          f"(Ctrl-C stops)", flush=True)
-    try:
-        server.serve_forever()
-    finally:
-        server.server_close()
-
-
 def main(argv=None):
-    return run_script(run, parse_args(argv))
+    args = parse_args(argv)
+    with one_line_errors():
+        device = get_device(args.device)
+        predictor = Predictor(checkpoints_to_serve(args), device, choose_precision(args.precision, device))
+        try:
+            server = make_server(predictor, args.host, args.port)
+        except OSError as err:
+            raise UserError(f"cannot listen on {args.host}:{args.port} ({err.strerror}): pick another --port") \
+                from None
+        print(f"serving {', '.join(predictor.networks)} on http://{args.host}:{server.server_address[1]} "
+              f"(Ctrl-C stops)", flush=True)
+        try:
+            server.serve_forever()
+        finally:
+            server.server_close()
 
 
 if __name__ == "__main__":

@@ -23,13 +23,15 @@ import numpy as np
 import torch
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 
-from data import (AUGMENTS, CLASSES, EVAL_BATCH, DataError, Parser, UserError, add_flags, atomic_path, augment,
-                  augment_recipe, check_writable, choose_precision, get_device, iterate_batches, load_images,
-                  normalize, output_lock, pyplot, read_json, run_script, save_figure, write_json)
+from data import (AUGMENTS, CLASSES, DATASETS, EVAL_BATCH, add_data_flags, augment, augment_recipe, iterate_batches,
+                  load_images, normalize)
 from models import MODELS, count_parameters, load_checkpoint
+from runs import (DataError, Parser, UserError, add_run_flags, atomic_path, check_outputs, choose_precision,
+                  get_device, one_line_errors, output_lock, pyplot, read_json, save_figure, seed_value, write_json)
 
 CASE_ALIKE = "cijklmopsuvwxyz"  # letters whose upper and lower case look alike in handwriting
 MAX_PIXELS = 40_000_000  # a bigger picture is refused: decoding it could exhaust memory (PIL's bomb guard)
+MIN_SIDE = 8  # a picture narrower or lower than this cannot hold a readable character
 CONFUSED_PAIRS = 15  # most-confused pairs listed in the JSON
 GRID_SIDE = 10  # the prediction grid shows GRID_SIDE x GRID_SIDE test images
 
@@ -201,12 +203,20 @@ def read_picture(source, name):
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    if not isinstance(source, bytes):
+        if not Path(source).exists():
+            raise DataError(f"{name} does not exist: check the path")
+        if not Path(source).is_file():
+            raise DataError(f"{name} is not a regular file (a folder, FIFO or device): give a PNG or JPEG file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as opened:
                 if opened.width * opened.height > MAX_PIXELS:
                     raise Image.DecompressionBombError(f"{opened.width}x{opened.height}")
+                if min(opened.width, opened.height) < MIN_SIDE:
+                    raise DataError(f"{name} is {opened.width}x{opened.height} pixels, too small to hold a "
+                                    f"character: give a picture at least {MIN_SIDE} pixels on each side")
                 picture = ImageOps.exif_transpose(opened)
                 if picture.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # 16-bit (or float) gray
                     pixels = np.asarray(picture, dtype=np.float32)
@@ -262,7 +272,7 @@ def top_predictions(model, state, image, device, count=5, precision=None):
 def classify_files(paths, args, device):
     """Top-3 characters for each file; a file that cannot be read gets a one-line error, the others answers."""
     path = find_checkpoint(args.hub, args.model[0] if args.model else None, args.ckpt)
-    state, model = load_checkpoint(path, args.model[0] if args.model else None)
+    state, model = load_checkpoint(path, args.model[0] if args.model else None, datasets=DATASETS)
     model = model.to(device)
     failures = 0
     for file in paths:
@@ -279,9 +289,12 @@ def classify_files(paths, args, device):
 
 # ----------------------------------------------------------------------------- one network
 
-def check_dataset(state, dataset, path):
-    """--dataset must have the checkpoint's class count; default: the checkpoint's own dataset."""
+def check_dataset(state, dataset, path, other_dataset=False):
+    """The checkpoint's own dataset; another only with --other-dataset, and with the same classes."""
     dataset = dataset or state["dataset"]
+    if dataset != state["dataset"] and not other_dataset:
+        raise UserError(f"{path} was trained on {state['dataset']}, not {dataset}: leave --dataset out, or pass "
+                        f"--other-dataset if evaluating it on {dataset} is meant")
     if len(CLASSES[dataset]) != state["num_classes"]:
         raise UserError(f"{path} predicts {state['num_classes']} classes ({state['dataset']}) but {dataset} has "
                         f"{len(CLASSES[dataset])}: leave --dataset out, or pass --dataset {state['dataset']}")
@@ -316,7 +329,7 @@ def evaluate_model(name, args, device):
     checkpoint, so that --ckpt alone locks the right file).
     """
     path = find_checkpoint(args.hub, name, args.ckpt)
-    state, model = load_checkpoint(path, name)
+    state, model = load_checkpoint(path, name, datasets=DATASETS)
     with output_lock(*([] if args.dry_run else [Path(args.outputs) / "eval" / f"{state['model']}.json"])):
         return measure(state, model.to(device), path, args, device)
 
@@ -324,7 +337,7 @@ def evaluate_model(name, args, device):
 def measure(state, model, path, args, device):
     """evaluate_model's work on a loaded checkpoint."""
     name = state["model"]
-    dataset = check_dataset(state, args.dataset, path)
+    dataset = check_dataset(state, args.dataset, path, args.other_dataset)
     classes = CLASSES[dataset]
     folder = Path(args.outputs) / "eval"
     result = {"model": name, "checkpoint": str(path), "dataset": dataset, "epochs": state.get("epoch"),
@@ -438,13 +451,16 @@ def parse_args(argv=None):
                         help="one or more networks, or all (default: the --ckpt's network)")
     parser.add_argument("--ckpt", default=None, help="checkpoint to evaluate; network, classes and normalisation "
                                                      "come from it (default: HUB/fine_tuned, else HUB/pre_trained)")
-    add_flags(parser, "dataset", "data-dir", "device", "hub", "outputs", "no-download", "precision")
-    parser.add_argument("--seed", type=int, default=0, help="which test images the prediction grid shows (default: 0)")
+    add_data_flags(parser, "dataset", "data-dir", "no-download", dataset_help="dataset (default: the checkpoint's)")
+    parser.add_argument("--other-dataset", action="store_true",
+                        help="evaluate on a --dataset other than the checkpoint's (same classes)")
     parser.add_argument("--split", default="both", choices=["train", "test", "both"], help="which split(s) "
                                                                                            "(default: both)")
+    parser.add_argument("--seed", type=seed_value, default=0,
+                        help="which test images the prediction grid shows (default: 0)")
     parser.add_argument("--image", nargs="+", default=None, metavar="FILE",
                         help="classify your own pictures of handwritten characters")
-    parser.add_argument("--dry-run", action="store_true", help="one batch of each split; writes nothing")
+    add_run_flags(parser, "device", "hub", "outputs", "precision", "dry-run", precision="fp32")
     args = parser.parse_args(argv)
     if not args.model and not args.ckpt:
         parser.error("give --model NAME (or all) or --ckpt PATH")
@@ -453,25 +469,24 @@ def parse_args(argv=None):
     return args
 
 
-def run(args):
-    device = get_device(args.device)
-    args.precision = choose_precision(args.precision, device)
-    if args.image:
-        return 1 if classify_files(args.image, args, device) else 0
-    names = (list(MODELS) if "all" in args.model else list(dict.fromkeys(args.model))) if args.model else [None]
-    if not args.dry_run:
-        check_writable(Path(args.outputs) / "eval")
-    if len(names) == 1:
-        evaluate_model(names[0], args, device)
-    else:
-        evaluate_several(names, args, device)
-    return 0
-
-
 def main(argv=None):
-    code = run_script(run, parse_args(argv))
-    if code:
-        sys.exit(code)
+    args = parse_args(argv)
+    with one_line_errors():
+        device = get_device(args.device)
+        args.precision = choose_precision(args.precision, device)
+        print(f"precision: {args.precision.name} ({args.precision.reason})")
+        if args.image:
+            if classify_files(args.image, args, device):
+                raise SystemExit(1)
+            return
+        names = (list(MODELS) if "all" in args.model else list(dict.fromkeys(args.model))) if args.model else [None]
+        if not args.dry_run:
+            check_outputs(*[Path(args.outputs) / "eval" / f"{name}.json" for name in names if name],
+                          *([Path(args.outputs) / "eval" / "comparison.json"] if len(names) > 1 else []))
+        if len(names) == 1:
+            evaluate_model(names[0], args, device)
+        else:
+            evaluate_several(names, args, device)
 
 
 if __name__ == "__main__":

@@ -1,43 +1,50 @@
-"""Adam fine-tuning on 100 % of the training split (stage 3 of the study).
+"""Adam fine-tuning on 100 % of the training split (stage 3 of the study), with train.py's loop.
 
-    python finetune.py --model alexnet            # from model_hub/pre_trained/alexnet.pth
-    python finetune.py --ckpt other.pth           # the network, classes and normalisation come from it
-    python finetune.py --model alexnet --val-fraction 0.1 --patience 5   # with early stopping
-    python finetune.py --model lenet --epochs 2
+    python finetune.py --model alexnet                        # from model_hub/pre_trained/alexnet.pth
+    python finetune.py --ckpt other.pth                       # network, classes, normalisation from it
+    python finetune.py --model alexnet --val-fraction 0.1     # hold out 10 % and keep the best epoch
+    python finetune.py --model alexnet --val-fraction 0.1 --lr 0.001 0.0001   # choose the rate on validation
     python finetune.py --ckpt other.pth --dataset emnist-letters --replace-head
 
 Writes model_hub/fine_tuned/{model}_tuned.pth, outputs/finetune/{model}.json and .png.
 Without --val-fraction every training image is used and the last epoch is kept: early
-stopping needs a validation set, and the test set is never one.
+stopping needs a validation set, and the test set is never one. With several --lr values
+(and --val-fraction) each rate is fine-tuned from the same checkpoint, the one with the best
+validation accuracy (ties: lower loss) is kept, and outputs/finetune/{model}_rates.json
+lists them all.
 """
 import os
 import sys
-from pathlib import Path
 
 if __name__ == "__main__":  # Ctrl-C while torch loads: one line and exit 130, not a traceback
     import signal
 
     signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("interrupted\n"), os._exit(130)))
 
+import copy
+from pathlib import Path
+
 import torch
 
-from data import CLASSES, Parser, add_flags, choose_precision, fraction, run_script, set_seed
+from data import CLASSES, DATASETS, add_data_flags
 from models import MODELS, load_checkpoint, replace_head
-from train import (TrainingError, add_training_flags, checkpoint_meta, load_training_data,
-                   locked_outputs, resolve_settings, resumed_run, run_stage, setup_distributed)
+from runs import (Parser, add_run_flags, choose_precision, log_for, one_line_errors, positive_float, resolve_settings,
+                  set_seed, setup_distributed, write_json)
+from train import (TrainingError, add_setting_flags, best_row, check_settings, checkpoint_meta, discard_unfinished,
+                   finish, fit, load_training_data, locked, prepare_model, resumed_run, stage_files)
 
-DEFAULTS = {  # the one place fine-tuning's defaults live (dataset and batch size: the checkpoint's first)
+DEFAULTS = {  # fine-tuning's values, each written only here (dataset and batch size: the checkpoint's first)
     "dataset": "emnist-byclass",
     "subset": None,
     "seed": 0,
-    "learning_rate": 1e-3,  # Adam's usual default, as the study
+    "learning_rate": 1e-3,  # Adam's usual rate, as the study
     "batch_size": 64,
-    "epochs": 5,
-    "patience": 5,  # only used with --val-fraction
+    "epochs": 5,  # as the study
+    "patience": 5,  # used only with --val-fraction and a constant schedule
     "clip": 1.0,
     "augment": "study",
     "schedule": "constant",
-    "val_fraction": 0.0,  # none: train on 100 % of the training split, keep the last epoch
+    "val_fraction": 0.0,  # 0: train on 100 % of the training split and keep the last epoch
 }
 
 
@@ -46,71 +53,114 @@ def parse_args(argv=None):
     parser.add_argument("--model", default=None, choices=sorted(MODELS),
                         help="network (default: the checkpoint's; checked against --ckpt when both are given)")
     parser.add_argument("--ckpt", default=None, help="pre-trained checkpoint (default: HUB/pre_trained/MODEL.pth)")
-    add_flags(parser, "dataset", "data-dir")
-    add_training_flags(parser, DEFAULTS, "Adam learning rate")
-    parser.add_argument("--val-fraction", type=fraction, default=None,
-                        help="hold out this stratified fraction of the training split for validation and early "
-                             "stopping (default: none)")
+    add_setting_flags(parser, DEFAULTS, skip=("learning_rate",))
+    parser.add_argument("--lr", dest="learning_rate", nargs="+", type=positive_float, default=None,
+                        help=f"Adam learning rate; several: choose one on validation (default: "
+                             f"{DEFAULTS['learning_rate']})")
     parser.add_argument("--replace-head", action="store_true",
                         help="allow a checkpoint of another dataset: give it a new classifier head")
+    add_data_flags(parser, "data-dir", "no-download")
+    parser.add_argument("--resume", action="store_true", help="continue the unfinished run")
+    add_run_flags(parser, "device", "hub", "outputs", "precision", "compile", "dry-run")
     args = parser.parse_args(argv)
     if not args.model and not args.ckpt:
         parser.error("give --model NAME (uses HUB/pre_trained/NAME.pth) or --ckpt PATH")
+    rates = args.learning_rate or []
+    if len(rates) > 1 and not args.val_fraction:
+        parser.error("choosing among several --lr values needs a validation set: add --val-fraction 0.1")
+    if len(rates) > 1 and args.resume:
+        parser.error("--resume continues one run: give one --lr")
+    if len(set(rates)) != len(rates):
+        parser.error("--lr lists a rate twice")
+    args.rates, args.learning_rate = rates, (rates[0] if len(rates) == 1 else tuple(rates)) if rates else None
     return args
 
 
-def load_pretrained(args):
-    """(path, state, model) of the pre-trained checkpoint; args.model becomes its network."""
-    path = Path(args.ckpt or Path(args.hub) / "pre_trained" / f"{args.model}.pth")
-    state, model = load_checkpoint(path, args.model, hint=f"python train.py --model {args.model}")
-    args.model = state["model"]
-    return path, state, model
-
-
-def adapt_head(args, path, state, model):
+def adapt_head(state, path, settings, model, replace):
     """The checkpoint's normalisation when the data is the same; a new head (--replace-head) when not."""
-    if state["dataset"] == args.dataset:
+    if state["dataset"] == settings["dataset"]:
         return (state["mean"], state["std"])
-    if not args.replace_head:
+    if not replace:
         raise TrainingError(f"{path} was trained on {state['dataset']} ({state['num_classes']} classes), not "
-                            f"{args.dataset} ({len(CLASSES[args.dataset])}): pass --replace-head to give it a "
-                            f"new classifier, or leave --dataset out")
-    replace_head(model, len(CLASSES[args.dataset]))
+                            f"{settings['dataset']} ({len(CLASSES[settings['dataset']])}): pass --replace-head to "
+                            f"give it a new classifier, or leave --dataset out")
+    replace_head(model, len(CLASSES[settings["dataset"]]))
     return None
 
 
-def run(args):
-    rank, world_size, device = setup_distributed(args.device)
-    log = print if rank == 0 else (lambda *_: None)
-    source, state, model = load_pretrained(args)
-    best_path = Path(args.hub) / "fine_tuned" / f"{args.model}_tuned.pth"
-    json_path = Path(args.outputs) / "finetune" / f"{args.model}.json"
-    with locked_outputs(args, best_path, json_path, rank):
-        resumed, resumed_model, layers = resumed_run(args, best_path, log, json_path)
-        pretrained = {"dataset": state["dataset"], "batch_size": state["args"].get("batch_size")}
-        layers.append((f"checkpoint {source}", {key: value for key, value in pretrained.items() if value is not None}))
-        resolve_settings(args, DEFAULTS, layers, log)
-        args.precision = choose_precision(args.precision, device)
-        set_seed(args.seed)
-        stats = adapt_head(args, source, state, model)
-        data = load_training_data(args, device, val_fraction=args.val_fraction, stats=stats)
-        if resumed_model is not None:
-            model = resumed_model
-        optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate)
-        if resumed:
-            optimizer.load_state_dict(resumed["optimizer"])
-        val_count = len(data["val"][1]) if data["val"] else 0
-        log(f"fine-tuning {source} on {args.dataset}: {len(data['train'][1]):,} train / {val_count:,} val images, "
-            f"device {device}, world size {world_size}")
-        meta = dict(checkpoint_meta(args, data), pretrained=str(source))
-        return run_stage(args, model, optimizer, data, json_path=json_path, best_path=best_path,
-                         title=f"{args.model} fine-tuning on {args.dataset}", meta=meta, rank=rank,
-                         world_size=world_size, device=device, history=resumed["history"] if resumed else (),
-                         log=log)
-
-
 def main(argv=None):
-    return run_script(run, parse_args(argv))
+    args = parse_args(argv)
+    with one_line_errors():
+        rank, world_size, device = setup_distributed(args.device)
+        log = log_for(rank)
+        source = Path(args.ckpt or Path(args.hub) / "pre_trained" / f"{args.model}.pth")
+        state, model = load_checkpoint(source, args.model, hint=f"python train.py --model {args.model}",
+                                       datasets=DATASETS)
+        args.model = state["model"]
+        files = stage_files(Path(args.hub) / "fine_tuned" / f"{args.model}_tuned.pth",
+                            Path(args.outputs) / "finetune" / f"{args.model}.json")
+        with locked(files, args.dry_run, rank):
+            resumed, resumed_model, layer = resumed_run(args, files, DEFAULTS, log) if args.resume else \
+                (None, None, None)
+            pretrained = {"dataset": state["dataset"], "batch_size": state["args"].get("batch_size")}
+            layers = ([layer] if layer else []) + [(f"checkpoint {source}", {key: value for key, value in
+                                                                             pretrained.items() if value is not None})]
+            settings = resolve_settings(args, DEFAULTS, layers, log)
+            check_settings(settings, args)
+            precision = choose_precision(args.precision, device)
+            log(f"precision: {precision.name} ({precision.reason})")
+            stats = adapt_head(state, source, settings, model, args.replace_head)
+            data = load_training_data(settings, device, args.data_dir, not args.no_download,
+                                      val_fraction=settings["val_fraction"], stats=stats)
+            log(f"fine-tuning {source} on {settings['dataset']}: {len(data['train'][1]):,} train / "
+                f"{len(data['val'][1]) if data['val'] else 0:,} val images, device {device}, world size {world_size}")
+            meta = checkpoint_meta(args.model, settings, data, precision, pretrained=str(source))
+            discard_unfinished(files, resumed and resumed["path"], args.dry_run)
+            tried = {}
+            for rate in args.rates if len(args.rates) > 1 else [settings["learning_rate"]]:
+                settings = dict(settings, learning_rate=rate)
+                rate_files = files if len(args.rates) < 2 else dict(files, **{
+                    key: files[key].with_name(f"{files[key].stem}_lr{rate}.pth") for key in UNFINISHED})
+                set_seed(settings["seed"])
+                tuned = resumed_model or copy.deepcopy(model)
+                optimizer = torch.optim.Adam(tuned.parameters(), lr=rate)
+                if resumed:
+                    optimizer.load_state_dict(resumed["optimizer"])
+                tuned = prepare_model(tuned, device, precision, world_size, args.compile, optimizer)
+                if len(args.rates) > 1:
+                    log(f"fine-tuning at lr {rate}:")
+                history = fit(tuned, optimizer, data, settings, precision,
+                              history=resumed["history"] if resumed else (), files=None if args.dry_run else
+                              rate_files, meta=dict(meta, args=settings), rank=rank, world_size=world_size,
+                              dry_run=args.dry_run, log=log)
+                tried[rate] = (settings, history, rate_files)
+            if rank == 0 and not args.dry_run:
+                settings, history = choose_rate(tried, files, args.model, log)
+                finish(files, settings, history, f"{args.model} fine-tuning on {settings['dataset']}", log)
+
+
+UNFINISHED = ("unfinished", "unfinished_last")
+
+
+def choose_rate(tried, files, model_name, log):
+    """The rate whose best epoch validates most accurately (ties: lower loss) becomes the unfinished run;
+    with several rates, {model}_rates.json lists them all."""
+    if len(tried) == 1:
+        settings, history, _ = next(iter(tried.values()))
+        return settings, history
+    table = [{"learning_rate": rate, "best_epoch": best_row(history)["epoch"], "val_acc": best_row(history)["val_acc"],
+              "val_loss": best_row(history)["val_loss"]} for rate, (_, history, _) in tried.items()]
+    chosen = max(table, key=lambda row: (row["val_acc"], -row["val_loss"]))["learning_rate"]
+    for rate, (_, _, rate_files) in tried.items():
+        for key in UNFINISHED:
+            if rate == chosen:
+                os.replace(rate_files[key], files[key])
+            else:
+                rate_files[key].unlink(missing_ok=True)
+    write_json(files["json"].with_name(f"{model_name}_rates.json"), {"chosen": chosen, "rates": table})
+    log("validation accuracy by rate: " + ", ".join(f"{row['learning_rate']}: {100 * row['val_acc']:.2f}%"
+                                                    for row in table) + f"; kept {chosen}")
+    return tried[chosen][0], tried[chosen][1]
 
 
 if __name__ == "__main__":

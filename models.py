@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import DATASETS, UserError, atomic_path
+from runs import UserError, atomic_path
 
 
 def init_weights(model, linear_std=0.01):
@@ -263,6 +263,8 @@ def save_checkpoint(path, model, optimizer=None, /, **fields):
 
 def read_checkpoint(path, hint):
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise CheckpointError(f"{path} is not a file: give the path of a checkpoint (.pth)")
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}: make one with `{hint}` or pass --ckpt PATH")
     try:
@@ -276,14 +278,14 @@ def read_checkpoint(path, hint):
     return state
 
 
-def check_fields(state, path):
+def check_fields(state, path, datasets):
     """The plain fields a checkpoint must hold for any script to use it."""
-    if state["model"] not in MODELS:
+    if not isinstance(state["model"], str) or state["model"] not in MODELS:
         raise CheckpointError(f"{path} names an unknown network {state['model']!r} "
                               f"(known: {', '.join(sorted(MODELS))})")
-    if state["dataset"] not in DATASETS:
+    if not isinstance(state["dataset"], str) or (datasets is not None and state["dataset"] not in datasets):
         raise CheckpointError(f"{path} names an unknown dataset {state['dataset']!r} "
-                              f"(known: {', '.join(sorted(DATASETS))})")
+                              f"(known: {', '.join(sorted(datasets or []))})")
     classes = state["classes"]
     if not isinstance(state["num_classes"], int) or not isinstance(classes, (list, tuple, str)) or \
             len(classes) != state["num_classes"]:
@@ -294,14 +296,14 @@ def check_fields(state, path):
             raise CheckpointError(f"{path} has an unusable normalisation {key} = {state[key]!r}")
 
 
-def load_checkpoint(path, model_name=None, hint="python train.py --model MODEL"):
+def load_checkpoint(path, model_name=None, hint="python train.py --model MODEL", datasets=None):
     """(state, model on the CPU) from a checkpoint read with weights_only=True; one-line errors.
 
     The network, classes and normalisation come from the checkpoint; `model_name`, when
-    given, is only checked against it.
+    given, is only checked against it, and so is the dataset against `datasets` (the names known).
     """
     state = read_checkpoint(path, hint)
-    check_fields(state, path)
+    check_fields(state, path, datasets)
     if model_name is not None and state["model"] != model_name:
         raise CheckpointError(f"{path} holds a {state['model']} checkpoint, not {model_name}: "
                               f"pass --model {state['model']} (or leave --model out) or another --ckpt")

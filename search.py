@@ -7,30 +7,33 @@
     torchrun --nproc_per_node=2 search.py --model vggnet   # trials spread over the ranks
 
 Writes outputs/search/{model}.json after every trial (best_params, best_val_loss, trials),
-so an interrupted search resumes where it stopped; train.py uses best_params once the
-search is complete (`"complete": true`) and for the same network, dataset and classes.
+so an interrupted search resumes where it stopped. train.py uses best_params only when asked:
+`python train.py --model alexnet --params outputs/search/alexnet.json`.
 """
 import argparse
 import json
 import os
 import sys
-import time
-from pathlib import Path
 
 if __name__ == "__main__":  # Ctrl-C while torch loads: one line and exit 130, not a traceback
     import signal
 
     signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("interrupted\n"), os._exit(130)))
 
+import time
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 from sklearn.model_selection import ParameterSampler
 
-from data import (CLASSES, Parser, UserError, add_flags, check_writable, choose_precision, output_lock,
-                  positive_int, read_json, run_script, set_seed, write_json)
+import train
+from data import CLASSES, add_data_flags
 from models import MODELS, build_model
-from train import (DEFAULTS as TRAIN_DEFAULTS, TrainingError, best_row, fit, load_training_data, plain_args,
-                   resolve_settings, setup_distributed, valid_search_params)
+from runs import (Parser, UserError, add_run_flags, check_outputs, choose_precision, is_terminal, log_for,
+                  one_line_errors, output_lock, positive_int, read_json, resolve_settings, set_seed,
+                  setup_distributed, write_json)
+from train import TrainingError, add_setting_flags, best_row, check_params, fit, load_training_data
 
 GRID = {  # the study's grid
     "learning_rate": [1e-3, 1e-2, 1e-1],
@@ -38,7 +41,7 @@ GRID = {  # the study's grid
     "momentum": [0.0, 0.85, 0.9, 0.95],
     "weight_decay": [0.0, 1e-2, 1e-3, 1e-4],
 }
-DEFAULTS = {  # the one place the search's defaults live
+DEFAULTS = {  # the search's values, each written only here; the rest of a trial is train.DEFAULTS
     "dataset": "emnist-byclass",
     "subset": None,
     "seed": 0,
@@ -68,9 +71,10 @@ def parse_grid(text):
         if not isinstance(values, list) or not values:
             raise argparse.ArgumentTypeError(f"{key} must be a non-empty list")
         for value in values:
-            reason = valid_search_params({**{k: v[0] for k, v in GRID.items()}, key: value})
-            if reason:
-                raise argparse.ArgumentTypeError(reason.replace("its ", "", 1))
+            try:
+                check_params({**{k: v[0] for k, v in GRID.items()}, key: value}, "--grid")
+            except UserError as err:
+                raise argparse.ArgumentTypeError(str(err).removeprefix("--grid: ")) from None
     return grid
 
 
@@ -85,17 +89,19 @@ def sample_configs(grid, n_iter, seed):
     return configs
 
 
-def run_trial(name, params, data, args, device):
-    """Train one configuration from scratch; its score is the best epoch's validation loss."""
-    set_seed(args.seed)
-    trial = argparse.Namespace(**{**vars(args), **params, "patience": args.epochs, "clip": TRAIN_DEFAULTS["clip"],
-                                  "augment": TRAIN_DEFAULTS["augment"], "schedule": TRAIN_DEFAULTS["schedule"]})
-    model = build_model(name, len(CLASSES[args.dataset])).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=params["learning_rate"], momentum=params["momentum"],
-                                weight_decay=params["weight_decay"])
+def run_trial(name, params, data, settings, precision, device, dry_run):
+    """Train one configuration from scratch with train.py's loop and the rest of its defaults; the
+    trial's score is its best epoch's validation loss (every epoch runs: no early stop)."""
+    trial = {**train.DEFAULTS, **settings, **params, "patience": settings["epochs"]}
+    set_seed(trial["seed"])
+    model = build_model(name, data["classes"]).to(device)
+    if precision.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=trial["learning_rate"], momentum=trial["momentum"],
+                                weight_decay=trial["weight_decay"])
     started = time.time()
     try:
-        history = fit(model, optimizer, data, trial, log=lambda *_: None)
+        history = fit(model, optimizer, data, trial, precision, dry_run=dry_run, log=lambda *_: None)
     except TrainingError:  # a diverged configuration ranks last instead of ending the search
         return {"params": params, "val_loss": None, "val_acc": None, "diverged": True,
                 "seconds": time.time() - started}
@@ -104,9 +110,8 @@ def run_trial(name, params, data, args, device):
             "seconds": time.time() - started}
 
 
-def settings(args, grid):
-    return {"dataset": args.dataset, "subset": args.subset, "epochs": args.epochs, "n_iter": args.n_iter,
-            "seed": args.seed, "grid": grid}
+def search_settings(settings, grid):
+    return {**{key: settings[key] for key in ("dataset", "subset", "epochs", "n_iter", "seed")}, "grid": grid}
 
 
 def load_previous(path, expected, log):
@@ -118,34 +123,38 @@ def load_previous(path, expected, log):
         raise UserError(f"{path} holds a search with other settings ({previous.get('settings')}): move it away, "
                         f"pass the same settings to resume it, or write this one elsewhere with --outputs")
     if not isinstance(previous.get("trials"), list) or not all(
-            isinstance(trial, dict) and isinstance(trial.get("params"), dict) for trial in previous["trials"]):
+            isinstance(trial, dict) and isinstance(trial.get("params"), dict) and
+            (trial.get("val_loss") is None or (isinstance(trial.get("val_loss"), (int, float)) and
+                                               not isinstance(trial.get("val_loss"), bool)))
+            for trial in previous["trials"]):
         raise UserError(f"{path} has no readable list of trials: move it away and search again")
     log(f"resuming {path}: {len(previous['trials'])} trials already done")
     return previous["trials"]
 
 
-def summary(name, args, grid, trials, planned):
+def summary(name, settings, grid, trials, planned):
     finished = [trial for trial in trials if trial.get("val_loss") is not None]
     best = min(finished, key=lambda trial: trial["val_loss"]) if finished else None
-    return {"model": name, "dataset": args.dataset, "num_classes": len(CLASSES[args.dataset]),
-            "complete": len(trials) >= planned, "dry_run": False, "settings": settings(args, grid),
-            "args": plain_args(args), "best_params": best["params"] if best else None,
+    return {"model": name, "dataset": settings["dataset"], "num_classes": len(CLASSES[settings["dataset"]]),
+            "complete": len(trials) >= planned, "dry_run": False, "settings": search_settings(settings, grid),
+            "best_params": best["params"] if best else None,
             "best_val_loss": best["val_loss"] if best else None, "best_val_acc": best["val_acc"] if best else None,
             "trials": trials}
 
 
-def search_model(name, args, data, rank, world_size, device, log):
-    path = Path(args.outputs) / "search" / f"{name}.json"
-    configs = sample_configs(args.grid, args.n_iter, args.seed)
-    trials = load_previous(path, settings(args, args.grid), log) if rank == 0 and not args.dry_run else []
+def search_model(name, settings, grid, data, precision, device, dist_info, dry_run, path, log):
+    """Every trial of one network not yet in `path`, spread over the ranks; the JSON after each round."""
+    rank, world_size = dist_info
+    configs = sample_configs(grid, settings["n_iter"], settings["seed"])
+    trials = load_previous(path, search_settings(settings, grid), log) if rank == 0 and not dry_run else []
     if world_size > 1:  # every rank must agree on which trials are left
         shared = [trials]
         dist.broadcast_object_list(shared, src=0)
         trials = shared[0]
     done = {config_key(trial["params"]) for trial in trials}
-    todo = [params for params in configs if config_key(params) not in done][: 1 if args.dry_run else None]
+    todo = [params for params in configs if config_key(params) not in done][: 1 if dry_run else None]
     rounds = range(0, len(todo), world_size)  # one round: a trial per rank
-    if rank == 0 and sys.stdout.isatty() and not args.dry_run:
+    if rank == 0 and is_terminal() and not dry_run:
         from tqdm import tqdm
 
         rounds = tqdm(rounds, desc=f"{name} trials", unit="round", leave=False)
@@ -153,7 +162,7 @@ def search_model(name, args, data, rank, world_size, device, log):
     try:
         for start in rounds:
             mine = todo[start + rank] if start + rank < len(todo) else None
-            results = [run_trial(name, mine, data, args, device) if mine else None]
+            results = [run_trial(name, mine, data, settings, precision, device, dry_run) if mine else None]
             if world_size > 1:
                 gathered = [None] * world_size
                 dist.all_gather_object(gathered, results[0])
@@ -163,20 +172,19 @@ def search_model(name, args, data, rank, world_size, device, log):
                 loss = "diverged" if result["val_loss"] is None else f"val loss {result['val_loss']:.4f}"
                 log(f"{name} trial {len(trials):3d}/{len(configs)}: {result['params']} -> {loss} "
                     f"({result['seconds']:.1f}s)")
-            if rank == 0 and not args.dry_run:
-                write_json(path, summary(name, args, args.grid, trials, len(configs)))
+            if rank == 0 and not dry_run:
+                write_json(path, summary(name, settings, grid, trials, len(configs)))
     except KeyboardInterrupt:
-        if rank == 0 and not args.dry_run:
-            write_json(path, summary(name, args, args.grid, trials, len(configs)))
         log(f"\ninterrupted: {len(trials)} finished trials are saved in {path}; the same command resumes")
-        raise SystemExit(130)
-    result = summary(name, args, args.grid, trials, len(configs))
-    if args.dry_run:
+        raise
+    result = summary(name, settings, grid, trials, len(configs))
+    if dry_run:
         log(f"{name}: dry run finished (one trial, one batch per epoch); nothing was written")
     elif result["best_params"] is None:
-        log(f"{name}: every trial diverged, so train.py will not use {path}: try a grid with lower learning rates")
+        log(f"{name}: every trial diverged: try a grid with lower learning rates")
     else:
-        log(f"{name}: best {result['best_params']} (val loss {result['best_val_loss']:.4f}); wrote {path}")
+        log(f"{name}: best {result['best_params']} (val loss {result['best_val_loss']:.4f}); wrote {path}\n"
+            f"  train with them: python train.py --model {name} --params {path}")
     return result
 
 
@@ -184,7 +192,7 @@ def parse_args(argv=None):
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", nargs="+", default=["alexnet"], choices=sorted(MODELS) + ["all"],
                         help="one or more networks, or all (default: alexnet)")
-    add_flags(parser, "dataset", "data-dir", "subset")
+    add_setting_flags(parser, DEFAULTS, skip=("epochs", "n_iter"))
     parser.add_argument("--epochs", type=positive_int, default=None,
                         help=f"epochs per trial (default: {DEFAULTS['epochs']})")
     parser.add_argument("--n-iter", type=positive_int, default=None,
@@ -192,30 +200,30 @@ def parse_args(argv=None):
     parser.add_argument("--grid", type=parse_grid, default=GRID,
                         help="a JSON object of lists; the keys it names replace the study's grid's "
                              f"(default: {json.dumps(GRID)})")
-    parser.add_argument("--dry-run", action="store_true", help="one trial with one batch per epoch; writes nothing")
-    add_flags(parser, "device", "seed", "outputs", "no-download", "precision")
+    add_data_flags(parser, "data-dir", "no-download")
+    add_run_flags(parser, "device", "outputs", "precision", "dry-run")
     return parser.parse_args(argv)
 
 
-def run(args):
-    rank, world_size, device = setup_distributed(args.device)
-    log = print if rank == 0 else (lambda *_: None)
-    names = list(MODELS) if "all" in args.model else list(dict.fromkeys(args.model))  # the study's order
-    resolve_settings(args, DEFAULTS, [], log)
-    args.precision = choose_precision(args.precision, device)
-    paths = [Path(args.outputs) / "search" / f"{name}.json" for name in names]
-    if not args.dry_run and rank == 0:
-        check_writable(Path(args.outputs) / "search")
-    with output_lock(*paths) if not args.dry_run and rank == 0 else output_lock():
-        data = load_training_data(args, device, mini=True)
-        log(f"searching on {args.dataset}: {len(data['train'][1]):,} train / {len(data['val'][1]):,} val images, "
-            f"{args.n_iter} trials x {args.epochs} epochs, device {device}, {args.precision.name}, "
-            f"world size {world_size}")
-        return {name: search_model(name, args, data, rank, world_size, device, log) for name in names}
-
-
 def main(argv=None):
-    return run_script(run, parse_args(argv))
+    args = parse_args(argv)
+    with one_line_errors():
+        rank, world_size, device = setup_distributed(args.device)
+        log = log_for(rank)
+        names = list(MODELS) if "all" in args.model else list(dict.fromkeys(args.model))  # the study's order
+        settings = resolve_settings(args, DEFAULTS, [], log)
+        precision = choose_precision(args.precision, device)
+        paths = {name: Path(args.outputs) / "search" / f"{name}.json" for name in names}
+        writing = not args.dry_run and rank == 0
+        if writing:
+            check_outputs(*paths.values())
+        with output_lock(*paths.values()) if writing else output_lock():
+            data = load_training_data(settings, device, args.data_dir, not args.no_download, mini=True)
+            log(f"searching on {settings['dataset']}: {len(data['train'][1]):,} train / {len(data['val'][1]):,} val "
+                f"images, {settings['n_iter']} trials x {settings['epochs']} epochs, device {device}, "
+                f"{precision.name}, world size {world_size}")
+            return {name: search_model(name, settings, args.grid, data, precision, device, (rank, world_size),
+                                       args.dry_run, paths[name], log) for name in names}
 
 
 if __name__ == "__main__":

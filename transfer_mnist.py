@@ -1,43 +1,43 @@
-"""Transfer a network pre-trained on EMNIST to MNIST (stage 5 of the study).
+"""Transfer a network pre-trained on EMNIST to MNIST (stage 5 of the study), with train.py's loop.
 
     python transfer_mnist.py --model vggnet                  # EMNIST checkpoint -> MNIST, 5 epochs
     python transfer_mnist.py --model vggnet --from-scratch   # the same network from random weights
-    python transfer_mnist.py --model lenet --data-dir ../shared/data --epochs 1
+    python transfer_mnist.py --model lenet --data-dir tests/data --epochs 1
 
 Evaluates the EMNIST checkpoint (fine-tuned if present, else pre-trained, or --ckpt) zero-shot
 on MNIST, its logits restricted to the digits 0-9; gives it a 10-class head initialised from
-the old head's digit rows; fine-tunes it with Adam on the MNIST training set with the shared
-training loop; reports train and test metrics before and after. Both datasets are upright
-(data.py turns EMNIST's transposed files upright), which is what makes the transfer work.
-Writes model_hub/transfer/{model}_mnist.pth, outputs/transfer/{model}.json and
-outputs/transfer/{model}_cm_test.png ({model}_scratch... with --from-scratch).
+the old head's digit rows; fine-tunes it with Adam on the MNIST training set; reports train and
+test metrics before and after. Both datasets are upright (data.py turns EMNIST's transposed
+files upright), which is what makes the transfer work. Writes model_hub/transfer/{model}_mnist.pth,
+outputs/transfer/{model}.json, {model}_history.json/.png and {model}_cm_test.png
+({model}_scratch... with --from-scratch).
 """
 import os
 import sys
-from pathlib import Path
 
 if __name__ == "__main__":  # Ctrl-C while torch loads: one line and exit 130, not a traceback
     import signal
 
     signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("interrupted\n"), os._exit(130)))
 
+from pathlib import Path
+
 import torch
 
-from data import (CLASSES, DIGITS, Parser, UserError, add_flags, choose_precision, load_images, mean_std, run_script,
-                  set_seed, write_json)
+from data import CLASSES, DATASETS, DIGITS, add_data_flags, load_images, mean_std, stratified_subset
 from evaluate import compute_metrics, find_checkpoint, metrics_table, plot_confusion, predict_probabilities
 from models import MODELS, build_model, load_checkpoint, replace_head, unwrap
-from train import (add_training_flags, checkpoint_meta, locked_outputs, resolve_settings, run_stage,
-                   setup_distributed)
+from runs import (Parser, UserError, add_run_flags, check_outputs, choose_precision, log_for, one_line_errors,
+                  resolve_settings, set_seed, setup_distributed, write_json)
+from train import add_setting_flags, checkpoint_meta, finish, fit, locked, prepare_model, stage_files
 
-DEFAULTS = {  # the one place transfer's defaults live
-    "dataset": "mnist",
-    "subset": None,
+TARGET = "mnist"
+DEFAULTS = {  # transfer's values, each written only here
+    "subset": None,  # None: all 60,000 MNIST training images
     "seed": 0,
     "learning_rate": 1e-3,  # Adam
     "batch_size": 64,
     "epochs": 5,  # as the study
-    "patience": 5,  # unused: transfer keeps the last epoch (no validation set)
     "clip": 1.0,
     "augment": "study",
     "schedule": "constant",
@@ -50,15 +50,13 @@ def parse_args(argv=None):
                         help="network (default: the --ckpt's; checked against it when both are given)")
     parser.add_argument("--ckpt", default=None, help="EMNIST checkpoint (default: HUB/fine_tuned/MODEL_tuned.pth, "
                                                      "else HUB/pre_trained/MODEL.pth)")
-    parser.add_argument("--dataset", default=None, choices=["mnist"], help="target dataset (default: mnist)")
-    add_flags(parser, "data-dir")
-    add_training_flags(parser, DEFAULTS, "Adam learning rate")
     parser.add_argument("--from-scratch", action="store_true", help="train the same network from random weights")
+    add_setting_flags(parser, DEFAULTS)
+    add_data_flags(parser, "data-dir", "no-download")
+    add_run_flags(parser, "device", "hub", "outputs", "precision", "compile", "dry-run")
     args = parser.parse_args(argv)
     if not args.model and not args.ckpt:
         parser.error("give --model NAME or --ckpt PATH")
-    if args.resume:
-        parser.error("transfer runs are short: --resume is not supported, run it again")
     return args
 
 
@@ -75,76 +73,83 @@ def split_metrics(model, splits, mean, std, device, precision, rows=None):
         probabilities = predict_probabilities(model, images, mean, std, device, precision)
         if rows is not None:
             probabilities = probabilities[:, rows]
-        result[split] = compute_metrics(labels, probabilities, DIGITS, "mnist")
+        result[split] = compute_metrics(labels, probabilities, DIGITS, TARGET)
     return result
 
 
-def starting_model(args, device):
+def starting_model(args):
     """(model, mean, std, source, digit rows) for pre-trained transfer or --from-scratch."""
     path = find_checkpoint(args.hub, args.model, args.ckpt) if args.ckpt or not args.from_scratch else None
-    state, model = load_checkpoint(path, args.model) if path else (None, None)
+    state, model = load_checkpoint(path, args.model, datasets=DATASETS) if path else (None, None)
     args.model = state["model"] if state else args.model
     if args.from_scratch:
-        set_seed(args.seed)
-        return build_model(args.model, 10).to(device), None, None, "random weights", None
+        return build_model(args.model, 10), None, None, "random weights", None
     rows = digit_rows(state["classes"])
     if rows is None:
         raise UserError(f"{path} has no digit classes ({state['dataset']}): transfer to MNIST needs a network "
                         f"that reads digits, e.g. one trained on emnist-byclass or emnist-digits")
-    return model.to(device), state["mean"], state["std"], str(path), rows
-
-
-def run(args):
-    rank, world_size, device = setup_distributed(args.device)
-    log = print if rank == 0 else (lambda *_: None)
-    resolve_settings(args, DEFAULTS, [], log)
-    model, mean, std, source, rows = starting_model(args, device)
-    args.precision = choose_precision(args.precision, device)
-    suffix = "_scratch" if args.from_scratch else ""
-    best_path = Path(args.hub) / "transfer" / f"{args.model}_mnist{suffix}.pth"
-    folder = Path(args.outputs) / "transfer"
-    with locked_outputs(args, best_path, folder / f"{args.model}{suffix}.json", rank):
-        return transfer(args, model, mean, std, source, rows, best_path, folder, suffix, rank, world_size, device,
-                        log)
-
-
-def transfer(args, model, mean, std, source, rows, best_path, folder, suffix, rank, world_size, device, log):
-    """Zero-shot metrics, the new head, fine-tuning, metrics after."""
-    splits = {split: load_images(args.dataset, train=split == "train", data_dir=args.data_dir,
-                                 download=not args.no_download) for split in ("train", "test")}
-    if mean is None:
-        mean, std = mean_std(splits["train"][0])
-    before = split_metrics(model, splits, mean, std, device, args.precision, rows) if rows is not None else None
-    if before and rank == 0:
-        log(f"zero-shot on {args.dataset} ({source}, logits restricted to 0-9):")
-        log(metrics_table(list(before.items())))
-    if not args.from_scratch:
-        replace_head(model, 10, keep_rows=rows)
-    set_seed(args.seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate)
-    data = {"train": tuple(tensor.to(device) for tensor in splits["train"]), "val": None, "mean": mean, "std": std}
-    meta = dict(checkpoint_meta(args, data), source=source)
-    log(f"{'training' if args.from_scratch else 'transferring'} {args.model} ({source}) on {args.dataset}: "
-        f"{len(splits['train'][1]):,} images, {args.epochs} epochs, Adam lr {args.learning_rate}, device {device}")
-    history = run_stage(args, model, optimizer, data, json_path=folder / f"{args.model}{suffix}_history.json",
-                        title=f"{args.model} on {args.dataset} ({source})", best_path=best_path, meta=meta,
-                        rank=rank, world_size=world_size, device=device, log=log)
-    if args.dry_run or rank != 0:
-        return None
-    after = split_metrics(unwrap(model), splits, mean, std, device, args.precision)
-    log(f"after {len(history)} epochs:")
-    log(metrics_table(list(after.items())))
-    plot_confusion(after["test"]["confusion_matrix"], CLASSES[args.dataset], folder / f"{args.model}{suffix}_cm_test.png",
-                   f"{args.model} on the {args.dataset} test split after transfer")
-    result = {"model": args.model, "source": source, "from_scratch": args.from_scratch, "dataset": args.dataset,
-              "epochs": len(history), "checkpoint": str(best_path), "before": before, "after": after}
-    write_json(folder / f"{args.model}{suffix}.json", result)
-    log(f"wrote {folder / f'{args.model}{suffix}.json'} and {folder / f'{args.model}{suffix}_cm_test.png'}")
-    return result
+    return model, state["mean"], state["std"], str(path), rows
 
 
 def main(argv=None):
-    return run_script(run, parse_args(argv))
+    args = parse_args(argv)
+    with one_line_errors():
+        rank, world_size, device = setup_distributed(args.device)
+        log = log_for(rank)
+        settings = dict(resolve_settings(args, DEFAULTS, [], log), dataset=TARGET)
+        precision = choose_precision(args.precision, device)
+        log(f"precision: {precision.name} ({precision.reason})")
+        set_seed(settings["seed"])
+        model, mean, std, source, rows = starting_model(args)
+        name = f"{args.model}{'_scratch' if args.from_scratch else ''}"
+        folder = Path(args.outputs) / "transfer"
+        files = stage_files(Path(args.hub) / "transfer" / f"{args.model}_mnist{name[len(args.model):]}.pth",
+                            folder / f"{name}_history.json")
+        with locked(files, args.dry_run, rank):
+            if not args.dry_run:
+                check_outputs(folder / f"{name}.json", folder / f"{name}_cm_test.png")
+            splits = {split: load_images(TARGET, train=split == "train", data_dir=args.data_dir,
+                                         download=not args.no_download) for split in ("train", "test")}
+            if settings["subset"]:
+                chosen = stratified_subset(splits["train"][1], settings["subset"], settings["seed"])
+                splits["train"] = tuple(tensor[chosen] for tensor in splits["train"])
+            if mean is None:
+                mean, std = mean_std(splits["train"][0])
+            before = split_metrics(model.to(device), splits, mean, std, device, precision, rows) if rows else None
+            if before:
+                log(f"zero-shot on {TARGET} ({source}, logits restricted to 0-9):")
+                log(metrics_table(list(before.items())))
+            if not args.from_scratch:
+                replace_head(model, 10, keep_rows=rows)
+            set_seed(settings["seed"])
+            optimizer = torch.optim.Adam(model.parameters(), lr=settings["learning_rate"])
+            model = prepare_model(model, device, precision, world_size, args.compile, optimizer)
+            data = {"train": tuple(tensor.to(device) for tensor in splits["train"]), "val": None, "mean": mean,
+                    "std": std, "classes": 10}
+            log(f"{'training' if args.from_scratch else 'transferring'} {args.model} ({source}) on {TARGET}: "
+                f"{len(splits['train'][1]):,} images, {settings['epochs']} epochs, device {device}")
+            history = fit(model, optimizer, data, settings, precision, files=None if args.dry_run else files,
+                          meta=checkpoint_meta(args.model, settings, data, precision, source=source), rank=rank,
+                          world_size=world_size, dry_run=args.dry_run, log=log)
+            if rank == 0 and not args.dry_run:
+                finish(files, settings, history, f"{args.model} on {TARGET} ({source})", log)
+                report(unwrap(model), splits, mean, std, device, precision, before, history, args, settings,
+                       source, folder / name, files["best"], log)
+
+
+def report(model, splits, mean, std, device, precision, before, history, args, settings, source, stem, checkpoint,
+           log):
+    """Metrics after the transfer, the test confusion matrix and the transfer's JSON."""
+    after = split_metrics(model, splits, mean, std, device, precision)
+    log(f"after {len(history)} epochs:")
+    log(metrics_table(list(after.items())))
+    plot_confusion(after["test"]["confusion_matrix"], CLASSES[TARGET], stem.with_name(f"{stem.name}_cm_test.png"),
+                   f"{args.model} on the {TARGET} test split after transfer")
+    write_json(stem.with_suffix(".json"), {
+        "model": args.model, "source": source, "from_scratch": args.from_scratch, "dataset": TARGET,
+        "settings": settings, "train_images": len(splits["train"][1]), "epochs": len(history),
+        "checkpoint": str(checkpoint), "before": before, "after": after})
+    log(f"wrote {stem.with_suffix('.json')} and {stem.with_name(f'{stem.name}_cm_test.png')}")
 
 
 if __name__ == "__main__":

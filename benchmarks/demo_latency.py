@@ -4,7 +4,7 @@
 
 Starts the demo server in this process on a free port, sends a 280x280 PNG drawing
 (what the page sends) N times per network over HTTP, and reports the median and 95th
-percentile round trip in milliseconds. Writes benchmarks/results/demo_latency.json (--out).
+percentile round trip in milliseconds. Writes outputs/benchmarks/demo_latency.json (--out).
 """
 import statistics
 import sys
@@ -20,7 +20,8 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import demo  # noqa: E402
-from data import Parser, choose_precision, positive_int, run_script, write_json  # noqa: E402
+from data import CLASSES  # noqa: E402
+from runs import Parser, choose_precision, one_line_errors, positive_int, write_json  # noqa: E402
 from models import build_model, save_checkpoint  # noqa: E402
 
 NETWORKS = ["lenet", "alexnet", "vggnet", "resnet", "spinalnet"]
@@ -39,8 +40,7 @@ def parse_args(argv=None):
     parser.add_argument("--requests", type=positive_int, default=50, help="timed requests per network (default: 50)")
     parser.add_argument("--models", nargs="+", default=NETWORKS, choices=NETWORKS,
                         help="networks (default: all five)")
-    parser.add_argument("--out", default=str(Path(__file__).with_name("results") / "demo_latency.json"),
-                        help="result JSON (default: benchmarks/results/demo_latency.json)")
+    parser.add_argument("--out", default="outputs/benchmarks/demo_latency.json", help="result JSON (default: %(default)s)")
     return parser.parse_args(argv)
 
 
@@ -55,8 +55,8 @@ def measure(args, folder):
     for name in args.models:
         path = folder / f"{name}.pth"
         save_checkpoint(path, build_model(name, 62).eval(), model=name, num_classes=62, dataset="emnist-byclass",
-                        classes=demo_classes(), mean=0.17, std=0.33, args={})
-        server = demo.make_server(demo.Predictor([path], cpu, choose_precision("auto", cpu)), "127.0.0.1", 0)
+                        classes=CLASSES["emnist-byclass"], mean=0.17, std=0.33, args={})
+        server = demo.make_server(demo.Predictor([(path, name)], cpu, choose_precision("auto", cpu)), "127.0.0.1", 0)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         url = f"http://127.0.0.1:{server.server_address[1]}/predict"
         times = []
@@ -75,14 +75,10 @@ def measure(args, folder):
     print(f"wrote {args.out}")
 
 
-def demo_classes():
-    from data import CLASSES
-
-    return CLASSES["emnist-byclass"]
-
-
 def main(argv=None):
-    return run_script(run, parse_args(argv))
+    args = parse_args(argv)
+    with one_line_errors():
+        run(args)
 
 
 if __name__ == "__main__":

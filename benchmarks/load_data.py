@@ -8,7 +8,7 @@ official names, IDX headers, sizes (697,932 train / 116,323 test images) and gzi
 filled with random pen strokes rather than noise so that gzip behaves roughly as on real
 characters. Each measurement runs in a fresh process: the first load (gzip parse, transpose,
 cache write), the cached load, and an epoch of batch gathering + augmentation without a model.
-Writes outputs/bench/load_data.json.
+Writes outputs/benchmarks/load_data.json (--out).
 """
 import argparse
 import gzip
@@ -22,6 +22,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from runs import write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"train": 697_932, "test": 116_323}  # the official ByClass splits
@@ -73,7 +76,7 @@ CHILD = r"""
 import json, resource, sys, time
 sys.path.insert(0, {root!r})
 import torch
-import data
+import data, runs
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 started = time.perf_counter()
 images, labels = data.load_images("emnist-byclass", train=True, data_dir={folder!r}, download=False)
@@ -82,7 +85,7 @@ result = {{"seconds": seconds, "peak_gb": resource.getrusage(resource.RUSAGE_SEL
           "peak_above_import_gb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 2**20,
           "shape": list(images.shape)}}
 if {augment}:
-    device = data.get_device({device!r})
+    device = runs.get_device({device!r})
     images, labels = images.to(device), labels.to(device)
     generator = torch.Generator().manual_seed(0)
     started = time.perf_counter()
@@ -107,7 +110,7 @@ def main(argv=None):
     parser.add_argument("--dir", default=None, help="folder for the synthetic files (default: a temporary one)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--outputs", default="outputs")
+    parser.add_argument("--out", default="outputs/benchmarks/load_data.json", help="result JSON")
     args = parser.parse_args(argv)
     folder = Path(args.dir) if args.dir else Path(tempfile.gettempdir()) / "emnist-byclass-synthetic"
     ensure_files(folder)
@@ -124,11 +127,9 @@ def main(argv=None):
         print(f"{name:38} {seconds:8.2f} {peak:7.2f}GB {'<' + str(target) + 's':>8}")
     print(f"gather + augment, batch {args.batch_size}: {cached['augment_images_per_sec']:,.0f} images/s "
           f"(target > {TARGETS['augment_images_per_sec']:,})")
-    path = Path(args.outputs) / "bench" / "load_data.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"folder": str(folder), "file_sizes": sizes, "first_load": first,
-                                "cached_load": cached, "targets": TARGETS, "machine": platform.machine()}, indent=2))
-    print(f"wrote {path}")
+    write_json(args.out, {"folder": str(folder), "file_sizes": sizes, "first_load": first, "cached_load": cached,
+                          "targets": TARGETS, "machine": platform.machine()})
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

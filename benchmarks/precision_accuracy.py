@@ -1,12 +1,12 @@
 """Does bf16 + channels_last cost accuracy? Test accuracy of fp32 and bf16 runs over several seeds.
 
-    python benchmarks/precision_accuracy.py --dataset mnist --data-dir tests/data --epochs 10
+    python benchmarks/precision_accuracy.py --dataset mnist --data-dir tests/data --epochs 10 --lr 0.05
     python benchmarks/precision_accuracy.py --dataset fashion-mnist --epochs 5 --seeds 0 1 2
 
 Trains the same network with `train.py --precision fp32` and `--precision bf16` (what
 `--precision auto` picks where bf16 is native) for each seed, evaluates the best checkpoint
 on the official test split in the same precision, and reports mean +- std per precision.
-Writes benchmarks/results/precision_accuracy_{dataset}.json (--out).
+Writes outputs/benchmarks/precision_accuracy_{dataset}.json (--out).
 """
 import statistics
 import sys
@@ -18,8 +18,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
-from data import (DATASETS, Parser, add_flags, choose_precision, load_images, positive_float,  # noqa: E402
-                  positive_int, run_script, seed_value, write_json)
+from data import DATASETS, load_images  # noqa: E402
+from runs import (Parser, choose_precision, one_line_errors, positive_float, positive_int, seed_value,  # noqa: E402
+                  write_json)
 from evaluate import predict_probabilities  # noqa: E402
 from models import MODELS, load_checkpoint  # noqa: E402
 
@@ -43,12 +44,13 @@ def parse_args(argv=None):
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="lenet", choices=sorted(MODELS), help="network (default: lenet)")
     parser.add_argument("--dataset", default="mnist", choices=sorted(DATASETS), help="dataset (default: mnist)")
-    add_flags(parser, "data-dir", data_dir="tests/data")
+    parser.add_argument("--data-dir", default="tests/data", help="folder with the dataset files (default: %(default)s)")
     parser.add_argument("--epochs", type=positive_int, default=10, help="training epochs per run (default: 10)")
-    parser.add_argument("--lr", type=positive_float, default=0.05, help="SGD learning rate (default: 0.05)")
+    parser.add_argument("--lr", type=positive_float, default=train.DEFAULTS["learning_rate"],
+                        help="SGD learning rate (default: train.py's, %(default)s)")
     parser.add_argument("--seeds", type=seed_value, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
     parser.add_argument("--out", default=None,
-                        help="result JSON (default: benchmarks/results/precision_accuracy_DATASET.json)")
+                        help="result JSON (default: outputs/benchmarks/precision_accuracy_DATASET.json)")
     return parser.parse_args(argv)
 
 
@@ -67,13 +69,15 @@ def run(args):
     for precision, result in results.items():
         print(f"{precision}: test accuracy {100 * result['mean']:.2f} +- {100 * result['std']:.2f} % "
               f"over seeds {args.seeds} ({args.model}, {args.dataset}, {args.epochs} epochs)")
-    out = args.out or Path(__file__).with_name("results") / f"precision_accuracy_{args.dataset}.json"
+    out = args.out or Path("outputs") / "benchmarks" / f"precision_accuracy_{args.dataset}.json"
     write_json(out, {"args": vars(args), "results": results})
     print(f"wrote {out}")
 
 
 def main(argv=None):
-    return run_script(run, parse_args(argv))
+    args = parse_args(argv)
+    with one_line_errors():
+        run(args)
 
 
 if __name__ == "__main__":

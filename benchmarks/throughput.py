@@ -12,7 +12,8 @@ For each network, side by side in one run, same model, batch size (64) and devic
 Evaluation images/s (batch EVAL_BATCH, inference mode) for fp32 and bf16. GFLOP/s achieved
 is the counted FLOPs per image (torch.utils.flop_counter, forward + backward for training)
 times images/s; the machine's own limit is measured in the same run: the best GFLOP/s of a
-large matmul in fp32 and in bf16. Writes benchmarks/results/throughput.json.
+large matmul in fp32 and in bf16. "Ours" is train.py's own epoch (train.train_one_epoch) and
+evaluation (train.evaluate_loss_acc), with train.py's defaults. Writes outputs/benchmarks/throughput.json (--out).
 """
 import os
 import platform
@@ -25,11 +26,12 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.original_pipeline import original_loader  # noqa: E402
-from data import (DATASETS, EVAL_BATCH, Parser, Precision, add_flags, augment, choose_precision,  # noqa: E402
-                  get_device, iterate_batches, load_images, mean_std, normalize, positive_float, positive_int,
-                  run_script, write_json)
+import train  # noqa: E402
+from benchmarks.original_pipeline import original_loader, study_epoch  # noqa: E402
+from data import DATASETS, EVAL_BATCH, load_images, mean_std  # noqa: E402
 from models import build_model  # noqa: E402
+from runs import (Parser, Precision, choose_precision, get_device, one_line_errors, positive_float,  # noqa: E402
+                  positive_int, write_json)
 
 FIVE = ["lenet", "alexnet", "vggnet", "resnet", "spinalnet"]
 FP32, BF16 = Precision(False, False, "fp32"), Precision(True, True, "bf16 + channels_last")
@@ -64,18 +66,6 @@ def matmul_peak(device, dtype, sizes=(512, 1024, 2048, 4096), budget=1.0):
     return best
 
 
-def train_step(model, optimizer, inputs, target, precision):
-    if precision.channels_last:
-        inputs = inputs.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=precision.bf16):
-        logits = model(inputs)
-    loss = F.cross_entropy(logits.float(), target)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-
-
 def flops_per_image(name, classes, device, batch_size):
     """(training, evaluation) FLOPs per image, counted on one batch."""
     model = build_model(name, classes).to(device)
@@ -89,65 +79,60 @@ def flops_per_image(name, classes, device, batch_size):
     return training, counter.get_total_flops() / batch_size
 
 
-def timed(batches, work, device, warmup, seconds, max_batches):
-    """Images per second of work(batch) over batches, after `warmup` untimed batches."""
-    count, images, started = 0, 0, None
-    for batch in batches:
-        if count == warmup:
-            sync(device)
-            started = time.perf_counter()
-        work(batch)
-        count += 1
-        if count > warmup:
-            images += len(batch[1])
-            if time.perf_counter() - started > seconds or count - warmup >= max_batches:
-                break
+def timed(work, device, warmup, seconds, max_batches):
+    """Images per second of work(batches) -> images, called until `seconds` or `max_batches` have
+    passed, after one untimed call of `warmup` batches."""
+    work(warmup)
+    sync(device)
+    images, batches, started = 0, 0, time.perf_counter()
+    while batches < max_batches and time.perf_counter() - started < seconds:
+        count = work(max_batches - batches)
+        images += count[0]
+        batches += count[1]
     sync(device)
     return images / (time.perf_counter() - started)
 
 
-def endless(make_batches):
+def endless(loader):
     while True:
-        yield from make_batches()
+        yield from loader
 
 
 def fresh_model(name, classes, device, precision):
     torch.manual_seed(0)
     model = build_model(name, classes).to(device)
-    return model.to(memory_format=torch.channels_last) if precision.channels_last else model
+    model = model.to(memory_format=torch.channels_last) if precision.channels_last else model
+    optimizer = torch.optim.SGD(model.parameters(), lr=train.DEFAULTS["learning_rate"],
+                                momentum=train.DEFAULTS["momentum"], weight_decay=train.DEFAULTS["weight_decay"])
+    return model, optimizer
 
 
 def measure(name, images, labels, mean, std, device, args, auto):
     classes = int(labels.max()) + 1
-    on_device = images.to(device), labels.to(device)
-    generator = torch.Generator().manual_seed(0)
+    settings = dict(train.DEFAULTS, batch_size=args.batch_size)
+    data = {"train": (images.to(device), labels.to(device)), "mean": mean, "std": std, "classes": classes}
     limits = dict(device=device, warmup=args.warmup, seconds=args.seconds, max_batches=args.max_batches)
     row = {"model": name}
 
-    model = fresh_model(name, classes, device, FP32).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    loader = original_loader(images, labels, mean, std, args.batch_size, args.workers)
-    row["study_train"] = timed(endless(lambda: loader), lambda batch: train_step(
-        model, optimizer, batch[0].to(device), batch[1].to(device), FP32), **limits)
-
+    model, optimizer = fresh_model(name, classes, device, FP32)
+    batches = endless(original_loader(images, labels, mean, std, args.batch_size, args.workers))
+    row["study_train"] = timed(lambda most: (study_epoch(model, optimizer, batches, device, settings["clip"], most),
+                                             most), **limits)
     for label, precision in [("fp32", FP32), ("bf16", BF16)]:
-        model = fresh_model(name, classes, device, precision).train()
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        batches = lambda: iterate_batches(*on_device, args.batch_size, shuffle=True, generator=generator)  # noqa
-        row[f"{label}_train"] = timed(endless(batches), lambda batch: train_step(
-            model, optimizer, augment(batch[0], mean, std, generator), batch[1], precision), **limits)
-        model.eval()
+        model, optimizer = fresh_model(name, classes, device, precision)
+        generator = torch.Generator().manual_seed(0)
 
-        @torch.inference_mode()
-        def evaluate(batch, model=model, precision=precision):
-            inputs = normalize(batch[0], mean, std)
-            if precision.channels_last:
-                inputs = inputs.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.bf16):
-                model(inputs)
+        def train_batches(most, model=model, optimizer=optimizer, precision=precision):
+            seen = train.train_one_epoch(model, optimizer, data, settings, precision, generator, 1,
+                                         max_batches=most)["images"]
+            return seen, -(-seen // args.batch_size)
 
-        row[f"{label}_eval"] = timed(endless(lambda: iterate_batches(*on_device, EVAL_BATCH)), evaluate,
-                                     **dict(limits, max_batches=max(5, args.max_batches // 10)))
+        def evaluate_batches(most, model=model, precision=precision):
+            train.evaluate_loss_acc(model, *data["train"], mean, std, precision, max_batches=most)
+            return min(len(labels), most * EVAL_BATCH), min(most, -(-len(labels) // EVAL_BATCH))
+
+        row[f"{label}_train"] = timed(train_batches, **limits)
+        row[f"{label}_eval"] = timed(evaluate_batches, **dict(limits, max_batches=max(5, args.max_batches // 10)))
     chosen = "bf16" if auto.bf16 else "fp32"
     row["auto"] = chosen
     row["auto_train"], row["auto_eval"] = row[f"{chosen}_train"], row[f"{chosen}_eval"]
@@ -160,8 +145,10 @@ def parse_args(argv=None):
     parser.add_argument("--models", nargs="+", default=FIVE, choices=FIVE + ["ensnet"])
     parser.add_argument("--dataset", default="sklearn-digits", choices=sorted(DATASETS),
                         help="real images to feed (speed only; default: sklearn-digits)")
-    add_flags(parser, "data-dir", "device")
-    parser.add_argument("--batch-size", type=positive_int, default=64, help="the study's batch size (default: 64)")
+    parser.add_argument("--data-dir", default="data", help="folder with the dataset files (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: auto)")
+    parser.add_argument("--batch-size", type=positive_int, default=train.DEFAULTS["batch_size"],
+                        help="batch size (default: train.py's, %(default)s)")
     parser.add_argument("--workers", type=positive_int, default=os.cpu_count(),
                         help="DataLoader workers of the study's pipeline (default: one per core)")
     parser.add_argument("--warmup", type=positive_int, default=3, help="untimed batches first (default: 3)")
@@ -170,8 +157,7 @@ def parse_args(argv=None):
                         help="the matmul peak stops growing the size once one product takes longer (default: 1)")
     parser.add_argument("--max-batches", type=positive_int, default=200,
                         help="most timed batches per measurement (default: 200)")
-    parser.add_argument("--out", default=str(Path(__file__).with_name("results") / "throughput.json"),
-                        help="result JSON (default: benchmarks/results/throughput.json)")
+    parser.add_argument("--out", default="outputs/benchmarks/throughput.json", help="result JSON (default: %(default)s)")
     return parser.parse_args(argv)
 
 
@@ -211,7 +197,9 @@ def run(args):
 
 
 def main(argv=None):
-    return run_script(run, parse_args(argv))
+    args = parse_args(argv)
+    with one_line_errors():
+        run(args)
 
 
 if __name__ == "__main__":

@@ -1,30 +1,30 @@
 """Wall-clock seconds of training until a target test accuracy: the study's pipeline against ours.
 
-    python benchmarks/time_to_accuracy.py --data-dir ../shared/data   # LeNet, MNIST sample, 97 %
+    python benchmarks/time_to_accuracy.py --data-dir tests/data --lr 0.05 --target 0.9   # LeNet, MNIST sample
     python benchmarks/time_to_accuracy.py --dataset fashion-mnist --target 0.85
 
 Both runs use the same network, initialisation, SGD settings, gradient clipping, augmentation
 recipe and batch size; only the input pipeline and the arithmetic differ: the study's is PIL
 images, per-image RandomAffine and a DataLoader in fp32 (benchmarks/original_pipeline.py);
-ours is train.py's own epoch with --precision (default auto, what train.py runs). The test
+ours is train.py's own epoch (train.train_one_epoch) with --precision (default auto, as train.py). The test
 split is evaluated after every epoch, outside the timed part. This is a benchmark, not a model
 selection: nothing here feeds back into training.
-Writes benchmarks/results/time_to_accuracy.json (--out).
+Writes outputs/benchmarks/time_to_accuracy.json (--out).
 """
 import platform
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.original_pipeline import original_loader  # noqa: E402
-from benchmarks.throughput import FP32, sync, train_step  # noqa: E402
-from data import (DATASETS, PRECISIONS, Parser, add_flags, choose_precision, fraction, get_device,  # noqa: E402
-                  load_images, mean_std, positive_float, positive_int, run_script, seed_value, set_seed, write_json)
+from benchmarks.original_pipeline import original_loader, study_epoch  # noqa: E402
+from benchmarks.throughput import FP32, sync  # noqa: E402
+from data import DATASETS, load_images, mean_std  # noqa: E402
 from models import MODELS, build_model  # noqa: E402
+from runs import (Parser, choose_precision, fraction, get_device, one_line_errors, positive_float,  # noqa: E402
+                  positive_int, seed_value, set_seed, write_json)
 from train import DEFAULTS, epoch_seed, evaluate_loss_acc, train_one_epoch  # noqa: E402
 
 
@@ -40,19 +40,17 @@ def race(pipeline, data, test_set, device, args):
     images, labels = data["train"]
     loader = original_loader(images.cpu(), labels.cpu(), data["mean"], data["std"], args.batch_size, args.workers,
                              args.seed) if pipeline == "study" else None
-    settings = SimpleNamespace(batch_size=args.batch_size, augment=True, schedule="constant", clip=DEFAULTS["clip"],
-                               precision=precision)
+    settings = dict(DEFAULTS, learning_rate=args.lr, batch_size=args.batch_size, seed=args.seed)
     seconds, accuracies = 0.0, []
     for epoch in range(1, args.max_epochs + 1):
         model.train()
         sync(device)
         started = time.perf_counter()
         if loader is not None:
-            for inputs, target in loader:
-                train_step(model, optimizer, inputs.to(device), target.to(device), FP32)
+            study_epoch(model, optimizer, loader, device, settings["clip"])
         else:
             generator = torch.Generator().manual_seed(epoch_seed(args.seed, epoch))
-            train_one_epoch(model, optimizer, data, settings, generator)
+            train_one_epoch(model, optimizer, data, settings, precision, generator, epoch)
         sync(device)
         seconds += time.perf_counter() - started
         accuracies.append(float(evaluate_loss_acc(model, *test_set, data["mean"], data["std"], precision)["acc"]))
@@ -68,18 +66,21 @@ def parse_args(argv=None):
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="lenet", choices=sorted(MODELS), help="network (default: lenet)")
     parser.add_argument("--dataset", default="mnist", choices=sorted(DATASETS), help="dataset (default: mnist)")
-    add_flags(parser, "data-dir", "device")
+    parser.add_argument("--data-dir", default="data", help="folder with the dataset files (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: auto)")
     parser.add_argument("--target", type=fraction, default=0.97, help="test accuracy to reach (default: 0.97)")
     parser.add_argument("--max-epochs", type=positive_int, default=20, help="give up after (default: 20)")
-    parser.add_argument("--batch-size", type=positive_int, default=64, help="batch size (default: 64)")
-    parser.add_argument("--lr", type=positive_float, default=0.05, help="SGD learning rate (default: 0.05)")
+    parser.add_argument("--batch-size", type=positive_int, default=DEFAULTS["batch_size"],
+                        help="batch size (default: train.py's, %(default)s)")
+    parser.add_argument("--lr", type=positive_float, default=DEFAULTS["learning_rate"],
+                        help="SGD learning rate (default: train.py's, %(default)s)")
     parser.add_argument("--workers", type=int, default=2,
                         help="DataLoader workers of the study's pipeline (default: 2)")
     parser.add_argument("--seed", type=seed_value, default=0, help="seed (default: 0)")
-    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                         help="arithmetic of our run (default: auto, as train.py; the study's runs fp32)")
-    parser.add_argument("--out", default=str(Path(__file__).with_name("results") / "time_to_accuracy.json"),
-                        help="result JSON (default: benchmarks/results/time_to_accuracy.json)")
+    parser.add_argument("--out", default="outputs/benchmarks/time_to_accuracy.json",
+                        help="result JSON (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.workers < 0:
         parser.error(f"argument --workers: must be 0 or more, not {args.workers}")
@@ -93,7 +94,8 @@ def run(args):
     test_images, test_labels = load_images(args.dataset, train=False, data_dir=args.data_dir, download=False)
     mean, std = mean_std(train_images)
     args.classes = len(DATASETS[args.dataset].classes)
-    data = {"train": (train_images.to(device), train_labels.to(device)), "mean": mean, "std": std}
+    data = {"train": (train_images.to(device), train_labels.to(device)), "mean": mean, "std": std,
+            "classes": args.classes}
     test_set = (test_images.to(device), test_labels.to(device))
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
@@ -114,7 +116,9 @@ def run(args):
 
 
 def main(argv=None):
-    return run_script(run, parse_args(argv))
+    args = parse_args(argv)
+    with one_line_errors():
+        run(args)
 
 
 if __name__ == "__main__":
