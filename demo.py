@@ -22,6 +22,7 @@ if __name__ == "__main__":  # Ctrl-C while torch loads: one line and exit 130, n
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -121,14 +122,26 @@ def make_handler(predictor):
                 self.send_json(411, {"error": "send the picture with a Content-Length"})
                 return
             if length > MAX_BODY or length < 0:
-                self.close_connection = True  # answered at once; the body is never read
+                self.close_connection = True
                 self.send_json(413, {"error": f"the body is {length:,} bytes; the limit is {MAX_BODY:,}"})
+                self.discard(min(length, 4 * MAX_BODY))  # answered at once; then what the client still sends
                 return
             body = self.rfile.read(length) if length > 0 else b""
             try:
                 self.send_json(200, predictor.predict(body))
             except DataError as err:
                 self.send_json(400, {"error": str(err)})
+
+        def discard(self, most, seconds=2.0):
+            """Read and drop up to `most` bytes for at most `seconds`, so that a client still sending its
+            body can read the answer instead of a reset connection."""
+            self.connection.settimeout(0.5)
+            deadline = time.monotonic() + seconds
+            try:
+                while most > 0 and time.monotonic() < deadline and (chunk := self.rfile.read1(min(most, 65536))):
+                    most -= len(chunk)
+            except OSError:
+                pass
 
         def log_message(self, *args):
             pass  # one line per stroke would drown the address the user needs

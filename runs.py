@@ -338,18 +338,19 @@ def is_full_disk(err):
 
 
 def quiet_exit(code, message=None):
-    """Exit with one line on stderr; a second Ctrl-C while exiting is ignored, not a traceback."""
+    """Exit with at most one line on stderr; a second Ctrl-C while exiting is ignored, not a traceback."""
     with contextlib.suppress(ValueError):  # only the main thread may set handlers
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if message:
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            sys.stderr.write(message.rstrip("\n") + "\n")
-            sys.stderr.flush()
     try:
         sys.stdout.flush()
     except (OSError, ValueError, AttributeError):  # a closed pipe must not fail again at exit's flush
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    if message and code == 1:
+        raise SystemExit(message)  # printed on stderr by the interpreter, exit status 1
+    if message:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            sys.stderr.write(message + "\n")
     raise SystemExit(code)
 
 

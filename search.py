@@ -167,13 +167,14 @@ def search_model(name, settings, grid, data, precision, device, dist_info, dry_r
                 gathered = [None] * world_size
                 dist.all_gather_object(gathered, results[0])
                 results = gathered
-            for result in filter(None, results):
-                trials.append(result)
-                loss = "diverged" if result["val_loss"] is None else f"val loss {result['val_loss']:.4f}"
-                log(f"{name} trial {len(trials):3d}/{len(configs)}: {result['params']} -> {loss} "
-                    f"({result['seconds']:.1f}s)")
-            if rank == 0 and not dry_run:
+            results = list(filter(None, results))
+            trials += results
+            if rank == 0 and not dry_run:  # saved before the trials' lines are printed
                 write_json(path, summary(name, settings, grid, trials, len(configs)))
+            for number, result in enumerate(results, len(trials) - len(results) + 1):
+                loss = "diverged" if result["val_loss"] is None else f"val loss {result['val_loss']:.4f}"
+                log(f"{name} trial {number:3d}/{len(configs)}: {result['params']} -> {loss} "
+                    f"({result['seconds']:.1f}s)")
     except KeyboardInterrupt:
         log(f"\ninterrupted: {len(trials)} finished trials are saved in {path}; the same command resumes")
         raise

@@ -63,7 +63,7 @@ DIVERGED = 10.0  # a mean training loss above DIVERGED x ln(classes) (chance is 
 batch_size = checked("a whole number", int, lambda v: v >= 2, "at least 2 (BatchNorm cannot train on one image)")
 FLAGS = {  # setting: (flag, argparse options, help); each stage's DEFAULTS decide which it has
     "dataset": ("--dataset", dict(choices=sorted(DATASETS)), "dataset"),
-    "subset": ("--subset", dict(type=positive_int), "train on a stratified sample of N training images (None: all)"),
+    "subset": ("--subset", dict(type=positive_int), "train on a stratified sample of N training images"),
     "seed": ("--seed", dict(type=seed_value), "seed of splits, shuffling, augmentation and initialisation"),
     "learning_rate": ("--lr", dict(type=positive_float), "learning rate"),
     "batch_size": ("--batch-size", dict(type=batch_size), "batch size"),
@@ -189,42 +189,45 @@ def fit(model, optimizer, data, settings, precision, *, history=(), files=None, 
     generator = torch.Generator()
     started = time.time() - (history[-1]["elapsed"] if history else 0.0)
     validate = data["val"] is not None
-    for epoch in range(len(history) + 1, settings["epochs"] + 1):
-        generator.manual_seed(epoch_seed(settings["seed"], epoch))
-        torch.manual_seed(epoch_seed(settings["seed"], epoch))
-        epoch_start = time.time()
-        try:
+    try:
+        for epoch in range(len(history) + 1, settings["epochs"] + 1):
+            generator.manual_seed(epoch_seed(settings["seed"], epoch))
+            torch.manual_seed(epoch_seed(settings["seed"], epoch))
+            epoch_start = time.time()
             train = train_one_epoch(model, optimizer, data, settings, precision, generator, epoch,
                                     progress=rank == 0 and is_terminal() and not dry_run, **limit)
-        except KeyboardInterrupt:
-            if files and files["unfinished_last"].is_file():
-                log(f"\ninterrupted: the finished epochs are in {files['unfinished_last']}; continue with --resume "
-                    f"({files['best']} is untouched)")
-            raise
-        train_seconds = time.time() - epoch_start
-        if not math.isfinite(train["loss"]):
-            raise TrainingError(f"the training loss diverged ({train['raw_loss']:.3g}) in epoch {epoch}: stopped "
-                                f"without saving it; try a lower --lr")
-        val = evaluate_loss_acc(model, *data["val"], data["mean"], data["std"], precision, **limit) \
-            if validate else None
-        history.append({"epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"],
-                        "val_loss": val["loss"] if val else None, "val_acc": val["acc"] if val else None,
-                        "seconds": time.time() - epoch_start, "images": int(train["images"]),
-                        "images_per_sec": train["images"] / max(train_seconds, 1e-9),
-                        "elapsed": time.time() - started, "lr": optimizer.param_groups[0]["lr"]})
-        best = best_row(history)
-        if rank == 0 and files:  # saved before the epoch's line is printed
-            state = dict(meta, epoch=epoch, history=history, best_val_loss=best["val_loss"])
-            if best["epoch"] == epoch:
-                save_checkpoint(files["unfinished"], model, optimizer, **state)
-            save_checkpoint(files["unfinished_last"], model, optimizer, **state)
-        log(epoch_line(history[-1], settings["epochs"]))
-        if dry_run:
-            log("dry run finished: one training and one validation batch ran, nothing was written")
-            break
-        if validate and settings["schedule"] == "constant" and epoch - best["epoch"] >= settings.get("patience", 1e9):
-            log(f"early stop: no better validation loss for {settings['patience']} epochs (best: epoch {best['epoch']})")
-            break
+            train_seconds = time.time() - epoch_start
+            if not train["images"]:
+                raise TrainingError("no batch of two or more images to train on: use a larger --subset")
+            if not math.isfinite(train["loss"]):
+                raise TrainingError(f"the training loss diverged ({train['raw_loss']:.3g}) in epoch {epoch}: stopped "
+                                    f"without saving it; try a lower --lr")
+            val = evaluate_loss_acc(model, *data["val"], data["mean"], data["std"], precision, **limit) \
+                if validate else None
+            history.append({"epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"],
+                            "val_loss": val["loss"] if val else None, "val_acc": val["acc"] if val else None,
+                            "seconds": time.time() - epoch_start, "images": int(train["images"]),
+                            "images_per_sec": train["images"] / max(train_seconds, 1e-9),
+                            "elapsed": time.time() - started, "lr": optimizer.param_groups[0]["lr"]})
+            best = best_row(history)
+            if rank == 0 and files:  # saved before the epoch's line is printed
+                state = dict(meta, epoch=epoch, history=history, best_val_loss=best["val_loss"])
+                if best["epoch"] == epoch:
+                    save_checkpoint(files["unfinished"], model, optimizer, **state)
+                save_checkpoint(files["unfinished_last"], model, optimizer, **state)
+            log(epoch_line(history[-1], settings["epochs"]))
+            if dry_run:
+                log("dry run finished: one training and one validation batch ran, nothing was written")
+                break
+            patience = settings.get("patience") or math.inf
+            if validate and settings["schedule"] == "constant" and epoch - best["epoch"] >= patience:
+                log(f"early stop: no better validation loss for {patience} epochs (best: epoch {best['epoch']})")
+                break
+    except KeyboardInterrupt:
+        if files and files["unfinished_last"].is_file():
+            log(f"\ninterrupted: the finished epochs are in {files['unfinished_last']}; continue with --resume "
+                f"({files['best']} is untouched)")
+        raise
     return history
 
 
@@ -267,18 +270,10 @@ def load_training_data(settings, device, data_dir, download, val_fraction=VAL_FR
     normalisation; otherwise it is measured on the training part only, so nothing about the
     validation or test images leaks in.
     """
-    dataset, seed, subset = settings["dataset"], settings["seed"], settings.get("subset")
-    images, labels = load_images(dataset, train=True, data_dir=data_dir, download=download)
+    dataset, seed = settings["dataset"], settings["seed"]
+    images, labels = take_subset(*load_images(dataset, train=True, data_dir=data_dir, download=download),
+                                 settings.get("subset"), seed, dataset)
     classes = len(CLASSES[dataset])
-    if subset:
-        if subset > len(labels):
-            raise UserError(f"--subset {subset} is larger than the {len(labels):,} training images of {dataset}: "
-                            f"give a smaller one or leave it out")
-        if subset < 2 * classes:
-            raise UserError(f"--subset {subset} is too small to train on {classes} classes: give at least "
-                            f"{2 * classes}")
-        chosen = stratified_subset(labels, subset, seed)
-        images, labels = images[chosen], labels[chosen]
     val = None
     if mini or val_fraction:
         train_index, val_index = mini_split(labels, seed) if mini else stratified_split(labels, val_fraction, seed)
@@ -291,6 +286,20 @@ def load_training_data(settings, device, data_dir, download, val_fraction=VAL_FR
     mean, std = stats if stats is not None else mean_std(images)
     return {"train": (images.to(device), labels.to(device)), "val": val, "mean": mean, "std": std,
             "classes": classes}
+
+
+def take_subset(images, labels, subset, seed, dataset):
+    """--subset: a stratified sample of `subset` training images (None: all of them)."""
+    if not subset:
+        return images, labels
+    classes = len(CLASSES[dataset])
+    if subset > len(labels):
+        raise UserError(f"--subset {subset} is larger than the {len(labels):,} training images of {dataset}: "
+                        f"give a smaller one or leave it out")
+    if subset < 2 * classes:
+        raise UserError(f"--subset {subset} is too small to train on {classes} classes: give at least {2 * classes}")
+    chosen = stratified_subset(labels, subset, seed)
+    return images[chosen], labels[chosen]
 
 
 def prepare_model(model, device, precision, world_size=1, compile_model=False, optimizer=None):
@@ -317,7 +326,8 @@ def add_setting_flags(parser, defaults, skip=()):
     """One flag per setting of the stage, its help showing the stage's default; None means 'not given'."""
     for key in (key for key in defaults if key not in skip):
         flag, options, text = FLAGS[key]
-        parser.add_argument(flag, dest=key, default=None, help=f"{text} (default: {defaults[key]})", **options)
+        shown = "all" if defaults[key] is None else defaults[key]
+        parser.add_argument(flag, dest=key, default=None, help=f"{text} (default: {shown})", **options)
 
 
 def check_settings(settings, args):
@@ -404,9 +414,11 @@ def resumed_run(args, files, defaults, log):
     if saved.get("schedule") == "cosine" and wanted != saved.get("epochs"):
         raise TrainingError(f"--epochs {args.epochs} contradicts the run in {path}: its cosine schedule was planned "
                             f"over {saved.get('epochs')} epochs; leave --epochs out, or start a new run")
-    if wanted is not None and wanted <= done and not needs_finishing(path, files, done):
-        raise TrainingError(f"the run in {path} has already trained {done} epochs, --epochs is {wanted}: "
-                            f"pass --epochs above {done} to train more; nothing was written")
+    if wanted is not None and wanted <= done:
+        if wanted < done or not needs_finishing(path, files, done):
+            raise TrainingError(f"the run in {path} has already trained {done} epochs, --epochs is {wanted}: "
+                                f"pass --epochs above {done} to train more; nothing was written")
+        log(f"the run in {path} has trained all its {done} epochs: resuming writes its files")
     log(f"resuming {path} after epoch {done}")
     state["path"] = path
     return state, model, (f"resumed run {path}", {key: saved[key] for key in defaults if key in saved})
@@ -466,10 +478,13 @@ def checkpoint_meta(model_name, settings, data, precision, **extra):
 
 
 def discard_unfinished(files, resumed_path, dry_run):
-    """A new run (or one resumed from the finished run) starts without an earlier cancelled run's files."""
-    if not dry_run and resumed_path != files["unfinished_last"]:
-        for key in ("unfinished", "unfinished_last"):
-            files[key].unlink(missing_ok=True)
+    """A run resumed from the finished run's last epoch must not publish an older run's unfinished best.
+
+    A new run needs no such care: its first epoch is its best so far and replaces that file (a run
+    cancelled before its first epoch leaves the earlier unfinished run as it was).
+    """
+    if not dry_run and resumed_path == files["last"]:
+        files["unfinished"].unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- the script
@@ -498,10 +513,9 @@ def main(argv=None):
         log = log_for(rank)
         files = stage_files(Path(args.hub) / "pre_trained" / f"{args.model}.pth",
                             Path(args.outputs) / "train" / f"{args.model}.json")
+        layer = search_params(args.params, args.model, args.dataset) if args.params else None
         with locked(files, args.dry_run, rank):
-            resumed, model, layer = resumed_run(args, files, DEFAULTS, log) if args.resume else (None, None, None)
-            if args.params:
-                layer = search_params(args.params, args.model, args.dataset)
+            resumed, model, layer = resumed_run(args, files, DEFAULTS, log) if args.resume else (None, None, layer)
             settings = resolve_settings(args, DEFAULTS, [layer] if layer else [], log)
             check_settings(settings, args)
             precision = choose_precision(args.precision, device)

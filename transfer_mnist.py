@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
-from data import CLASSES, DATASETS, DIGITS, add_data_flags, load_images, mean_std, stratified_subset
+from data import CLASSES, DATASETS, DIGITS, add_data_flags, load_images, mean_std
 from evaluate import compute_metrics, find_checkpoint, metrics_table, plot_confusion, predict_probabilities
 from models import MODELS, build_model, load_checkpoint, replace_head, unwrap
 from runs import (Parser, UserError, add_run_flags, check_outputs, choose_precision, log_for, one_line_errors,
                   resolve_settings, set_seed, setup_distributed, write_json)
-from train import add_setting_flags, checkpoint_meta, finish, fit, locked, prepare_model, stage_files
+from train import add_setting_flags, checkpoint_meta, finish, fit, locked, prepare_model, stage_files, take_subset
 
 TARGET = "mnist"
 DEFAULTS = {  # transfer's values, each written only here
@@ -110,9 +110,7 @@ def main(argv=None):
                 check_outputs(folder / f"{name}.json", folder / f"{name}_cm_test.png")
             splits = {split: load_images(TARGET, train=split == "train", data_dir=args.data_dir,
                                          download=not args.no_download) for split in ("train", "test")}
-            if settings["subset"]:
-                chosen = stratified_subset(splits["train"][1], settings["subset"], settings["seed"])
-                splits["train"] = tuple(tensor[chosen] for tensor in splits["train"])
+            splits["train"] = take_subset(*splits["train"], settings["subset"], settings["seed"], TARGET)
             if mean is None:
                 mean, std = mean_std(splits["train"][0])
             before = split_metrics(model.to(device), splits, mean, std, device, precision, rows) if rows else None

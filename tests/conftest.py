@@ -38,6 +38,22 @@ def fake_split(count, num_classes=62, seed=0):
     return upright, labels, np.ascontiguousarray(upright.transpose(0, 2, 1))
 
 
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run the tests marked slow (long training runs)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a long test; runs only with --slow (CI runs it as a second command)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--slow"):
+        skip = pytest.mark.skip(reason="slow: run with --slow")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path, monkeypatch):
     """Decoded-array caches for read-only folders go to a per-test folder, not ~/.cache."""

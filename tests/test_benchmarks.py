@@ -15,7 +15,8 @@ MNIST = ["--dataset", "mnist", "--data-dir", str(TEST_DATA)]
 
 def test_time_to_accuracy_races_both_pipelines_on_real_digits(tmp_path):
     out = tmp_path / "tta.json"
-    time_to_accuracy.main([*MNIST, "--max-epochs", "2", "--target", "0.999", "--workers", "0", "--out", str(out)])
+    time_to_accuracy.main([*MNIST, "--max-epochs", "2", "--target", "0.999", "--workers", "0", "--lr", "0.05",
+                           "--out", str(out)])
     result = json.loads(out.read_text())
     assert [row["pipeline"] for row in result["results"]] == ["study", "ours"]
     for row in result["results"]:
@@ -61,6 +62,15 @@ def test_demo_latency_times_the_http_round_trip(tmp_path):
     demo_latency.main(["--models", "lenet", "--requests", "3", "--out", str(out)])
     (name, row), = json.loads(out.read_text())["results"].items()
     assert name == "lenet" and 0 < row["median_ms"] and row["p95_ms"] > 0
+
+
+def test_benchmarks_write_under_outputs_unless_a_path_is_named():
+    for script in (time_to_accuracy, throughput, demo_latency):
+        assert script.parse_args([]).out.startswith("outputs/benchmarks/")
+    assert precision_accuracy.parse_args([]).out is None  # outputs/benchmarks/precision_accuracy_DATASET.json
+    import train
+    assert throughput.parse_args([]).batch_size == train.DEFAULTS["batch_size"]
+    assert time_to_accuracy.parse_args([]).lr == train.DEFAULTS["learning_rate"]
 
 
 @pytest.mark.parametrize("script, argv", [

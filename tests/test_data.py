@@ -7,7 +7,8 @@ import torch
 
 import data
 from conftest import fake_split, sample_path, write_idx
-from data import CLASSES, DataError, augment, load_images
+from data import CLASSES, augment, load_images
+from runs import DataError
 
 
 # ----------------------------------------------------------------------------- real samples

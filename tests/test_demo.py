@@ -37,7 +37,8 @@ def mnist_lenet(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(mnist_lenet):
-    predictor = demo.Predictor([mnist_lenet], torch.device("cpu"), demo.choose_precision("fp32", torch.device("cpu")))
+    predictor = demo.Predictor([(mnist_lenet, None)], torch.device("cpu"),
+                               demo.choose_precision("fp32", torch.device("cpu")))
     httpd = demo.make_server(predictor, "127.0.0.1", 0)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -93,11 +94,36 @@ def test_several_networks_answer_side_by_side_with_an_ensemble(mnist_lenet, tmp_
     train.main(["--model", "spinalnet", "--dataset", "mnist", "--data-dir", str(sample_path()), "--no-download",
                 "--epochs", "1", "--hub", str(tmp_path / "hub"), "--outputs", str(tmp_path / "out")])
     cpu = torch.device("cpu")
-    predictor = demo.Predictor([mnist_lenet, tmp_path / "hub" / "pre_trained" / "spinalnet.pth"], cpu,
-                               demo.choose_precision("fp32", cpu))
+    spinalnet = tmp_path / "hub" / "pre_trained" / "spinalnet.pth"
+    predictor = demo.Predictor([(mnist_lenet, None), (spinalnet, None)], cpu, demo.choose_precision("fp32", cpu))
     images, _ = load_images("mnist", train=False, data_dir=sample_path(), download=False)
     answer = predictor.predict(png(images[0].numpy()))
     assert list(answer["models"]) == ["lenet", "spinalnet"] and len(answer["predictions"]) == 5
+    with pytest.raises(demo.UserError, match="two checkpoints of lenet"):  # never one dropped silently
+        demo.Predictor([(mnist_lenet, None), (mnist_lenet, None)], cpu, demo.choose_precision("fp32", cpu))
+    with pytest.raises(demo.UserError, match="holds a lenet checkpoint, not resnet"):
+        demo.Predictor(demo.checkpoints_to_serve(demo.parse_args(["--model", "resnet", "--ckpt", str(mnist_lenet)])),
+                       cpu, demo.choose_precision("fp32", cpu))
+
+
+def test_huge_or_vanishing_clients_get_an_answer_or_one_line_and_the_server_keeps_serving(server, capfd):
+    host, port = server.removeprefix("http://").split(":")
+    started = time.time()
+    with socket.create_connection((host, int(port)), timeout=10) as client:  # claims 10^20 bytes, sends none
+        client.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: " + str(10 ** 20).encode()
+                       + b"\r\n\r\n")
+        reply = client.recv(4096)
+    assert reply.startswith(b"HTTP/1.0 413") and time.time() - started < 5
+    for _ in range(20):  # clients that reset mid-request or leave before the reply
+        client = socket.create_connection((host, int(port)), timeout=10)
+        client.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n" + png(
+            np.zeros((28, 28), np.uint8))[:100])
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        client.close()  # RST
+    time.sleep(0.5)
+    assert "Traceback" not in capfd.readouterr().err
+    with urllib.request.urlopen(server + "/health", timeout=10) as response:
+        assert json.loads(response.read())["status"] == "ok"
 
 
 # ----------------------------------------------------------------------------- the page in Chromium

@@ -92,8 +92,17 @@ def test_own_images_dark_on_light_and_light_on_dark_agree(trained_lenet, tmp_pat
 def test_mismatched_dataset_and_missing_checkpoint_errors(trained_lenet, tmp_path):
     workdir, _ = trained_lenet
     with pytest.raises(SystemExit) as exit_info:
-        evaluate.main(["--model", "lenet", "--dataset", "emnist-byclass"] + dirs(workdir))
+        evaluate.main(["--model", "lenet", "--dataset", "mnist"] + dirs(workdir))
+    assert "was trained on sklearn-digits, not mnist" in str(exit_info.value)
+    assert "--other-dataset" in str(exit_info.value)
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--model", "lenet", "--dataset", "emnist-byclass", "--other-dataset"] + dirs(workdir))
     assert "predicts 10 classes" in str(exit_info.value)
+    evaluate.main(["--model", "lenet", "--dataset", "mnist", "--other-dataset", "--data-dir", str(sample_path()),
+                   "--split", "test", "--no-download", "--hub", str(workdir / "model_hub"),
+                   "--outputs", str(tmp_path / "outputs")])
+    result = json.loads((tmp_path / "outputs" / "eval" / "lenet.json").read_text())
+    assert result["dataset"] == "mnist" and result["test"]["count"] == 1000
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main(["--model", "vggnet"] + dirs(tmp_path))
     assert "python train.py --model vggnet" in str(exit_info.value)

@@ -2,7 +2,7 @@ import re
 
 import pytest
 
-from data import UserError
+from runs import UserError
 import torch
 import torch.nn.functional as F
 

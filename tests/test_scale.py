@@ -1,5 +1,4 @@
 """The data layer at real scale and through its real download path, with stand-ins."""
-import argparse
 import gzip
 import hashlib
 import http.server
@@ -16,7 +15,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import data
 import train
 from conftest import fake_split, idx_bytes
-from data import EVAL_BATCH, DataError, Precision, load_images
+from data import EVAL_BATCH, load_images
+from runs import DataError, Precision
 from evaluate import predict_probabilities
 from models import build_model
 
@@ -174,10 +174,9 @@ def test_a_training_epoch_never_copies_the_training_set():
     model = build_model("lenet", 62)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     with LargestTensors() as recorder:
-        args = argparse.Namespace(batch_size=batch_size, augment=True, schedule="constant", clip=1.0,
-                                  precision=Precision(False, False, "test"))
-        result = train.train_one_epoch(model, optimizer, {"train": (images, labels), "mean": 0.17, "std": 0.33},
-                                       args, torch.Generator().manual_seed(0))
+        result = train.train_one_epoch(model, optimizer, {"train": (images, labels), "mean": 0.17, "std": 0.33,
+                                                          "classes": 62}, dict(train.DEFAULTS, batch_size=batch_size),
+                                       Precision(False, False, "test"), torch.Generator().manual_seed(0), 1)
     assert result["images"] == count  # a whole epoch ran
     largest = max(size for size, _, _ in recorder.created)
     float_batch = batch_size * 28 * 28 * 4

@@ -67,19 +67,21 @@ def test_checkpoint_of_another_model_is_refused(trained_lenet):
 
 def test_diverging_loss_stops_without_saving(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
-        train.main(DIGITS + ["--epochs", "2", "--lr", "1e30", "--clip", "0"] + dirs(tmp_path))
+        train.main(DIGITS + ["--epochs", "2", "--lr", "1e6", "--clip", "0"] + dirs(tmp_path))
     assert "training loss diverged" in str(exit_info.value)
     assert not (tmp_path / "model_hub" / "pre_trained" / "lenet.pth").exists()
 
 
 def test_search_writes_best_params_from_the_grid_and_train_uses_them(tmp_path, capsys):
     search.main(DIGITS + ["--n-iter", "2", "--epochs", "1", "--outputs", str(tmp_path / "outputs")])
-    result = json.loads((tmp_path / "outputs" / "search" / "lenet.json").read_text())
+    path = tmp_path / "outputs" / "search" / "lenet.json"
+    result = json.loads(path.read_text())
     assert len(result["trials"]) == 2
     assert result["best_val_loss"] == min(trial["val_loss"] for trial in result["trials"])
     for key, value in result["best_params"].items():
         assert value in search.GRID[key]
-    train.main(DIGITS + ["--epochs", "1"] + dirs(tmp_path))
+    assert f"python train.py --model lenet --params {path}" in capsys.readouterr().out
+    train.main(["--model", "lenet", "--params", str(path), "--epochs", "1"] + dirs(tmp_path))
     args = torch.load(tmp_path / "model_hub" / "pre_trained" / "lenet.pth", weights_only=True)["args"]
     for key, value in result["best_params"].items():
         assert args[key] == value
@@ -149,10 +151,11 @@ def test_torchrun_two_ranks_on_cpu(tmp_path):
 
 
 def test_amp_and_channels_last_paths_run_on_cpu(tmp_path, capsys):
-    history = train.main(["--model", "resnet", "--dataset", "sklearn-digits", "--dry-run", "--precision",
-                          "bf16"] + dirs(tmp_path))
-    assert "precision: bf16 + channels_last (asked for with --precision bf16)" in capsys.readouterr().out
-    assert len(history) == 1 and history[0]["train_loss"] == history[0]["train_loss"]  # ran, not NaN
+    train.main(["--model", "resnet", "--dataset", "sklearn-digits", "--dry-run", "--precision", "bf16"]
+               + dirs(tmp_path))
+    out = capsys.readouterr().out
+    assert "precision: bf16 + channels_last (asked for with --precision bf16)" in out
+    assert "epoch   1/20 | train loss" in out and "nan" not in out.split("epoch   1/20")[1]
     assert not (tmp_path / "model_hub").exists()
 
 
@@ -175,27 +178,43 @@ def test_ctrl_c_keeps_the_last_epoch_and_resume_finishes(tmp_path):
     returncode, output, errors = signal_at_epoch(command, tmp_path, signal.SIGINT)
     assert returncode == 130, errors[-1000:]
     assert "continue with --resume" in output
-    last = torch.load(tmp_path / "model_hub" / "pre_trained" / "lenet_last.pth", weights_only=True)
+    last = torch.load(tmp_path / "model_hub" / "pre_trained" / "lenet_unfinished_last.pth", weights_only=True)
     assert 2 <= last["epoch"] < 200 and len(last["history"]) == last["epoch"]
     train.main(DIGITS + ["--epochs", str(last["epoch"] + 1), "--resume"] + dirs(tmp_path))
     history = json.loads((tmp_path / "outputs" / "train" / "lenet.json").read_text())["history"]
     assert [row["epoch"] for row in history] == list(range(1, last["epoch"] + 2))
+    assert not list((tmp_path / "model_hub").rglob("*unfinished*"))  # published under the finished names
+
+
+def test_a_cancelled_fresh_run_never_replaces_a_finished_one(tmp_path):
+    import signal
+
+    train.main(DIGITS + ["--epochs", "2"] + dirs(tmp_path))
+    finished = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    command = [sys.executable, str(ROOT / "train.py"), *DIGITS, "--epochs", "200", "--lr", "0.02", *dirs(tmp_path)]
+    returncode, _, errors = signal_at_epoch(command, tmp_path, signal.SIGINT, epoch=1)
+    assert returncode == 130, errors[-1000:]
+    assert all(path.read_bytes() == content for path, content in finished.items())
+    unfinished = torch.load(tmp_path / "model_hub" / "pre_trained" / "lenet_unfinished_last.pth", weights_only=True)
+    assert unfinished["args"]["learning_rate"] == 0.02  # kept for --resume, beside the finished run
+    with pytest.raises(SystemExit):  # a failed fresh run (diverged) leaves them alone too
+        train.main(DIGITS + ["--epochs", "3", "--lr", "1e5", "--clip", "0"] + dirs(tmp_path))
+    assert all(path.read_bytes() == content for path, content in finished.items())
 
 
 def test_one_copy_of_the_epochs_affines_trains_exactly_as_one_draw_per_step():
     """epoch_affines moves the augmentation parameters to the device once per epoch: the numbers
     (and so the trained weights) must be those of drawing them on the CPU at every step."""
-    from types import SimpleNamespace
-
     import torch.nn.functional as F
-    from data import augment, choose_precision, iterate_batches
+    from data import augment, iterate_batches
+    from runs import choose_precision
 
     torch.manual_seed(0)
     images = torch.randint(0, 256, (70, 28, 28), dtype=torch.uint8)  # 70 = 4 batches of 16 and one of 6
     labels = torch.arange(70) % 10
-    data = {"train": (images, labels), "mean": 0.3, "std": 0.3}
-    args = SimpleNamespace(batch_size=16, augment=True, schedule="constant", clip=1.0,
-                           precision=choose_precision("fp32", torch.device("cpu")))
+    data = {"train": (images, labels), "mean": 0.3, "std": 0.3, "classes": 10}
+    settings = dict(train.DEFAULTS, batch_size=16)
+    fp32 = choose_precision("fp32", torch.device("cpu"))
 
     def fresh():
         torch.manual_seed(1)
@@ -203,7 +222,7 @@ def test_one_copy_of_the_epochs_affines_trains_exactly_as_one_draw_per_step():
         return model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 
     model, optimizer = fresh()
-    train.train_one_epoch(model, optimizer, data, args, torch.Generator().manual_seed(5))
+    train.train_one_epoch(model, optimizer, data, settings, fp32, torch.Generator().manual_seed(5), 1)
     reference, reference_optimizer = fresh()
     reference.train()
     generator = torch.Generator().manual_seed(5)
@@ -242,9 +261,7 @@ def test_a_resumed_optimizer_state_follows_the_model_to_its_device(make_optimize
     GPU the first step then failed with tensors on two devices. With no GPU here, a change of
     dtype made after the state was loaded stands in for the move: prepare_model must cast the
     state to whatever its parameters became."""
-    from types import SimpleNamespace
-
-    from data import Precision
+    from runs import Precision
 
     model = build_model("lenet", 10)
     optimizer = make_optimizer(model.parameters())
@@ -254,22 +271,20 @@ def test_a_resumed_optimizer_state_follows_the_model_to_its_device(make_optimize
     resumed = make_optimizer(resumed_model.parameters())
     resumed.load_state_dict(optimizer.state_dict())
     resumed_model.double()  # the parameters change after the state was loaded, as a move to a GPU does
-    args = SimpleNamespace(precision=Precision(False, False, "test"), compile=False)
-    moved = train.prepare_model(resumed_model, torch.device("cpu"), args, 1, resumed)
+    moved = train.prepare_model(resumed_model, torch.device("cpu"), Precision(False, False, "test"), 1, False,
+                                resumed)
     states = [resumed.state[param] for param in moved.parameters()]
     buffers = [value for state in states for key, value in state.items() if key != "step"]
     assert len(buffers) >= len(states) == 14 and all(buffer.dtype == torch.float64 for buffer in buffers)
 
 
 def test_the_cosine_schedule_anneals_from_lr_to_zero_step_by_step():
-    from types import SimpleNamespace
-
-    cosine = SimpleNamespace(schedule="cosine", learning_rate=0.1, epochs=4)
+    cosine = {"schedule": "cosine", "learning_rate": 0.1, "epochs": 4}
     rates = [train.scheduled_lr(cosine, epoch, step, 10) for epoch in range(1, 5) for step in range(10)]
     assert rates[0] == pytest.approx(0.1) and rates[20] == pytest.approx(0.05)  # the start and halfway
     assert all(earlier > later for earlier, later in zip(rates, rates[1:]))
     assert 0 < rates[-1] < 1e-3
-    constant = SimpleNamespace(schedule="constant", learning_rate=0.1, epochs=4)
+    constant = {"schedule": "constant", "learning_rate": 0.1, "epochs": 4}
     assert {train.scheduled_lr(constant, epoch, step, 10) for epoch in range(1, 5) for step in range(10)} == {0.1}
 
 
@@ -289,7 +304,7 @@ def test_a_cosine_run_interrupted_and_resumed_repeats_an_uninterrupted_one(tmp_p
     command = [sys.executable, str(ROOT / "train.py"), *cosine, "--epochs", "6", *dirs(stopped)]
     returncode, _, errors = signal_at_epoch(command, tmp_path, signal.SIGINT)
     assert returncode == 130, errors[-1000:]
-    last = stopped / "model_hub" / "pre_trained" / "lenet_last.pth"
+    last = stopped / "model_hub" / "pre_trained" / "lenet_unfinished_last.pth"
     assert 2 <= torch.load(last, weights_only=True)["epoch"] < 6
     for flags, wanted in [(["--schedule", "constant"], "--schedule constant contradicts"),
                           (["--epochs", "8"], "its cosine schedule was planned over 6 epochs")]:
@@ -332,7 +347,7 @@ def test_early_stopping_never_cuts_a_cosine_schedule_short(tmp_path, monkeypatch
 def test_patience_with_a_cosine_schedule_is_refused_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         train.main(DIGITS + ["--schedule", "cosine", "--patience", "3"] + dirs(tmp_path))
-    message = str(stop.value.code)  # run_script exits with the one line
+    message = str(stop.value.code)  # one_line_errors exits with the one line
     assert message.startswith("error: --patience 3") and len(message.splitlines()) == 1
     assert "a cosine schedule runs all its --epochs" in message
     assert not [path for path in tmp_path.rglob("*") if path.is_file()]  # nothing written
