@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 
-from data import (AUGMENTS, CLASSES, DATASETS, EVAL_BATCH, add_data_flags, augment, augment_recipe, iterate_batches,
-                  load_images, normalize)
+from data import (AUGMENTS, CLASSES, DATASETS, EVAL_BATCH, VAL_FRACTION, add_data_flags, augment, augment_recipe,
+                  iterate_batches, load_images, normalize, stratified_split)
 from models import MODELS, count_parameters, load_checkpoint
 from runs import (DataError, Parser, UserError, add_run_flags, atomic_path, check_outputs, choose_precision,
                   get_device, one_line_errors, output_lock, pyplot, read_json, save_figure, seed_value, write_json)
@@ -388,19 +388,58 @@ def ensemble_result(outputs_by_model, classes, dataset):
     return result
 
 
+def choose_members(names, args, device):
+    """The ensemble's members, chosen without the test split: each network's pre-trained checkpoint in
+    --ensemble-from-validation DIR predicts the images its pre-training held out (the same for all);
+    the subset of two or more whose mean probability is most accurate there wins (ties: fewer networks)."""
+    from itertools import combinations
+
+    from train import take_subset
+
+    held_out, probabilities = None, {}
+    for name in names:
+        path = Path(args.ensemble_from_validation) / "pre_trained" / f"{name}.pth"
+        state, model = load_checkpoint(path, name, hint=f"python train.py --model {name}", datasets=DATASETS)
+        settings = state.get("args", {})
+        split = (state["dataset"], settings.get("subset"), settings.get("seed", 0))
+        if held_out is not None and split != held_out[0]:
+            raise UserError(f"{path} held out other images ({split}) than the others ({held_out[0]}): the ensemble "
+                            f"can be chosen only among pre-trainings of one dataset, subset and seed")
+        if held_out is None:
+            images, labels = take_subset(*load_images(split[0], train=True, data_dir=args.data_dir,
+                                                      download=not args.no_download), split[1], split[2], split[0])
+            held = stratified_split(labels, VAL_FRACTION, split[2])[1]
+            held_out = (split, images[held], labels[held])
+        probabilities[name] = predict_probabilities(model.to(device), held_out[1], state["mean"], state["std"],
+                                                    device, args.precision)
+    scores = {}
+    for size in range(2, len(names) + 1):
+        for subset in combinations(names, size):
+            mean = torch.stack([probabilities[name] for name in subset]).mean(0)
+            scores[" + ".join(subset)] = float((mean.argmax(1) == held_out[2]).float().mean())
+    best = max(scores, key=lambda key: (scores[key], -key.count("+")))  # ties: fewer networks, then first found
+    print(f"ensemble chosen on {len(held_out[2]):,} validation images: {best} ({100 * scores[best]:.2f} %; "
+          f"all {len(names)}: {100 * scores[' + '.join(names)]:.2f} %)")
+    return best.split(" + "), {"validation_images": len(held_out[2]), "validation_accuracy": scores}
+
+
 def write_comparison(results, ensemble, folder):
     """comparison.json and comparison.md: one column per network, the study's metrics in percent."""
     columns = {name: result for name, result in results.items()}
     if ensemble:
-        columns["ensemble"] = dict(ensemble, parameters=sum(r["parameters"] for r in results.values()),
-                                   seconds_per_epoch=None)
+        columns["ensemble"] = dict(ensemble, parameters=sum(results[name]["parameters"] for name in
+                                                            ensemble["members"]), seconds_per_epoch=None)
     table = {name: {"parameters": column["parameters"], "seconds_per_epoch": column["seconds_per_epoch"],
                     **{split: {key: column[split][key] for key in STUDY_METRICS}
                        for split in ["train", "test"] if split in column}}
              for name, column in columns.items()}
     dataset = next(iter(results.values()))["dataset"]
-    write_json(folder / "comparison.json", {"dataset": dataset, "models": table})
-    lines = [f"Dataset: {dataset}. Accuracy and weighted precision / recall / F1 in percent.", "",
+    members = ensemble["members"] if ensemble else []
+    write_json(folder / "comparison.json", {"dataset": dataset, "models": table, "ensemble_members": members,
+                                            "ensemble_choice": ensemble["choice"] if ensemble else None})
+    chosen = " (chosen on validation)" if ensemble and ensemble["choice"] else ""
+    lines = [f"Dataset: {dataset}. Accuracy and weighted precision / recall / F1 in percent. Ensemble: the mean "
+             f"probability of {', '.join(members) or 'none'}{chosen}.", "",
              "| | " + " | ".join(columns) + " |", "| --- |" + " ---: |" * len(columns)]
     for split in ["train", "test"]:
         for key in STUDY_METRICS:
@@ -433,9 +472,14 @@ def evaluate_several(names, args, device):
         raise UserError(f"the checkpoints were trained on different datasets ({', '.join(sorted(datasets))}): "
                         f"compare them with --dataset, or evaluate them one at a time")
     dataset = datasets.pop()
-    ensemble = ensemble_result(outputs_by_model, CLASSES[dataset], dataset) if len(results) > 1 else None
+    members, choice = list(results), None
+    if args.ensemble_from_validation and len(results) > 1:
+        members, choice = choose_members(list(results), args, device)
+    ensemble = ensemble_result({name: outputs_by_model[name] for name in members}, CLASSES[dataset], dataset) \
+        if len(members) > 1 else None
     if ensemble:
-        print("\nensemble (average softmax of " + ", ".join(results) + ")")
+        ensemble["members"], ensemble["choice"] = members, choice
+        print("\nensemble (average softmax of " + ", ".join(members) + ")")
         print(metrics_table([(split, metrics) for split, metrics in ensemble.items()]))
     if not args.dry_run:
         folder = Path(args.outputs) / "eval"
@@ -458,6 +502,9 @@ def parse_args(argv=None):
                                                                                            "(default: both)")
     parser.add_argument("--seed", type=seed_value, default=0,
                         help="which test images the prediction grid shows (default: 0)")
+    parser.add_argument("--ensemble-from-validation", default=None, metavar="HUB",
+                        help="choose the ensemble's members on the images the pre-trained checkpoints in "
+                             "HUB/pre_trained held out (default: all the networks evaluated)")
     parser.add_argument("--image", nargs="+", default=None, metavar="FILE",
                         help="classify your own pictures of handwritten characters")
     add_run_flags(parser, "device", "hub", "outputs", "precision", "dry-run", precision="fp32")

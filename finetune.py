@@ -50,11 +50,11 @@ DEFAULTS = {  # fine-tuning's values, each written only here (dataset and batch 
 
 def parse_args(argv=None):
     parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, choices=sorted(MODELS),
+    parser.add_argument("--model", default=None, choices=sorted(MODELS), metavar="NAME",
                         help="network (default: the checkpoint's; checked against --ckpt when both are given)")
     parser.add_argument("--ckpt", default=None, help="pre-trained checkpoint (default: HUB/pre_trained/MODEL.pth)")
     add_setting_flags(parser, DEFAULTS, skip=("learning_rate",))
-    parser.add_argument("--lr", dest="learning_rate", nargs="+", type=positive_float, default=None,
+    parser.add_argument("--lr", dest="learning_rate", nargs="+", type=positive_float, default=None, metavar="X",
                         help=f"Adam learning rate; several: choose one on validation (default: "
                              f"{DEFAULTS['learning_rate']})")
     parser.add_argument("--replace-head", action="store_true",
@@ -65,6 +65,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if not args.model and not args.ckpt:
         parser.error("give --model NAME (uses HUB/pre_trained/NAME.pth) or --ckpt PATH")
+    if args.patience and not args.val_fraction and not args.resume:
+        parser.error("--patience needs a validation set to stop on: add --val-fraction 0.1, or leave --patience out")
     rates = args.learning_rate or []
     if len(rates) > 1 and not args.val_fraction:
         parser.error("choosing among several --lr values needs a validation set: add --val-fraction 0.1")

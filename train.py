@@ -1,5 +1,6 @@
-"""SGD pre-training (stage 2 of the study), and the training loop that finetune.py,
-transfer_mnist.py and search.py share.
+"""SGD pre-training (stage 2 of the study); its loop is the one every training script uses.
+
+finetune.py, transfer_mnist.py and search.py call fit() below with their own values.
 
     python train.py --model alexnet                                      # EMNIST ByClass, 90 % train / 10 % val
     python train.py --model alexnet --params outputs/search/alexnet.json # with the search's best values
@@ -62,24 +63,25 @@ DIVERGED = 10.0  # a mean training loss above DIVERGED x ln(classes) (chance is 
 
 batch_size = checked("a whole number", int, lambda v: v >= 2, "at least 2 (BatchNorm cannot train on one image)")
 FLAGS = {  # setting: (flag, argparse options, help); each stage's DEFAULTS decide which it has
-    "dataset": ("--dataset", dict(choices=sorted(DATASETS)), "dataset"),
-    "subset": ("--subset", dict(type=positive_int), "train on a stratified sample of N training images"),
-    "seed": ("--seed", dict(type=seed_value), "seed of splits, shuffling, augmentation and initialisation"),
-    "learning_rate": ("--lr", dict(type=positive_float), "learning rate"),
-    "batch_size": ("--batch-size", dict(type=batch_size), "batch size"),
-    "momentum": ("--momentum", dict(type=momentum), "SGD momentum"),
-    "weight_decay": ("--weight-decay", dict(type=non_negative_float), "weight decay"),
-    "epochs": ("--epochs", dict(type=positive_int), "epochs in all, counting resumed ones"),
-    "patience": ("--patience", dict(type=positive_int), "stop after this many epochs without a better validation "
-                                                        "loss (constant schedule, with validation only)"),
-    "clip": ("--clip", dict(type=non_negative_float), "gradient-norm clipping, 0 turns it off"),
+    "dataset": ("--dataset", dict(choices=sorted(DATASETS), metavar="NAME"),
+                f"dataset: {', '.join(sorted(DATASETS))}"),
+    "subset": ("--subset", dict(type=positive_int, metavar="N"), "train on a stratified sample of N training images"),
+    "seed": ("--seed", dict(type=seed_value, metavar="N"), "seed of splits, shuffling, augmentation, initialisation"),
+    "learning_rate": ("--lr", dict(type=positive_float, metavar="X"), "learning rate"),
+    "batch_size": ("--batch-size", dict(type=batch_size, metavar="N"), "batch size"),
+    "momentum": ("--momentum", dict(type=momentum, metavar="X"), "SGD momentum"),
+    "weight_decay": ("--weight-decay", dict(type=non_negative_float, metavar="X"), "weight decay"),
+    "epochs": ("--epochs", dict(type=positive_int, metavar="N"), "epochs in all, counting resumed ones"),
+    "patience": ("--patience", dict(type=positive_int, metavar="N"), "stop after N epochs without a better "
+                                                                     "validation loss (constant schedule only)"),
+    "clip": ("--clip", dict(type=non_negative_float, metavar="X"), "gradient-norm clipping, 0 turns it off"),
     "augment": ("--augment", dict(choices=list(AUGMENTS)),
                 "study (the study's random affine), shift-flip (mirrors and shifts: garments, not characters) "
                 "or none"),
     "schedule": ("--schedule", dict(choices=SCHEDULES), "constant (the rate throughout) or cosine (down to 0 "
                                                         "over --epochs, step by step)"),
-    "val_fraction": ("--val-fraction", dict(type=fraction), "hold out this stratified fraction of the training "
-                                                            "split for validation and early stopping"),
+    "val_fraction": ("--val-fraction", dict(type=fraction, metavar="X"),
+                     "hold out this stratified fraction of the training split for validation"),
 }
 
 
@@ -491,7 +493,8 @@ def discard_unfinished(files, resumed_path, dry_run):
 
 def parse_args(argv=None):
     parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="alexnet", choices=sorted(MODELS), help="network (default: alexnet)")
+    parser.add_argument("--model", default="alexnet", choices=sorted(MODELS), metavar="NAME",
+                        help=f"network: {', '.join(sorted(MODELS))} (default: alexnet)")
     parser.add_argument("--params", default=None, metavar="FILE",
                         help="take the learning rate, batch size, momentum, weight decay and dataset from a "
                              "finished search (outputs/search/MODEL.json); flags still win")

@@ -46,7 +46,7 @@ DEFAULTS = {  # transfer's values, each written only here
 
 def parse_args(argv=None):
     parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, choices=sorted(MODELS),
+    parser.add_argument("--model", default=None, choices=sorted(MODELS), metavar="NAME",
                         help="network (default: the --ckpt's; checked against it when both are given)")
     parser.add_argument("--ckpt", default=None, help="EMNIST checkpoint (default: HUB/fine_tuned/MODEL_tuned.pth, "
                                                      "else HUB/pre_trained/MODEL.pth)")
