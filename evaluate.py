@@ -528,7 +528,8 @@ def main(argv=None):
             return
         names = (list(MODELS) if "all" in args.model else list(dict.fromkeys(args.model))) if args.model else [None]
         if not args.dry_run:
-            check_outputs(*[Path(args.outputs) / "eval" / f"{name}.json" for name in names if name],
+            check_outputs(*[Path(args.outputs) / "eval" / f"{name}{suffix}" for name in names if name
+                            for suffix in (".json", "_cm_test.png", "_cm_train.png", "_predictions.png", "_augment.png")],
                           *([Path(args.outputs) / "eval" / "comparison.json"] if len(names) > 1 else []))
         if len(names) == 1:
             evaluate_model(names[0], args, device)

@@ -28,7 +28,7 @@ import torch
 
 from data import CLASSES, DATASETS, add_data_flags
 from models import MODELS, load_checkpoint, replace_head
-from runs import (Parser, add_run_flags, choose_precision, log_for, one_line_errors, positive_float, resolve_settings,
+from runs import (Parser, add_run_flags, check_outputs, choose_precision, log_for, one_line_errors, positive_float, resolve_settings,
                   set_seed, setup_distributed, write_json)
 from train import (TrainingError, add_setting_flags, best_row, check_settings, checkpoint_meta, discard_unfinished,
                    finish, fit, load_training_data, locked, prepare_model, resumed_run, stage_files)
@@ -101,6 +101,8 @@ def main(argv=None):
         args.model = state["model"]
         files = stage_files(Path(args.hub) / "fine_tuned" / f"{args.model}_tuned.pth",
                             Path(args.outputs) / "finetune" / f"{args.model}.json")
+        if len(args.rates) > 1 and not args.dry_run and rank == 0:
+            check_outputs(files["json"].with_name(f"{args.model}_rates.json"))
         with locked(files, args.dry_run, rank):
             resumed, resumed_model, layer = resumed_run(args, files, DEFAULTS, log) if args.resume else \
                 (None, None, None)

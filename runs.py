@@ -112,19 +112,18 @@ def save_figure(figure, path, dpi=100):
 
 
 def check_outputs(*paths):
-    """Fail before any work when an output file cannot be written where it goes."""
+    """Fail before any work when an output file could not be written where it goes (creates nothing)."""
     for path in map(Path, paths):
         refuse_special(path)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=path.parent):
-                pass
-        except (FileExistsError, NotADirectoryError):
-            raise UserError(f"cannot make the folder {path.parent}: a file is in the way; move it or choose "
-                            f"other --hub/--outputs/--out folders") from None
-        except OSError as err:
-            raise UserError(f"cannot write in {path.parent} ({err.strerror}): choose other --hub/--outputs/--out "
-                            f"folders or fix their permissions") from None
+        folder = path.parent
+        while not folder.exists() and not folder.is_symlink() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            raise UserError(f"cannot make the folder {path.parent}: {folder} is a file in the way; move it or "
+                            f"choose other --hub/--outputs/--out folders")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise UserError(f"cannot write in {folder} (permission denied): choose other --hub/--outputs/--out "
+                            f"folders or fix their permissions")
 
 
 @contextlib.contextmanager

@@ -81,7 +81,10 @@ def parse_grid(text):
 def sample_configs(grid, n_iter, seed):
     """Up to n_iter distinct configurations drawn with scikit-learn's ParameterSampler."""
     configs, seen = [], set()
-    for params in ParameterSampler(grid, n_iter=n_iter, random_state=seed):
+    size = 1
+    for values in grid.values():
+        size *= len(values)
+    for params in ParameterSampler(grid, n_iter=min(n_iter, size), random_state=seed):  # at most the whole grid
         params = {key: (value.item() if hasattr(value, "item") else value) for key, value in sorted(params.items())}
         if config_key(params) not in seen:
             seen.add(config_key(params))

@@ -431,9 +431,10 @@ def needs_finishing(path, files, done):
     if path == files["unfinished_last"]:
         return True
     try:
-        return len(read_json(files["json"], "run").get("history", [])) != done
+        history = read_json(files["json"], "run").get("history")
     except UserError:
         return True
+    return not isinstance(history, list) or len(history) != done
 
 
 def finish(files, settings, history, title, log):

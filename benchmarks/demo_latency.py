@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import demo  # noqa: E402
 from data import CLASSES  # noqa: E402
-from runs import Parser, choose_precision, one_line_errors, positive_int, write_json  # noqa: E402
+from runs import Parser, check_outputs, choose_precision, one_line_errors, positive_int, write_json  # noqa: E402
 from models import build_model, save_checkpoint  # noqa: E402
 
 NETWORKS = ["lenet", "alexnet", "vggnet", "resnet", "spinalnet"]
@@ -45,6 +45,7 @@ def parse_args(argv=None):
 
 
 def run(args):
+    check_outputs(args.out)
     with tempfile.TemporaryDirectory() as folder:
         measure(args, Path(folder))
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from runs import write_json  # noqa: E402
+from runs import Parser, check_outputs, one_line_errors, positive_int, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"train": 697_932, "test": 116_323}  # the official ByClass splits
@@ -105,13 +105,18 @@ def measure(folder, augment=False, device="auto", batch_size=64):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = Parser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--dir", default=None, help="folder for the synthetic files (default: a temporary one)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--out", default="outputs/benchmarks/load_data.json", help="result JSON")
     args = parser.parse_args(argv)
+    with one_line_errors():
+        check_outputs(args.out)
+        run(args)
+
+
+def run(args):
     folder = Path(args.dir) if args.dir else Path(tempfile.gettempdir()) / "emnist-byclass-synthetic"
     ensure_files(folder)
     for cache in folder.glob("*.npy"):

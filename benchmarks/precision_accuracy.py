@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
 from data import DATASETS, load_images  # noqa: E402
-from runs import (Parser, choose_precision, one_line_errors, positive_float, positive_int, seed_value,  # noqa: E402
+from runs import (Parser, check_outputs, choose_precision, one_line_errors, positive_float, positive_int, seed_value,  # noqa: E402
                   write_json)
 from evaluate import predict_probabilities  # noqa: E402
 from models import MODELS, load_checkpoint  # noqa: E402
@@ -60,6 +60,8 @@ def one_run(args, precision, seed):
 
 
 def run(args):
+    out = args.out or Path("outputs") / "benchmarks" / f"precision_accuracy_{args.dataset}.json"
+    check_outputs(out)
     results = {}
     for precision in ["fp32", "bf16"]:
         runs = [one_run(args, precision, seed) for seed in args.seeds]
@@ -69,7 +71,6 @@ def run(args):
     for precision, result in results.items():
         print(f"{precision}: test accuracy {100 * result['mean']:.2f} +- {100 * result['std']:.2f} % "
               f"over seeds {args.seeds} ({args.model}, {args.dataset}, {args.epochs} epochs)")
-    out = args.out or Path("outputs") / "benchmarks" / f"precision_accuracy_{args.dataset}.json"
     write_json(out, {"args": vars(args), "results": results})
     print(f"wrote {out}")
 

@@ -30,7 +30,7 @@ import train  # noqa: E402
 from benchmarks.original_pipeline import original_loader, study_epoch  # noqa: E402
 from data import DATASETS, EVAL_BATCH, load_images, mean_std  # noqa: E402
 from models import build_model  # noqa: E402
-from runs import (Parser, Precision, choose_precision, get_device, one_line_errors, positive_float,  # noqa: E402
+from runs import (Parser, Precision, check_outputs, choose_precision, get_device, one_line_errors, positive_float,  # noqa: E402
                   positive_int, write_json)
 
 FIVE = ["lenet", "alexnet", "vggnet", "resnet", "spinalnet"]
@@ -162,6 +162,7 @@ def parse_args(argv=None):
 
 
 def run(args):
+    check_outputs(args.out)
     device = get_device(args.device)
     auto = choose_precision("auto", device)
     images, labels = load_images(args.dataset, train=True, data_dir=args.data_dir)

@@ -23,7 +23,7 @@ from benchmarks.original_pipeline import original_loader, study_epoch  # noqa: E
 from benchmarks.throughput import FP32, sync  # noqa: E402
 from data import DATASETS, load_images, mean_std  # noqa: E402
 from models import MODELS, build_model  # noqa: E402
-from runs import (Parser, choose_precision, fraction, get_device, one_line_errors, positive_float,  # noqa: E402
+from runs import (Parser, check_outputs, choose_precision, fraction, get_device, one_line_errors, positive_float,  # noqa: E402
                   positive_int, seed_value, set_seed, write_json)
 from train import DEFAULTS, epoch_seed, evaluate_loss_acc, train_one_epoch  # noqa: E402
 
@@ -88,6 +88,7 @@ def parse_args(argv=None):
 
 
 def run(args):
+    check_outputs(args.out)
     device = get_device(args.device)
     args.precision = choose_precision(args.precision, device)
     train_images, train_labels = load_images(args.dataset, train=True, data_dir=args.data_dir, download=False)

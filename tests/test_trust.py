@@ -376,7 +376,7 @@ def test_unwritable_outputs_are_found_before_training(tmp_path):
     (tmp_path / "a_file").write_text("")
     line = one_line_error(run(ROOT / "train.py", *DIGITS, "--outputs", tmp_path / "a_file" / "out",
                               "--hub", tmp_path / "hub", cwd=tmp_path))
-    assert "a file is in the way" in line
+    assert "a file in the way" in line
     assert not (tmp_path / "hub" / "pre_trained" / "lenet.pth").exists()
 
 

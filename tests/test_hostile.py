@@ -1,0 +1,282 @@
+"""Bad input and faults a hostile tester tries: each gets one line and a non-zero exit (or the right
+result), nothing wrong is reported as right, nothing stored is lost, nothing hangs."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import search
+import train
+from conftest import ROOT, sample_path, signal_at_epoch, write_idx
+from runs import DataError, output_lock
+
+DIGITS = ["--model", "lenet", "--dataset", "sklearn-digits"]
+
+
+def dirs(tmp_path):
+    return ["--hub", str(tmp_path / "model_hub"), "--outputs", str(tmp_path / "outputs")]
+
+
+def run(*args, cwd, timeout=240, shell=False):
+    command = " ".join([sys.executable, *map(str, args)]) if shell else [sys.executable, *map(str, args)]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, shell=shell)
+
+
+def one_line_error(result):
+    assert result.returncode not in (0, None), result.stdout[-500:]
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def exit_message(function, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        function(argv)
+    assert exit_info.value.code not in (0, None)
+    return str(exit_info.value.code)
+
+
+# ----------------------------------------------------------------------------- numbers and JSON
+
+@pytest.mark.parametrize("grid, wanted", [
+    ('{"batch_size": [16.0]}', "batch_size 16.0 is not a whole number"),
+    ('{"learning_rate": [1e300]}', "learning_rate must be a number above 0"),
+    ('{"weight_decay": [1e300]}', "weight_decay must be a number from 0"),
+    ('{"momentum": [1]}', "momentum must be at least 0 and below 1"),
+    ('{"learning_rate": [true]}', "learning_rate True is not a number"),
+])
+def test_grid_values_that_cannot_work_are_refused_before_any_work(tmp_path, grid, wanted):
+    line = one_line_error(run(ROOT / "search.py", *DIGITS, "--grid", grid, "--outputs", tmp_path / "out",
+                              cwd=tmp_path))
+    assert wanted in line and not (tmp_path / "out").exists()
+
+
+def test_more_draws_than_the_grid_holds_is_the_whole_grid():
+    grid = {"learning_rate": [0.01, 0.1], "batch_size": [16], "momentum": [0.9], "weight_decay": [0.0, 1e-4]}
+    assert len(search.sample_configs(grid, 10 ** 9, 0)) == 4
+
+
+@pytest.mark.parametrize("trials", [
+    [{"params": {"learning_rate": 0.01}, "val_loss": "0.5"}],
+    [{"params": [1, 2], "val_loss": 0.5}],
+    "all of them",
+])
+def test_a_damaged_search_file_is_one_line_and_kept(tmp_path, trials):
+    search.main(DIGITS + ["--n-iter", "2", "--epochs", "1", "--outputs", str(tmp_path / "out")])
+    path = tmp_path / "out" / "search" / "lenet.json"
+    damaged = dict(json.loads(path.read_text()), trials=trials)
+    path.write_text(json.dumps(damaged))
+    message = exit_message(search.main, DIGITS + ["--n-iter", "2", "--epochs", "1", "--outputs",
+                                                  str(tmp_path / "out")])
+    assert "no readable list of trials" in message and json.loads(path.read_text()) == damaged
+
+
+@pytest.mark.parametrize("text", ["", '{"trials": [', "[" * 5000 + "]" * 5000, '{"a":' * 3000 + "1" + "}" * 3000])
+def test_a_truncated_or_absurdly_nested_json_is_one_line(tmp_path, text):
+    path = tmp_path / "out" / "search" / "lenet.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(text)
+    line = one_line_error(run(ROOT / "search.py", *DIGITS, "--n-iter", "1", "--epochs", "1", "--outputs",
+                              tmp_path / "out", cwd=tmp_path))
+    assert str(path) in line and path.read_text() == text
+
+
+# ----------------------------------------------------------------------------- outputs in the way
+
+@pytest.mark.parametrize("blocker", ["json_is_a_folder", "png_is_a_folder", "pth_is_a_folder", "lock_is_a_folder",
+                                     "dangling_lock_link", "outputs_under_a_file"])
+def test_anything_in_the_way_of_an_output_is_found_before_any_work(tmp_path, blocker):
+    hub, outputs = tmp_path / "model_hub" / "pre_trained", tmp_path / "outputs" / "train"
+    hub.mkdir(parents=True)
+    outputs.mkdir(parents=True)
+    if blocker == "json_is_a_folder":
+        (outputs / "lenet.json").mkdir()
+    elif blocker == "png_is_a_folder":
+        (outputs / "lenet.png").mkdir()
+    elif blocker == "pth_is_a_folder":
+        (hub / "lenet.pth").mkdir()
+    elif blocker == "lock_is_a_folder":
+        (hub / "lenet.pth.lock").mkdir()
+    elif blocker == "dangling_lock_link":
+        (hub / "lenet.pth.lock").symlink_to(tmp_path / "nowhere")
+    extra = ["--outputs", str(tmp_path / "a_file" / "out")] if blocker == "outputs_under_a_file" else []
+    (tmp_path / "a_file").write_text("")
+    result = run(ROOT / "train.py", *DIGITS, "--epochs", "1", *dirs(tmp_path), *extra, cwd=tmp_path)
+    line = one_line_error(result)
+    assert "move it" in line or "remove it" in line
+    assert "epoch   1/" not in result.stdout and not list(tmp_path.rglob("*.pth*.tmp"))
+    assert not [path for path in hub.iterdir() if path.is_file() and path.suffix == ".pth"]
+
+
+def test_a_benchmark_checks_its_out_before_measuring(tmp_path):
+    (tmp_path / "result.json").mkdir()
+    result = run(ROOT / "benchmarks" / "throughput.py", "--out", tmp_path / "result.json", cwd=tmp_path)
+    assert "result.json is a directory" in one_line_error(result) and "matmul" not in result.stdout
+
+
+# ----------------------------------------------------------------------------- the disk and the terminal
+
+def test_a_full_disk_inside_torch_save_is_one_line_and_keeps_the_finished_run(tmp_path, monkeypatch):
+    train.main(DIGITS + ["--epochs", "1"] + dirs(tmp_path))
+    finished = {path: path.read_bytes() for path in (tmp_path / "model_hub").rglob("*.pth")}
+
+    def full(*args, **kwargs):  # what torch.save raises when the disk fills up in the middle of a checkpoint
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2240 vs 2136")
+
+    monkeypatch.setattr(torch, "save", full)
+    for resume in ([], ["--resume", "--epochs", "2"]):
+        message = exit_message(train.main, DIGITS + ["--epochs", "1"][: 0 if resume else 2] + resume
+                               + dirs(tmp_path))
+        assert "no space left on the device" in message
+    assert {path: path.read_bytes() for path in (tmp_path / "model_hub").rglob("*.pth")} == finished
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_a_closed_stdout_and_a_closed_pipe_end_quietly(tmp_path):
+    closed = run(ROOT / "train.py", *DIGITS, "--dry-run", ">&-", cwd=tmp_path, shell=True)
+    assert closed.returncode == 0 and "Traceback" not in closed.stderr and "Error" not in closed.stderr
+    piped = run(ROOT / "evaluate.py", "--help", "| head -1", cwd=tmp_path, shell=True)
+    assert piped.stdout.startswith("usage:") and "Traceback" not in piped.stderr
+
+
+@pytest.mark.slow
+def test_two_ctrl_c_in_quick_succession_end_in_one_line(tmp_path):
+    command = [sys.executable, str(ROOT / "train.py"), *DIGITS, "--epochs", "200", *dirs(tmp_path)]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in process.stdout:
+        if line.startswith("epoch   2/"):
+            process.send_signal(signal.SIGINT)
+            time.sleep(0.015)
+            process.send_signal(signal.SIGINT)
+            break
+    _, errors = process.communicate(timeout=120)
+    assert process.returncode == 130 and errors.strip() == "interrupted", errors
+
+
+@pytest.mark.slow
+def test_compile_without_a_c_compiler_is_one_line(tmp_path):
+    env = {**os.environ, "CC": "/nonexistent/gcc", "CXX": "/nonexistent/g++"}
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *DIGITS, "--dry-run", "--compile"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert "needs a working C compiler" in one_line_error(result)
+
+
+# ----------------------------------------------------------------------------- resume and checkpoints
+
+@pytest.mark.parametrize("change", ["published", "epoch_as_text"])
+def test_resuming_a_checkpoint_that_cannot_be_resumed_is_one_line(tmp_path, change):
+    train.main(DIGITS + ["--epochs", "1"] + dirs(tmp_path))
+    last = tmp_path / "model_hub" / "pre_trained" / "lenet_last.pth"
+    state = torch.load(last, weights_only=True)
+    if change == "published":
+        del state["optimizer"]
+    else:
+        state["epoch"] = "1"
+    torch.save(state, last)
+    message = exit_message(train.main, DIGITS + ["--resume", "--epochs", "2"] + dirs(tmp_path))
+    assert f"{last} cannot be resumed" in message
+
+
+def test_a_checkpoint_on_another_dataset_is_refused_unless_meant(trained_lenet, tmp_path):
+    _, checkpoint = trained_lenet
+    message = exit_message(__import__("evaluate").main, ["--ckpt", str(checkpoint), "--dataset", "mnist",
+                                                         "--data-dir", str(sample_path())] + dirs(tmp_path))
+    assert "was trained on sklearn-digits, not mnist" in message
+    assert not [path for path in tmp_path.rglob("*") if path.is_file()]
+
+
+# ----------------------------------------------------------------------------- training that trains nothing
+
+def test_a_subset_too_small_to_train_is_refused_and_transfer_takes_its_subset(trained_lenet, tmp_path):
+    _, checkpoint = trained_lenet
+    import finetune
+    import transfer_mnist
+
+    message = exit_message(finetune.main, ["--ckpt", str(checkpoint), "--subset", "1"] + dirs(tmp_path))
+    assert "--subset 1 is too small" in message and not [path for path in tmp_path.rglob("*") if path.is_file()]
+    transfer_mnist.main(["--ckpt", str(checkpoint), "--subset", "100", "--epochs", "1", "--data-dir",
+                         str(sample_path()), "--no-download"] + dirs(tmp_path))
+    result = json.loads((tmp_path / "outputs" / "transfer" / "lenet.json").read_text())
+    history = json.loads((tmp_path / "outputs" / "transfer" / "lenet_history.json").read_text())["history"]
+    assert result["train_images"] == 100 and history[0]["images"] == 100
+
+
+# ----------------------------------------------------------------------------- the data cache
+
+@pytest.mark.parametrize("damage", ["bytes_overwritten", "other_labels"])
+def test_a_cache_damaged_in_place_is_decoded_again(tmp_path, damage):
+    images = np.random.default_rng(0).integers(0, 256, (50, 28, 28), dtype=np.uint8)
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", images)
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.arange(50) % 10)
+    loaded, labels = data.load_images("mnist", data_dir=tmp_path, download=False)
+    (cached_images,) = tmp_path.glob("train-images-idx3-ubyte.*.npy")
+    (cached_labels,) = tmp_path.glob("train-labels-idx1-ubyte.*.npy")
+    if damage == "bytes_overwritten":
+        raw = bytearray(cached_images.read_bytes())
+        raw[-500:-400] = bytes(100)
+        cached_images.write_bytes(bytes(raw))
+    else:  # a valid .npy, under the same name, holding other labels
+        np.save(cached_labels, np.asarray((np.arange(50) + 1) % 10, dtype=np.uint8))
+    again, again_labels = data.load_images("mnist", data_dir=tmp_path, download=False)
+    assert np.array_equal(again.numpy(), images) and torch.equal(again_labels, labels)
+
+
+# ----------------------------------------------------------------------------- pictures
+
+def test_pictures_that_cannot_hold_a_character_are_refused_in_one_line(trained_lenet, tmp_path):
+    _, checkpoint = trained_lenet
+    Image.new("L", (3, 3), 0).save(tmp_path / "tiny.png")
+    os.mkfifo(tmp_path / "pipe.png")
+    result = run(ROOT / "evaluate.py", "--ckpt", checkpoint, "--image", tmp_path / "tiny.png", tmp_path / "pipe.png",
+                 tmp_path / "missing.png", cwd=tmp_path, timeout=60)
+    errors = result.stderr.splitlines()
+    assert result.returncode == 1 and "Traceback" not in result.stderr and len(errors) == 3
+    assert "3x3 pixels, too small" in errors[0] and "not a regular file" in errors[1]
+    assert "missing.png does not exist" in errors[2]
+
+
+# ----------------------------------------------------------------------------- downloads
+
+def test_a_name_that_does_not_resolve_fails_at_once(tmp_path, monkeypatch):
+    calls = []
+
+    def unresolvable(*args, **kwargs):
+        calls.append(args)
+        raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", unresolvable)
+    monkeypatch.setattr(data, "DOWNLOAD_BACKOFF", 10.0)  # a retry would take seconds
+    started = time.time()
+    with pytest.raises(DataError, match="cannot be resolved"):
+        data.load_images("emnist-digits", data_dir=tmp_path)
+    assert len(calls) == 1 and time.time() - started < 5
+
+
+# ----------------------------------------------------------------------------- several processes
+
+@pytest.mark.slow
+def test_torchrun_with_a_bad_setting_prints_one_line_from_one_rank(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             "--master_port=29519", str(ROOT / "train.py"), *DIGITS, "--subset", "5", "--device",
+                             "cpu", *dirs(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert result.returncode != 0
+    assert result.stderr.count("error: --subset 5 is too small") == 1
+    assert result.stdout.count("settings (value: source):") == 1
+
+
+def test_a_lock_held_elsewhere_is_one_line(tmp_path):
+    with output_lock(tmp_path / "outputs" / "search" / "lenet.json"):
+        message = exit_message(search.main, DIGITS + ["--n-iter", "1", "--outputs", str(tmp_path / "outputs")])
+    assert "another run" in message
