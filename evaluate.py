@@ -480,7 +480,7 @@ def evaluate_several(names, args, device):
     if ensemble:
         ensemble["members"], ensemble["choice"] = members, choice
         print("\nensemble (average softmax of " + ", ".join(members) + ")")
-        print(metrics_table([(split, metrics) for split, metrics in ensemble.items()]))
+        print(metrics_table([(split, ensemble[split]) for split in ("train", "test") if split in ensemble]))
     if not args.dry_run:
         folder = Path(args.outputs) / "eval"
         with output_lock(folder / "comparison.json"):

@@ -358,11 +358,21 @@ def rank_label():
     return int(os.environ.get("RANK", "0")) if world_size > 1 else 0
 
 
+def ignore_interrupts():
+    with contextlib.suppress(ValueError):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @contextlib.contextmanager
 def one_line_errors():
     """Run a script's work: user errors, Ctrl-C, `kill`, a full disk and a closed pipe each end in one line."""
+    import atexit
+
     import torch.distributed as dist
 
+    atexit.unregister(ignore_interrupts)
+    atexit.register(ignore_interrupts)  # runs first at exit: a late Ctrl-C cannot break the exit handlers
+    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
     with contextlib.suppress(ValueError):  # only the main thread may set handlers (tests call main() too)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` ends a run as Ctrl-C does
@@ -392,6 +402,9 @@ def one_line_errors():
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        for number, handler in previous.items():  # as they were: main() may run inside a longer process
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(number, handler)
 
 
 def compiler_missing(err):

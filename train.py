@@ -542,5 +542,6 @@ def main(argv=None):
             if rank == 0 and not args.dry_run:
                 finish(files, settings, history, f"{args.model} pre-training on {settings['dataset']}", log)
 
+
 if __name__ == "__main__":
     main()

@@ -1,4 +1,4 @@
-"""Shared fixtures: the real samples in ../shared/data, IDX writers, a briefly trained checkpoint."""
+"""Shared fixtures: the real samples in tests/data, IDX writers, briefly trained checkpoints, the slow marker."""
 import gzip
 import struct
 import sys
@@ -82,6 +82,19 @@ def trained_spinalnet(tmp_path_factory):
     train.main(["--model", "spinalnet", "--dataset", "sklearn-digits", "--epochs", "2", "--lr", "0.05",
                 "--hub", str(workdir / "model_hub"), "--outputs", str(workdir / "outputs")])
     return workdir / "model_hub" / "pre_trained" / "spinalnet.pth"
+
+
+def refused(function, argv, capsys):
+    """Run a script's main() in this process: it must exit non-zero with exactly one line, from
+    one_line_errors (the SystemExit's message) or from argparse (stderr). Returns the line."""
+    with pytest.raises(SystemExit) as exit_info:
+        function(argv)
+    code = exit_info.value.code
+    assert code not in (0, None)
+    message = code if isinstance(code, str) else capsys.readouterr().err
+    lines = [line for line in message.splitlines() if line.strip()]
+    assert len(lines) == 1, message
+    return lines[0]
 
 
 def signal_at_epoch(command, cwd, signum, epoch=2):

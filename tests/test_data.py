@@ -71,7 +71,7 @@ def test_read_only_data_folder_is_left_alone_and_second_load_is_identical(tmp_pa
     write_idx(folder / f"{BYCLASS[0]}.gz", stored)
     write_idx(folder / f"{BYCLASS[1]}.gz", labels)
     before = sorted(path.name for path in folder.iterdir())
-    folder.chmod(0o555)  # like ../shared/data in CI (which even root must not write to)
+    folder.chmod(0o555)  # a read-only data folder (which even root must not write to)
     try:
         first = load_images("emnist-byclass", train=True, data_dir=folder, download=False)
         second = load_images("emnist-byclass", train=True, data_dir=folder, download=False)

@@ -17,7 +17,7 @@ from PIL import Image
 import data
 import search
 import train
-from conftest import ROOT, sample_path, signal_at_epoch, write_idx
+from conftest import ROOT, refused, sample_path, write_idx
 from runs import DataError, output_lock
 
 DIGITS = ["--model", "lenet", "--dataset", "sklearn-digits"]
@@ -56,9 +56,8 @@ def exit_message(function, argv):
     ('{"momentum": [1]}', "momentum must be at least 0 and below 1"),
     ('{"learning_rate": [true]}', "learning_rate True is not a number"),
 ])
-def test_grid_values_that_cannot_work_are_refused_before_any_work(tmp_path, grid, wanted):
-    line = one_line_error(run(ROOT / "search.py", *DIGITS, "--grid", grid, "--outputs", tmp_path / "out",
-                              cwd=tmp_path))
+def test_grid_values_that_cannot_work_are_refused_before_any_work(tmp_path, capsys, grid, wanted):
+    line = refused(search.main, DIGITS + ["--grid", grid, "--outputs", str(tmp_path / "out")], capsys)
     assert wanted in line and not (tmp_path / "out").exists()
 
 
@@ -83,12 +82,12 @@ def test_a_damaged_search_file_is_one_line_and_kept(tmp_path, trials):
 
 
 @pytest.mark.parametrize("text", ["", '{"trials": [', "[" * 5000 + "]" * 5000, '{"a":' * 3000 + "1" + "}" * 3000])
-def test_a_truncated_or_absurdly_nested_json_is_one_line(tmp_path, text):
+def test_a_truncated_or_absurdly_nested_json_is_one_line(tmp_path, capsys, text):
     path = tmp_path / "out" / "search" / "lenet.json"
     path.parent.mkdir(parents=True)
     path.write_text(text)
-    line = one_line_error(run(ROOT / "search.py", *DIGITS, "--n-iter", "1", "--epochs", "1", "--outputs",
-                              tmp_path / "out", cwd=tmp_path))
+    line = refused(search.main, DIGITS + ["--n-iter", "1", "--epochs", "1", "--outputs", str(tmp_path / "out")],
+                   capsys)
     assert str(path) in line and path.read_text() == text
 
 
@@ -96,7 +95,7 @@ def test_a_truncated_or_absurdly_nested_json_is_one_line(tmp_path, text):
 
 @pytest.mark.parametrize("blocker", ["json_is_a_folder", "png_is_a_folder", "pth_is_a_folder", "lock_is_a_folder",
                                      "dangling_lock_link", "outputs_under_a_file"])
-def test_anything_in_the_way_of_an_output_is_found_before_any_work(tmp_path, blocker):
+def test_anything_in_the_way_of_an_output_is_found_before_any_work(tmp_path, capsys, blocker):
     hub, outputs = tmp_path / "model_hub" / "pre_trained", tmp_path / "outputs" / "train"
     hub.mkdir(parents=True)
     outputs.mkdir(parents=True)
@@ -112,17 +111,18 @@ def test_anything_in_the_way_of_an_output_is_found_before_any_work(tmp_path, blo
         (hub / "lenet.pth.lock").symlink_to(tmp_path / "nowhere")
     extra = ["--outputs", str(tmp_path / "a_file" / "out")] if blocker == "outputs_under_a_file" else []
     (tmp_path / "a_file").write_text("")
-    result = run(ROOT / "train.py", *DIGITS, "--epochs", "1", *dirs(tmp_path), *extra, cwd=tmp_path)
-    line = one_line_error(result)
+    line = refused(train.main, DIGITS + ["--epochs", "1"] + dirs(tmp_path) + extra, capsys)
     assert "move it" in line or "remove it" in line
-    assert "epoch   1/" not in result.stdout and not list(tmp_path.rglob("*.pth*.tmp"))
+    assert "epoch   1/" not in capsys.readouterr().out and not list(tmp_path.rglob("*.pth*.tmp"))
     assert not [path for path in hub.iterdir() if path.is_file() and path.suffix == ".pth"]
 
 
-def test_a_benchmark_checks_its_out_before_measuring(tmp_path):
+def test_a_benchmark_checks_its_out_before_measuring(tmp_path, capsys):
+    from benchmarks import throughput
+
     (tmp_path / "result.json").mkdir()
-    result = run(ROOT / "benchmarks" / "throughput.py", "--out", tmp_path / "result.json", cwd=tmp_path)
-    assert "result.json is a directory" in one_line_error(result) and "matmul" not in result.stdout
+    assert "result.json is a directory" in refused(throughput.main, ["--out", str(tmp_path / "result.json")], capsys)
+    assert "matmul" not in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- the disk and the terminal
@@ -143,6 +143,7 @@ def test_a_full_disk_inside_torch_save_is_one_line_and_keeps_the_finished_run(tm
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_a_closed_stdout_and_a_closed_pipe_end_quietly(tmp_path):
     closed = run(ROOT / "train.py", *DIGITS, "--dry-run", ">&-", cwd=tmp_path, shell=True)
     assert closed.returncode == 0 and "Traceback" not in closed.stderr and "Error" not in closed.stderr

@@ -40,7 +40,8 @@ def test_readme_parameter_counts_match_the_code():
         assert int(match.group(1).replace(",", "")) == count_parameters(build_model(name, 62))
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if name == "ensnet" else name
+                                  for name in sorted(MODELS)])
 def test_a_few_sgd_steps_lower_the_loss_on_a_fixed_batch(name):
     torch.manual_seed(0)
     model = build_model(name, 10)

@@ -84,7 +84,7 @@ def serve_fake_emnist(handler, monkeypatch):
     return (train_upright, train_labels), (test_upright, test_labels)
 
 
-@pytest.mark.parametrize("mode", [None, "stall", "drop"])
+@pytest.mark.parametrize("mode", [None, pytest.param("stall", marks=pytest.mark.slow), "drop"])
 def test_download_resumes_after_a_stall_or_a_dropped_connection(server, tmp_path, monkeypatch, mode):
     handler, url = server
     handler.mode = mode
@@ -167,6 +167,7 @@ class LargestTensors(TorchDispatchMode):
         return out
 
 
+@pytest.mark.slow
 def test_a_training_epoch_never_copies_the_training_set():
     count, batch_size = 50_000, 256
     images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (count, 28, 28), dtype=np.uint8))

@@ -121,6 +121,7 @@ def run_script(*args, cwd, env=None):
                           env={**os.environ, **(env or {})})
 
 
+@pytest.mark.slow
 def test_dry_run_smoke_test(tmp_path):
     result = run_script(str(ROOT / "train.py"), *DIGITS, "--dry-run", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -136,6 +137,7 @@ def test_missing_emnist_gives_one_line_without_traceback(tmp_path):
     assert "emnist-byclass-train-images-idx3-ubyte.gz" in result.stderr and "sklearn-digits" in result.stderr
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_on_cpu(tmp_path):
     result = run_script("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
                         str(ROOT / "train.py"), *DIGITS, "--epochs", "1", "--device", "cpu", *dirs(tmp_path),
@@ -159,6 +161,7 @@ def test_amp_and_channels_last_paths_run_on_cpu(tmp_path, capsys):
     assert not (tmp_path / "model_hub").exists()
 
 
+@pytest.mark.slow
 def test_search_under_torchrun_spreads_and_gathers_the_trials(tmp_path):
     result = run_script("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518",
                         str(ROOT / "search.py"), *DIGITS, "--n-iter", "3", "--epochs", "1", "--device", "cpu",
@@ -171,6 +174,7 @@ def test_search_under_torchrun_spreads_and_gathers_the_trials(tmp_path):
     assert result.stdout.count("lenet trial") == 3  # rank 0 alone logs, once per trial
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_the_last_epoch_and_resume_finishes(tmp_path):
     import signal
 
@@ -186,6 +190,7 @@ def test_ctrl_c_keeps_the_last_epoch_and_resume_finishes(tmp_path):
     assert not list((tmp_path / "model_hub").rglob("*unfinished*"))  # published under the finished names
 
 
+@pytest.mark.slow
 def test_a_cancelled_fresh_run_never_replaces_a_finished_one(tmp_path):
     import signal
 
@@ -288,6 +293,7 @@ def test_the_cosine_schedule_anneals_from_lr_to_zero_step_by_step():
     assert {train.scheduled_lr(constant, epoch, step, 10) for epoch in range(1, 5) for step in range(10)} == {0.1}
 
 
+@pytest.mark.slow
 def test_a_cosine_run_interrupted_and_resumed_repeats_an_uninterrupted_one(tmp_path, capsys):
     import signal
 

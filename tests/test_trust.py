@@ -20,7 +20,7 @@ import finetune
 import search
 import train
 import transfer_mnist
-from conftest import ROOT, sample_path, signal_at_epoch, write_idx
+from conftest import ROOT, refused, sample_path, signal_at_epoch, write_idx
 from data import DATASETS, load_images
 from models import CheckpointError, load_checkpoint
 from runs import DataError, atomic_path, output_lock, write_json
@@ -105,9 +105,9 @@ def test_a_search_result_on_disk_changes_nothing_unless_asked_for(tmp_path, caps
     ({"raw": "[" * 5000 + "]" * 5000}, "JSON"),
     ({"raw": '{"a":' * 5000 + "1" + "}" * 5000}, "JSON"),
 ])
-def test_an_unusable_params_file_is_one_line_before_any_work(tmp_path, fields, reason):
+def test_an_unusable_params_file_is_one_line_before_any_work(tmp_path, capsys, fields, reason):
     path = search_file(tmp_path, **fields)
-    line = one_line_error(run(ROOT / "train.py", *DIGITS, "--params", path, *dirs(tmp_path), cwd=tmp_path))
+    line = refused(train.main, DIGITS + ["--params", str(path)] + dirs(tmp_path), capsys)
     assert reason in line and str(path) in line
     assert not (tmp_path / "model_hub").exists()
 
@@ -172,6 +172,7 @@ def test_resume_restores_the_run_and_refuses_contradicting_flags(tmp_path, capsy
 
 # ----------------------------------------------------------------------------- checkpoints name their network
 
+@pytest.mark.slow
 def test_ckpt_alone_names_the_network_in_every_script(trained_lenet, tmp_path, capsys):
     _, checkpoint = trained_lenet
     evaluate.main(["--ckpt", str(checkpoint), "--split", "test"] + dirs(tmp_path))
@@ -225,11 +226,11 @@ def test_evaluate_dry_run_writes_nothing(trained_lenet, tmp_path, capsys):
     assert files_under(tmp_path) == []
 
 
-def test_epochs_zero_is_refused_and_keeps_the_earlier_history(trained_lenet, tmp_path):
+def test_epochs_zero_is_refused_and_keeps_the_earlier_history(trained_lenet, capsys):
     workdir, _ = trained_lenet
     history = workdir / "outputs" / "train" / "lenet.json"
     before = history.read_bytes()
-    line = one_line_error(run(ROOT / "train.py", *DIGITS, "--epochs", "0", *dirs(workdir), cwd=tmp_path))
+    line = refused(train.main, DIGITS + ["--epochs", "0"] + dirs(workdir), capsys)
     assert "--epochs" in line and "at least 1" in line
     assert history.read_bytes() == before
 
@@ -259,9 +260,11 @@ def test_epochs_zero_is_refused_and_keeps_the_earlier_history(trained_lenet, tmp
     ("search.py", ["--grid", "not json"], "not valid JSON"),
     ("evaluate.py", [], "--model"),
 ])
-def test_values_that_cannot_work_are_refused_before_any_work(tmp_path, script, flags, wanted):
+def test_values_that_cannot_work_are_refused_before_any_work(tmp_path, monkeypatch, capsys, script, flags, wanted):
+    monkeypatch.chdir(tmp_path)
     base = DIGITS if script != "evaluate.py" else []
-    line = one_line_error(run(ROOT / script, *base, *flags, "--no-download", *dirs(tmp_path), cwd=tmp_path))
+    modules = {"train.py": train, "finetune.py": finetune, "search.py": search, "evaluate.py": evaluate}
+    line = refused(modules[script].main, base + flags + ["--no-download"] + dirs(tmp_path), capsys)
     assert wanted in line
     assert files_under(tmp_path) == []
 
@@ -427,6 +430,7 @@ def test_ctrl_c_while_the_modules_load_is_one_line_and_130(tmp_path):
     assert process.returncode == 130 and "Traceback" not in errors and errors.strip() == "interrupted"
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_a_search_trial_keeps_the_finished_trials(tmp_path):
     process = subprocess.Popen([sys.executable, str(ROOT / "search.py"), *DIGITS, "--epochs", "3", "--outputs",
                                 str(tmp_path / "outputs")], cwd=tmp_path, stdout=subprocess.PIPE,
@@ -442,6 +446,7 @@ def test_ctrl_c_during_a_search_trial_keeps_the_finished_trials(tmp_path):
     assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob("*.lock"))
 
 
+@pytest.mark.slow
 def test_kill_ends_a_run_like_ctrl_c_with_nothing_partial_left(tmp_path):
     command = [sys.executable, str(ROOT / "train.py"), *DIGITS, "--epochs", "200", *dirs(tmp_path)]
     returncode, output, errors = signal_at_epoch(command, tmp_path, signal.SIGTERM)
@@ -457,6 +462,7 @@ def test_output_piped_into_head_ends_quietly(tmp_path):
     assert result.stdout.startswith("settings") and "Traceback" not in result.stderr and "Error" not in result.stderr
 
 
+@pytest.mark.slow
 def test_an_unusable_mplbackend_still_writes_the_pictures(tmp_path):
     result = run(ROOT / "train.py", *DIGITS, "--epochs", "1", *dirs(tmp_path), cwd=tmp_path,
                  env={"MPLBACKEND": "no-such-backend"})
@@ -466,6 +472,7 @@ def test_an_unusable_mplbackend_still_writes_the_pictures(tmp_path):
 
 # ----------------------------------------------------------------------------- evaluate.py
 
+@pytest.mark.slow
 def test_evaluate_all_skips_a_network_it_cannot_evaluate_and_still_compares(trained_lenet, trained_spinalnet,
                                                                             tmp_path, capsys):
     hub = tmp_path / "model_hub" / "pre_trained"
@@ -542,6 +549,7 @@ def test_the_same_drawing_gets_the_same_answer_in_every_variant(trained_lenet, t
     assert len(answers) == len(files) and len(set(answers)) == 1
 
 
+@pytest.mark.slow
 def test_a_decompression_bomb_among_pictures_is_one_line_and_the_others_answered(trained_lenet, tmp_path,
                                                                                 monkeypatch):
     _, checkpoint = trained_lenet
@@ -566,5 +574,5 @@ def test_resume_reads_checkpoints_that_stored_augment_as_true_or_false(tmp_path,
         train.main, ["--model", "lenet", "--resume", "--augment", "study", "--epochs", "2"] + dirs(tmp_path))
     capsys.readouterr()
     train.main(["--model", "lenet", "--resume", "--augment", "none", "--epochs", "2"] + dirs(tmp_path))
-    assert f"augment        none             flag" in capsys.readouterr().out
+    assert "augment        none             flag" in capsys.readouterr().out
     assert torch.load(last, weights_only=True)["args"]["augment"] == "none"
