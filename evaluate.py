@@ -12,6 +12,7 @@ import io
 import os
 import sys
 import warnings
+from itertools import combinations
 from pathlib import Path
 
 if __name__ == "__main__":  # Ctrl-C while torch loads: one line and exit 130, not a traceback
@@ -25,7 +26,7 @@ from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_
 
 from data import (AUGMENTS, CLASSES, DATASETS, EVAL_BATCH, VAL_FRACTION, add_data_flags, augment, augment_recipe,
                   iterate_batches, load_images, normalize, stratified_split)
-from models import MODELS, count_parameters, load_checkpoint
+from models import MODELS, count_parameters, load_checkpoint, training_args
 from runs import (DataError, Parser, UserError, add_run_flags, atomic_path, check_outputs, choose_precision,
                   get_device, one_line_errors, output_lock, pyplot, read_json, save_figure, seed_value, write_json)
 
@@ -343,7 +344,8 @@ def measure(state, model, path, args, device):
     result = {"model": name, "checkpoint": str(path), "dataset": dataset, "epochs": state.get("epoch"),
               "parameters": count_parameters(model), "seconds_per_epoch": seconds_per_epoch(args.outputs, name),
               "precision": args.precision.name}
-    recipe = augment_recipe(state.get("args", {}).get("augment", "study"))  # what its training saw
+    recipe = augment_recipe(training_args(state).get("augment", "study"))  # what its training saw
+    recipe = recipe if isinstance(recipe, str) and recipe in AUGMENTS else "none"  # unknown: show none
     outputs = {}
     for split in ["train", "test"] if args.split == "both" else [args.split]:
         images, labels = split_images(dataset, split, args)
@@ -392,16 +394,18 @@ def choose_members(names, args, device):
     """The ensemble's members, chosen without the test split: each network's pre-trained checkpoint in
     --ensemble-from-validation DIR predicts the images its pre-training held out (the same for all);
     the subset of two or more whose mean probability is most accurate there wins (ties: fewer networks)."""
-    from itertools import combinations
-
     from train import take_subset
 
     held_out, probabilities = None, {}
     for name in names:
         path = Path(args.ensemble_from_validation) / "pre_trained" / f"{name}.pth"
         state, model = load_checkpoint(path, name, hint=f"python train.py --model {name}", datasets=DATASETS)
-        settings = state.get("args", {})
+        settings = training_args(state)
         split = (state["dataset"], settings.get("subset"), settings.get("seed", 0))
+        if not all(value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
+                   for value in split[1:]) or split[2] is None:
+            raise UserError(f"{path} does not say which subset and seed its pre-training used: it cannot tell "
+                            f"which images it held out")
         if held_out is not None and split != held_out[0]:
             raise UserError(f"{path} held out other images ({split}) than the others ({held_out[0]}): the ensemble "
                             f"can be chosen only among pre-trainings of one dataset, subset and seed")
@@ -412,15 +416,22 @@ def choose_members(names, args, device):
             held_out = (split, images[held], labels[held])
         probabilities[name] = predict_probabilities(model.to(device), held_out[1], state["mean"], state["std"],
                                                     device, args.precision)
-    scores = {}
+    members, scores = best_subset(probabilities, held_out[2])
+    print(f"ensemble chosen on {len(held_out[2]):,} validation images: {' + '.join(members)} "
+          f"({100 * max(scores.values()):.2f} %; all {len(names)}: {100 * scores[' + '.join(names)]:.2f} %)")
+    return members, {"validation_images": len(held_out[2]), "validation_accuracy": scores}
+
+
+def best_subset(probabilities, labels):
+    """(members, {subset: accuracy}): the subset of two or more networks whose mean probability is the
+    most accurate; ties go to fewer networks, then to the first in order."""
+    names, scores = list(probabilities), {}
     for size in range(2, len(names) + 1):
         for subset in combinations(names, size):
             mean = torch.stack([probabilities[name] for name in subset]).mean(0)
-            scores[" + ".join(subset)] = float((mean.argmax(1) == held_out[2]).float().mean())
-    best = max(scores, key=lambda key: (scores[key], -key.count("+")))  # ties: fewer networks, then first found
-    print(f"ensemble chosen on {len(held_out[2]):,} validation images: {best} ({100 * scores[best]:.2f} %; "
-          f"all {len(names)}: {100 * scores[' + '.join(names)]:.2f} %)")
-    return best.split(" + "), {"validation_images": len(held_out[2]), "validation_accuracy": scores}
+            scores[" + ".join(subset)] = float((mean.argmax(1) == labels).float().mean())
+    best = max(scores, key=lambda key: (scores[key], -key.count("+")))  # max keeps the first of equals
+    return best.split(" + "), scores
 
 
 def write_comparison(results, ensemble, folder):

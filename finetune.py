@@ -27,23 +27,18 @@ from pathlib import Path
 import torch
 
 from data import CLASSES, DATASETS, add_data_flags
-from models import MODELS, load_checkpoint, replace_head
+from models import MODELS, load_checkpoint, replace_head, training_args
 from runs import (Parser, add_run_flags, check_outputs, choose_precision, log_for, one_line_errors, positive_float, resolve_settings,
                   set_seed, setup_distributed, write_json)
+import train
 from train import (TrainingError, add_setting_flags, best_row, check_settings, checkpoint_meta, discard_unfinished,
                    finish, fit, load_training_data, locked, prepare_model, resumed_run, stage_files)
 
-DEFAULTS = {  # fine-tuning's values, each written only here (dataset and batch size: the checkpoint's first)
-    "dataset": "emnist-byclass",
-    "subset": None,
-    "seed": 0,
+DEFAULTS = {  # fine-tuning's own values; the others are pre-training's (dataset and batch size: the checkpoint's)
+    **{key: train.DEFAULTS[key] for key in ("dataset", "subset", "seed", "batch_size", "clip", "augment", "schedule")},
     "learning_rate": 1e-3,  # Adam's usual rate, as the study
-    "batch_size": 64,
     "epochs": 5,  # as the study
     "patience": 5,  # used only with --val-fraction and a constant schedule
-    "clip": 1.0,
-    "augment": "study",
-    "schedule": "constant",
     "val_fraction": 0.0,  # 0: train on 100 % of the training split and keep the last epoch
 }
 
@@ -106,9 +101,11 @@ def main(argv=None):
         with locked(files, args.dry_run, rank):
             resumed, resumed_model, layer = resumed_run(args, files, DEFAULTS, log) if args.resume else \
                 (None, None, None)
-            pretrained = {"dataset": state["dataset"], "batch_size": state["args"].get("batch_size")}
-            layers = ([layer] if layer else []) + [(f"checkpoint {source}", {key: value for key, value in
-                                                                             pretrained.items() if value is not None})]
+            pretrained = {"dataset": state["dataset"]}
+            batch = training_args(state).get("batch_size")
+            if isinstance(batch, int) and not isinstance(batch, bool) and batch >= 2:  # else fine-tuning's own
+                pretrained["batch_size"] = batch
+            layers = ([layer] if layer else []) + [(f"checkpoint {source}", pretrained)]
             settings = resolve_settings(args, DEFAULTS, layers, log)
             check_settings(settings, args)
             precision = choose_precision(args.precision, device)

@@ -296,6 +296,11 @@ def check_fields(state, path, datasets):
             raise CheckpointError(f"{path} has an unusable normalisation {key} = {state[key]!r}")
 
 
+def training_args(state):
+    """The settings a checkpoint was trained with ({} when it holds none, or something else)."""
+    return state["args"] if isinstance(state.get("args"), dict) else {}
+
+
 def load_checkpoint(path, model_name=None, hint="python train.py --model MODEL", datasets=None):
     """(state, model on the CPU) from a checkpoint read with weights_only=True; one-line errors.
 

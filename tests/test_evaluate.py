@@ -154,3 +154,35 @@ def test_emnist_trained_network_reads_upright_mnist_zero_shot(tmp_path):
     upright_accuracy = (upright == labels).float().mean().item()
     assert upright_accuracy > 0.7  # zero-shot on 1,000 MNIST test digits after 540 EMNIST ones
     assert upright_accuracy > (flipped == labels).float().mean().item() + 0.3
+
+
+def test_the_ensemble_is_the_most_accurate_subset_on_validation_ties_to_fewer_networks():
+    labels = torch.tensor([0, 1, 0, 1])
+    sure = {0: [0.9, 0.1], 1: [0.1, 0.9]}
+    a = torch.tensor([sure[0], sure[1], sure[0], [0.6, 0.4]])  # right on 3
+    b = torch.tensor([sure[0], [0.6, 0.4], sure[0], sure[1]])  # right on 3, wrong elsewhere
+    c = torch.tensor([[0.6, 0.4], sure[1], [0.45, 0.55], sure[1]])  # right on 3
+    members, scores = evaluate.best_subset({"a": a, "b": b, "c": c}, labels)
+    assert set(scores) == {"a + b", "a + c", "b + c", "a + b + c"}
+    assert scores["a + b"] == 1.0 and scores["a + b + c"] == 1.0 and members == ["a", "b"]  # the tie: fewer
+
+
+def test_evaluate_chooses_the_ensemble_on_the_images_pre_training_held_out(trained_lenet, trained_spinalnet,
+                                                                            tmp_path):
+    hub = tmp_path / "model_hub" / "pre_trained"
+    hub.mkdir(parents=True)
+    shutil.copy(trained_lenet[1], hub / "lenet.pth")
+    shutil.copy(trained_spinalnet, hub / "spinalnet.pth")
+    evaluate.main(["--model", "all", "--split", "test", "--ensemble-from-validation", str(tmp_path / "model_hub")]
+                  + dirs(tmp_path))
+    comparison = json.loads((tmp_path / "outputs" / "eval" / "comparison.json").read_text())
+    assert comparison["ensemble_members"] == ["lenet", "spinalnet"]
+    choice = comparison["ensemble_choice"]
+    assert choice["validation_images"] == 144 and set(choice["validation_accuracy"]) == {"lenet + spinalnet"}
+    state = torch.load(hub / "spinalnet.pth", weights_only=True)
+    state["args"]["seed"] = 3  # held out other images: the choice cannot compare them
+    torch.save(state, hub / "spinalnet.pth")
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--model", "all", "--split", "test", "--ensemble-from-validation",
+                       str(tmp_path / "model_hub")] + dirs(tmp_path))
+    assert "held out other images" in str(exit_info.value)
