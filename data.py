@@ -406,7 +406,7 @@ def download_missing(dataset, data_dir, names, folders):
     created = [folder for folder in folders[:1] if not folder.exists()]
     try:
         download(dataset, data_dir)
-    except DataError as err:
+    except (DataError, OSError) as err:  # OSError: the folder cannot be made there
         raise missing_data_error(dataset, names, folders, str(err)) from None
     finally:
         for folder in created:  # e.g. MNIST/raw/ made for a download that failed
@@ -417,6 +417,8 @@ def download_missing(dataset, data_dir, names, folders):
 
 def load_idx_pair(dataset, train, data_dir, download, offline_hint=True):
     info = dataset_info(dataset)
+    if Path(data_dir).exists() and not Path(data_dir).is_dir():
+        raise DataError(f"--data-dir {data_dir} is not a folder: give the folder that holds the {dataset} files")
     names = split_files(dataset, train)
     folders = search_folders(dataset, data_dir)
     sources = [find_file(name, folders) for name in names]

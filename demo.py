@@ -213,7 +213,8 @@ def main(argv=None):
         try:
             server = make_server(predictor, args.host, args.port)
         except OSError as err:
-            raise UserError(f"cannot listen on {args.host}:{args.port} ({err.strerror}): pick another --port") \
+            raise UserError(f"cannot listen on {args.host}:{args.port} ({err.strerror}): check --host, or pick "
+                            f"another --port") \
                 from None
         print(f"serving {', '.join(predictor.networks)} on http://{args.host}:{server.server_address[1]} "
               f"(Ctrl-C stops)", flush=True)

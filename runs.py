@@ -395,6 +395,8 @@ def one_line_errors():
                           f"free some space and run again; earlier files were left as they were")
         if isinstance(err, PermissionError):
             quiet_exit(1, f"error: {err.strerror}: {err.filename}; fix the permissions or choose another folder")
+        if isinstance(err, OSError) and err.filename:  # a path the file system refuses (/proc, a vanished folder)
+            quiet_exit(1, f"error: {err.strerror or err}: {err.filename}; check the path or choose another folder")
         if isinstance(err, RuntimeError) and compiler_missing(err):
             quiet_exit(1, "error: --compile needs a working C compiler (none was found): install one (gcc) or "
                           "leave --compile out")

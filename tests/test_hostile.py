@@ -250,6 +250,14 @@ def test_pictures_that_cannot_hold_a_character_are_refused_in_one_line(trained_l
 
 # ----------------------------------------------------------------------------- downloads
 
+def test_a_data_dir_that_is_no_folder_is_one_line(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    for extra in ([], ["--no-download"]):
+        line = refused(train.main, ["--model", "lenet", "--dataset", "mnist", "--data-dir", str(tmp_path / "a_file"),
+                                    "--dry-run"] + extra, capsys)
+        assert "a_file is not a folder" in line
+
+
 def test_a_name_that_does_not_resolve_fails_at_once(tmp_path, monkeypatch):
     calls = []
 
