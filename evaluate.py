@@ -4,9 +4,11 @@
     python evaluate.py --model all               # every checkpoint found + comparison table + ensemble
     python evaluate.py --model lenet --ckpt model_hub/pre_trained/lenet.pth --split test
     python evaluate.py --model vggnet --image my_letter.png my_digit.jpg
+    python evaluate.py --model all --ensemble-from-validation model_hub   # members chosen on validation
 
 Writes outputs/eval/{model}.json, {model}_cm_test.png, {model}_predictions.png,
 {model}_augment.png, and with several networks comparison.md and comparison.json.
+Computes in fp32 unless --precision says otherwise, so its numbers are the same on any CPU.
 """
 import io
 import os
