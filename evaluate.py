@@ -401,7 +401,9 @@ def choose_members(names, args, device):
     held_out, probabilities = None, {}
     for name in names:
         path = Path(args.ensemble_from_validation) / "pre_trained" / f"{name}.pth"
-        state, model = load_checkpoint(path, name, hint=f"python train.py --model {name}", datasets=DATASETS)
+        state, model = load_checkpoint(path, name, hint=f"pre-train {name} there with `python train.py --model "
+                                                         f"{name} --hub {args.ensemble_from_validation}`",
+                                       datasets=DATASETS)
         settings = training_args(state)
         split = (state["dataset"], settings.get("subset"), settings.get("seed", 0))
         if not all(value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
@@ -543,7 +545,8 @@ def main(argv=None):
         if not args.dry_run:
             check_outputs(*[Path(args.outputs) / "eval" / f"{name}{suffix}" for name in names if name
                             for suffix in (".json", "_cm_test.png", "_cm_train.png", "_predictions.png", "_augment.png")],
-                          *([Path(args.outputs) / "eval" / "comparison.json"] if len(names) > 1 else []))
+                          *([Path(args.outputs) / "eval" / name for name in ("comparison.json", "comparison.md")]
+                            if len(names) > 1 else []))
         if len(names) == 1:
             evaluate_model(names[0], args, device)
         else:

@@ -91,7 +91,8 @@ def main(argv=None):
         rank, world_size, device = setup_distributed(args.device)
         log = log_for(rank)
         source = Path(args.ckpt or Path(args.hub) / "pre_trained" / f"{args.model}.pth")
-        state, model = load_checkpoint(source, args.model, hint=f"python train.py --model {args.model}",
+        state, model = load_checkpoint(source, args.model, hint=f"make one with `python train.py --model {args.model}"
+                                                                f"` or pass --ckpt PATH",
                                        datasets=DATASETS)
         args.model = state["model"]
         files = stage_files(Path(args.hub) / "fine_tuned" / f"{args.model}_tuned.pth",

@@ -266,7 +266,7 @@ def read_checkpoint(path, hint):
     if path.exists() and not path.is_file():
         raise CheckpointError(f"{path} is not a file: give the path of a checkpoint (.pth)")
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}: make one with `{hint}` or pass --ckpt PATH")
+        raise CheckpointError(f"no checkpoint at {path}: {hint}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated zip, a pickle, random bytes: all mean the same to the user
@@ -301,7 +301,8 @@ def training_args(state):
     return state["args"] if isinstance(state.get("args"), dict) else {}
 
 
-def load_checkpoint(path, model_name=None, hint="python train.py --model MODEL", datasets=None):
+def load_checkpoint(path, model_name=None, hint="make one with `python train.py --model MODEL` or pass --ckpt PATH",
+                    datasets=None):
     """(state, model on the CPU) from a checkpoint read with weights_only=True; one-line errors.
 
     The network, classes and normalisation come from the checkpoint; `model_name`, when

@@ -399,7 +399,7 @@ def resumed_run(args, files, defaults, log):
     """
     path = files["unfinished_last"] if files["unfinished_last"].is_file() else files["last"]
     state, model = load_checkpoint(path, args.model, datasets=DATASETS,
-                                   hint=f"python {Path(sys.argv[0]).name} --model {args.model} (without --resume)")
+                                   hint="nothing to resume: start the run without --resume")
     saved = state.get("args")
     if not isinstance(saved, dict) or not isinstance(state.get("epoch"), int) or isinstance(state["epoch"], bool) \
             or not isinstance(state.get("optimizer"), dict) or not isinstance(state.get("history"), list) \
