@@ -169,6 +169,8 @@ class Parser(argparse.ArgumentParser):
     """argparse whose errors are one line that says what to do."""
 
     def error(self, message):
+        if rank_label() != 0:  # under torchrun one rank speaks for all
+            self.exit(2)
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 

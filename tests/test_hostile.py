@@ -283,6 +283,10 @@ def test_torchrun_with_a_bad_setting_prints_one_line_from_one_rank(tmp_path):
     assert result.returncode != 0
     assert result.stderr.count("error: --subset 5 is too small") == 1
     assert result.stdout.count("settings (value: source):") == 1
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             "--master_port=29520", str(ROOT / "train.py"), *DIGITS, "--lr", "-1"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode != 0 and result.stderr.count("argument --lr") == 1
 
 
 def test_a_lock_held_elsewhere_is_one_line(tmp_path):
