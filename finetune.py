@@ -41,6 +41,7 @@ DEFAULTS = {  # fine-tuning's own values; the others are pre-training's (dataset
     "patience": 5,  # used only with --val-fraction and a constant schedule
     "val_fraction": 0.0,  # 0: train on 100 % of the training split and keep the last epoch
 }
+UNFINISHED = ("unfinished", "unfinished_last")  # the files each rate keeps apart until one is chosen
 
 
 def parse_args(argv=None):
@@ -133,15 +134,12 @@ def main(argv=None):
                     log(f"fine-tuning at lr {rate}:")
                 history = fit(tuned, optimizer, data, settings, precision,
                               history=resumed["history"] if resumed else (), files=None if args.dry_run else
-                              rate_files, meta=dict(meta, args=settings), rank=rank, world_size=world_size,
+                              rate_files, meta=dict(meta, args=dict(settings, precision=precision.name)), rank=rank, world_size=world_size,
                               dry_run=args.dry_run, log=log)
                 tried[rate] = (settings, history, rate_files)
             if rank == 0 and not args.dry_run:
                 settings, history = choose_rate(tried, files, args.model, log)
                 finish(files, settings, history, f"{args.model} fine-tuning on {settings['dataset']}", log)
-
-
-UNFINISHED = ("unfinished", "unfinished_last")
 
 
 def choose_rate(tried, files, model_name, log):

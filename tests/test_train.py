@@ -357,3 +357,19 @@ def test_patience_with_a_cosine_schedule_is_refused_in_one_line(tmp_path, capsys
     assert message.startswith("error: --patience 3") and len(message.splitlines()) == 1
     assert "a cosine schedule runs all its --epochs" in message
     assert not [path for path in tmp_path.rglob("*") if path.is_file()]  # nothing written
+
+
+def test_fine_tuning_chooses_its_rate_on_validation_and_keeps_that_run(trained_lenet, tmp_path):
+    _, checkpoint = trained_lenet
+    finetune.main(["--ckpt", str(checkpoint), "--epochs", "2", "--val-fraction", "0.1", "--lr", "0.002", "1e-6"]
+                  + dirs(tmp_path))
+    rates = json.loads((tmp_path / "outputs" / "finetune" / "lenet_rates.json").read_text())
+    assert [row["learning_rate"] for row in rates["rates"]] == [0.002, 1e-6]
+    best = max(rates["rates"], key=lambda row: (row["val_acc"], -row["val_loss"]))
+    assert rates["chosen"] == best["learning_rate"]
+    tuned = torch.load(tmp_path / "model_hub" / "fine_tuned" / "lenet_tuned.pth", weights_only=True)
+    history = json.loads((tmp_path / "outputs" / "finetune" / "lenet.json").read_text())
+    assert tuned["args"]["learning_rate"] == history["args"]["learning_rate"] == rates["chosen"]
+    assert history["best_val_acc"] == best["val_acc"] and len(history["history"]) == 2
+    assert sorted(path.name for path in (tmp_path / "model_hub" / "fine_tuned").iterdir()) == [
+        "lenet_tuned.pth", "lenet_tuned_last.pth"]  # the other rate's files are gone
