@@ -155,14 +155,20 @@ def plot_confusion(matrix, classes, path, title):
 
 
 def plot_grid(images, captions, path, title, colors=None):
+    """Images in a square mosaic, each captioned above: one axes, so a hundred draw in a fraction of a second."""
     plt = pyplot()
     side = int(np.ceil(np.sqrt(len(images))))
-    figure, axes = plt.subplots(side, side, figsize=(1.2 * side, 1.35 * side))
-    for index, axis in enumerate(np.asarray(axes).flat):
-        axis.axis("off")
-        if index < len(images):
-            axis.imshow(images[index], cmap="gray", vmin=0, vmax=255)
-            axis.set_title(captions[index], fontsize=8, color=(colors or ["black"] * len(images))[index])
+    height, width = np.asarray(images[0]).shape
+    pad = 12  # pixels of paper above each image for its caption
+    mosaic = np.full((side * (height + pad), side * (width + 2)), 255.0, dtype=np.float32)
+    figure, axis = plt.subplots(figsize=(1.2 * side, 1.35 * side))
+    for index, (image, caption) in enumerate(zip(images, captions)):
+        top, left = (index // side) * (height + pad) + pad, (index % side) * (width + 2) + 1
+        mosaic[top : top + height, left : left + width] = image
+        axis.text(left + width / 2, top - 1, caption, ha="center", va="bottom", fontsize=8,
+                  color=colors[index] if colors else "black")
+    axis.imshow(mosaic, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    axis.axis("off")
     figure.suptitle(title)
     figure.tight_layout()
     save_figure(figure, path)

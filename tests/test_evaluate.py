@@ -183,6 +183,6 @@ def test_evaluate_chooses_the_ensemble_on_the_images_pre_training_held_out(train
     state["args"]["seed"] = 3  # held out other images: the choice cannot compare them
     torch.save(state, hub / "spinalnet.pth")
     with pytest.raises(SystemExit) as exit_info:
-        evaluate.main(["--model", "all", "--split", "test", "--ensemble-from-validation",
+        evaluate.main(["--model", "all", "--split", "test", "--dry-run", "--ensemble-from-validation",
                        str(tmp_path / "model_hub")] + dirs(tmp_path))
     assert "held out other images" in str(exit_info.value)
