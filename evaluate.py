@@ -534,6 +534,8 @@ def parse_args(argv=None):
         parser.error("give --model NAME (or all) or --ckpt PATH")
     if args.ckpt and args.model and (len(args.model) > 1 or "all" in args.model):
         parser.error("--ckpt names one checkpoint: give at most one --model with it")
+    if args.image and args.model and (len(args.model) > 1 or "all" in args.model):
+        parser.error("--image is read by one network: give one --model (or --ckpt)")
     return args
 
 

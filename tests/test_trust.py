@@ -259,6 +259,7 @@ def test_epochs_zero_is_refused_and_keeps_the_earlier_history(trained_lenet, cap
     ("search.py", ["--grid", '{"lr": [1]}'], "unknown keys"),
     ("search.py", ["--grid", "not json"], "not valid JSON"),
     ("evaluate.py", [], "--model"),
+    ("evaluate.py", ["--model", "all", "--image", "x.png"], "give one --model"),
 ])
 def test_values_that_cannot_work_are_refused_before_any_work(tmp_path, monkeypatch, capsys, script, flags, wanted):
     monkeypatch.chdir(tmp_path)
