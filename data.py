@@ -222,7 +222,7 @@ def glob_escape(text):
     return re.sub(r"([\[\]*?])", r"[\1]", text)
 
 
-def load_idx(source, transpose=False):
+def load_idx(source, transpose=False, cache=True):
     """Decode an IDX source once; later calls read the cached .npy (about a second for ByClass)."""
     stem = cache_file(source, transpose)
     array = read_cache(stem)
@@ -232,6 +232,8 @@ def load_idx(source, transpose=False):
     if transpose:  # EMNIST stores every image transposed; make it upright like MNIST
         array = array.transpose(0, 2, 1)
     array = np.array(array, order="C")  # writable and contiguous (frombuffer's is neither)
+    if not cache:  # a dry run writes nothing
+        return array
     cache = stem.with_name(f"{stem.name}.{zlib.crc32(array):08x}.npy")
     try:
         with atomic_path(cache) as partial:
@@ -415,7 +417,7 @@ def download_missing(dataset, data_dir, names, folders):
                 folder = folder.parent
 
 
-def load_idx_pair(dataset, train, data_dir, download, offline_hint=True):
+def load_idx_pair(dataset, train, data_dir, download, offline_hint=True, cache=True):
     info = dataset_info(dataset)
     if Path(data_dir).exists() and not Path(data_dir).is_dir():
         raise DataError(f"--data-dir {data_dir} is not a folder: give the folder that holds the {dataset} files")
@@ -427,8 +429,8 @@ def load_idx_pair(dataset, train, data_dir, download, offline_hint=True):
         sources = [find_file(name, folders) for name in names]
     if None in sources:
         raise missing_data_error(dataset, names, folders, "" if download else "download disabled", offline_hint)
-    images = load_idx(sources[0], transpose=info.transposed)
-    labels = load_idx(sources[1]).astype(np.int64)
+    images = load_idx(sources[0], transpose=info.transposed, cache=cache)
+    labels = load_idx(sources[1], cache=cache).astype(np.int64)
     if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.ndim != 1 or len(images) != len(labels):
         raise DataError(f"{source_name(sources[0])} and {source_name(sources[1])} do not match: "
                         f"images {images.shape}, labels {labels.shape}")
@@ -442,11 +444,14 @@ def load_idx_pair(dataset, train, data_dir, download, offline_hint=True):
     return torch.from_numpy(images), torch.from_numpy(labels)
 
 
-def load_images(dataset="emnist-byclass", train=True, data_dir="data", download=True, offline_hint=True):
-    """(uint8 images [N, 28, 28] upright, int64 labels 0..C-1) of one split of a dataset."""
+def load_images(dataset="emnist-byclass", train=True, data_dir="data", download=True, offline_hint=True, cache=True):
+    """(uint8 images [N, 28, 28] upright, int64 labels 0..C-1) of one split of a dataset.
+
+    download: fetch missing files; cache: write the decoded arrays beside them (both off in dry runs).
+    """
     if not dataset_info(dataset).files:
         return load_sklearn_digits(train)
-    return load_idx_pair(dataset, train, data_dir, download, offline_hint)
+    return load_idx_pair(dataset, train, data_dir, download, offline_hint, cache)
 
 
 # ----------------------------------------------------------------------------- splits

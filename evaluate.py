@@ -323,8 +323,8 @@ def seconds_per_epoch(outputs, name):
 def split_images(dataset, split, args):
     """A split's images; a missing training split suggests --split test rather than another dataset."""
     try:
-        return load_images(dataset, train=split == "train", data_dir=args.data_dir, download=not args.no_download,
-                           offline_hint=False)
+        return load_images(dataset, train=split == "train", data_dir=args.data_dir, offline_hint=False,
+                           download=not (args.no_download or args.dry_run), cache=not args.dry_run)
     except DataError as err:
         if split == "train":
             raise DataError(f"{err}; to evaluate on the test split alone, pass --split test") from None

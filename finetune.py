@@ -114,7 +114,7 @@ def main(argv=None):
             log(f"precision: {precision.name} ({precision.reason})")
             stats = adapt_head(state, source, settings, model, args.replace_head)
             data = load_training_data(settings, device, args.data_dir, not args.no_download,
-                                      val_fraction=settings["val_fraction"], stats=stats)
+                                      val_fraction=settings["val_fraction"], stats=stats, dry_run=args.dry_run)
             log(f"fine-tuning {source} on {settings['dataset']}: {len(data['train'][1]):,} train / "
                 f"{len(data['val'][1]) if data['val'] else 0:,} val images, device {device}, world size {world_size}")
             meta = checkpoint_meta(args.model, settings, data, precision, pretrained=str(source))

@@ -222,7 +222,8 @@ def main(argv=None):
         if writing:
             check_outputs(*paths.values())
         with output_lock(*paths.values()) if writing else output_lock():
-            data = load_training_data(settings, device, args.data_dir, not args.no_download, mini=True)
+            data = load_training_data(settings, device, args.data_dir, not args.no_download, mini=True,
+                                      dry_run=args.dry_run)
             log(f"searching on {settings['dataset']}: {len(data['train'][1]):,} train / {len(data['val'][1]):,} val "
                 f"images, {settings['n_iter']} trials x {settings['epochs']} epochs, device {device}, "
                 f"{precision.name}, world size {world_size}")

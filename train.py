@@ -264,7 +264,8 @@ def epoch_line(row, epochs):
 
 # ----------------------------------------------------------------------------- data and model
 
-def load_training_data(settings, device, data_dir, download, val_fraction=VAL_FRACTION, stats=None, mini=False):
+def load_training_data(settings, device, data_dir, download, val_fraction=VAL_FRACTION, stats=None, mini=False,
+                       dry_run=False):
     """Training (and validation) images on the device as uint8, plus normalisation stats.
 
     Validation is a stratified `val_fraction` of the training split (none for 0), or with `mini`
@@ -273,8 +274,8 @@ def load_training_data(settings, device, data_dir, download, val_fraction=VAL_FR
     validation or test images leaks in.
     """
     dataset, seed = settings["dataset"], settings["seed"]
-    images, labels = take_subset(*load_images(dataset, train=True, data_dir=data_dir, download=download),
-                                 settings.get("subset"), seed, dataset)
+    images, labels = take_subset(*load_images(dataset, train=True, data_dir=data_dir, download=download and not
+                                              dry_run, cache=not dry_run), settings.get("subset"), seed, dataset)
     classes = len(CLASSES[dataset])
     val = None
     if mini or val_fraction:
@@ -525,7 +526,7 @@ def main(argv=None):
             precision = choose_precision(args.precision, device)
             log(f"precision: {precision.name} ({precision.reason})")
             set_seed(settings["seed"])
-            data = load_training_data(settings, device, args.data_dir, not args.no_download)
+            data = load_training_data(settings, device, args.data_dir, not args.no_download, dry_run=args.dry_run)
             model = model or build_model(args.model, data["classes"])
             optimizer = torch.optim.SGD(model.parameters(), lr=settings["learning_rate"],
                                         momentum=settings["momentum"], weight_decay=settings["weight_decay"])

@@ -103,7 +103,8 @@ def main(argv=None):
             if not args.dry_run:
                 check_outputs(folder / f"{name}.json", folder / f"{name}_cm_test.png")
             splits = {split: load_images(TARGET, train=split == "train", data_dir=args.data_dir,
-                                         download=not args.no_download) for split in ("train", "test")}
+                                         download=not (args.no_download or args.dry_run), cache=not args.dry_run)
+                      for split in ("train", "test")}
             splits["train"] = take_subset(*splits["train"], settings["subset"], settings["seed"], TARGET)
             if mean is None:
                 mean, std = mean_std(splits["train"][0])

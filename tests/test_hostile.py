@@ -293,3 +293,17 @@ def test_a_lock_held_elsewhere_is_one_line(tmp_path):
     with output_lock(tmp_path / "outputs" / "search" / "lenet.json"):
         message = exit_message(search.main, DIGITS + ["--n-iter", "1", "--outputs", str(tmp_path / "outputs")])
     assert "another run" in message
+
+
+def test_a_dry_run_writes_no_cache_and_downloads_nothing(tmp_path, capsys):
+    import shutil
+
+    shutil.copytree(sample_path("MNIST"), tmp_path / "data" / "MNIST")
+    before = sorted(path.name for path in (tmp_path / "data").rglob("*"))
+    train.main(["--model", "lenet", "--dataset", "mnist", "--data-dir", str(tmp_path / "data"), "--dry-run"]
+               + dirs(tmp_path))
+    assert sorted(path.name for path in (tmp_path / "data").rglob("*")) == before  # no .npy cache
+    assert not (tmp_path / "model_hub").exists() and not (tmp_path / "outputs").exists()
+    line = refused(train.main, ["--model", "lenet", "--dataset", "emnist-digits", "--data-dir",
+                                str(tmp_path / "none"), "--dry-run"], capsys)
+    assert "download disabled" in line and not (tmp_path / "none").exists()
