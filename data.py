@@ -113,11 +113,11 @@ def dataset_info(name):
 def add_data_flags(parser, *names, dataset_help="dataset (default: emnist-byclass)"):
     """The dataset flags a script uses: --dataset, --data-dir, --no-download, --subset."""
     flags = {
-        "dataset": dict(default=None, choices=sorted(DATASETS), help=dataset_help),
-        "data-dir": dict(default="data", help="folder with the dataset files (default: %(default)s)"),
+        "dataset": dict(default=None, choices=sorted(DATASETS), metavar="NAME", help=dataset_help),
+        "data-dir": dict(default="data", metavar="DIR", help="folder of the dataset files (default: %(default)s)"),
         "no-download": dict(action="store_true", help="never download missing data"),
-        "subset": dict(type=positive_int, default=None,
-                       help="train on a stratified sample of N images of the training split (default: all)"),
+        "subset": dict(type=positive_int, default=None, metavar="N",
+                       help="train on N stratified training images (default: all)"),
     }
     for name in names:
         parser.add_argument(f"--{name}", **flags[name])

@@ -188,9 +188,9 @@ def checkpoints_to_serve(args):
 
 def parse_args(argv=None):
     parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", nargs="+", default=None, choices=sorted(MODELS) + ["all"],
-                        help="network(s) to serve from --hub, or all (default: the --ckpt's)")
-    parser.add_argument("--ckpt", nargs="+", default=None, help="checkpoint file(s) to serve instead")
+    parser.add_argument("--model", nargs="+", default=None, choices=sorted(MODELS) + ["all"], metavar="NAME",
+                        help=f"networks ({', '.join(sorted(MODELS))}) from --hub, or all (default: the --ckpt's)")
+    parser.add_argument("--ckpt", nargs="+", default=None, metavar="FILE", help="checkpoints to serve instead")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on; 0.0.0.0 opens it to the network (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")

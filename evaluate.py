@@ -512,20 +512,18 @@ def evaluate_several(names, args, device):
 
 def parse_args(argv=None):
     parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", nargs="+", default=None, choices=sorted(MODELS) + ["all"],
-                        help="one or more networks, or all (default: the --ckpt's network)")
-    parser.add_argument("--ckpt", default=None, help="checkpoint to evaluate; network, classes and normalisation "
-                                                     "come from it (default: HUB/fine_tuned, else HUB/pre_trained)")
+    parser.add_argument("--model", nargs="+", default=None, choices=sorted(MODELS) + ["all"], metavar="NAME",
+                        help=f"networks ({', '.join(sorted(MODELS))}) or all (default: the --ckpt's)")
+    parser.add_argument("--ckpt", default=None, metavar="FILE",
+                        help="checkpoint (default: HUB/fine_tuned/MODEL_tuned.pth, else HUB/pre_trained/MODEL.pth)")
     add_data_flags(parser, "dataset", "data-dir", "no-download", dataset_help="dataset (default: the checkpoint's)")
-    parser.add_argument("--other-dataset", action="store_true",
-                        help="evaluate on a --dataset other than the checkpoint's (same classes)")
-    parser.add_argument("--split", default="both", choices=["train", "test", "both"], help="which split(s) "
-                                                                                           "(default: both)")
-    parser.add_argument("--seed", type=seed_value, default=0,
-                        help="which test images the prediction grid shows (default: 0)")
+    parser.add_argument("--other-dataset", action="store_true", help="allow a --dataset other than the checkpoint's")
+    parser.add_argument("--split", default="both", choices=["train", "test", "both"], metavar="NAME",
+                        help="train, test or both (default: both)")
+    parser.add_argument("--seed", type=seed_value, default=0, metavar="N",
+                        help="which test images the picture shows (default: 0)")
     parser.add_argument("--ensemble-from-validation", default=None, metavar="HUB",
-                        help="choose the ensemble's members on the images the pre-trained checkpoints in "
-                             "HUB/pre_trained held out (default: all the networks evaluated)")
+                        help="choose the ensemble on what HUB/pre_trained held out (default: all networks)")
     parser.add_argument("--image", nargs="+", default=None, metavar="FILE",
                         help="classify your own pictures of handwritten characters")
     add_run_flags(parser, "device", "hub", "outputs", "precision", "dry-run", precision="fp32")

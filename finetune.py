@@ -47,14 +47,12 @@ UNFINISHED = ("unfinished", "unfinished_last")  # the files each rate keeps apar
 def parse_args(argv=None):
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, choices=sorted(MODELS), metavar="NAME",
-                        help="network (default: the checkpoint's; checked against --ckpt when both are given)")
-    parser.add_argument("--ckpt", default=None, help="pre-trained checkpoint (default: HUB/pre_trained/MODEL.pth)")
+                        help="network (default: the checkpoint's)")
+    parser.add_argument("--ckpt", default=None, metavar="FILE", help="checkpoint (default: HUB/pre_trained/MODEL.pth)")
     add_setting_flags(parser, DEFAULTS, skip=("learning_rate",))
     parser.add_argument("--lr", dest="learning_rate", nargs="+", type=positive_float, default=None, metavar="X",
-                        help=f"Adam learning rate; several: choose one on validation (default: "
-                             f"{DEFAULTS['learning_rate']})")
-    parser.add_argument("--replace-head", action="store_true",
-                        help="allow a checkpoint of another dataset: give it a new classifier head")
+                        help=f"Adam rate; several: chosen on validation (default: {DEFAULTS['learning_rate']})")
+    parser.add_argument("--replace-head", action="store_true", help="give a checkpoint of another dataset a new head")
     add_data_flags(parser, "data-dir", "no-download")
     parser.add_argument("--resume", action="store_true", help="continue the unfinished run")
     add_run_flags(parser, "device", "hub", "outputs", "precision", "compile", "dry-run")

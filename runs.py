@@ -200,13 +200,12 @@ seed_value = checked("a whole number", int, lambda v: 0 <= v < 2 ** 32, "between
 def add_run_flags(parser, *names, precision="auto"):
     """The flags about where and how a script runs; each script names the ones it uses."""
     flags = {
-        "device": dict(default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps (default: auto)"),
-        "hub": dict(default="model_hub", help="checkpoint folder (default: %(default)s)"),
-        "outputs": dict(default="outputs", help="folder for JSON and plots (default: %(default)s)"),
-        "precision": dict(default=precision, choices=["auto", "fp32", "bf16"],
-                          help="fp32, or bf16 autocast with channels_last; auto picks bf16 where the device does it "
-                               "natively (default: %(default)s)"),
-        "compile": dict(action="store_true", help="torch.compile the model (needs a working C compiler)"),
+        "device": dict(default="auto", metavar="NAME", help="auto, cpu, cuda, cuda:N or mps (default: auto)"),
+        "hub": dict(default="model_hub", metavar="DIR", help="checkpoint folder (default: %(default)s)"),
+        "outputs": dict(default="outputs", metavar="DIR", help="folder for JSON and plots (default: %(default)s)"),
+        "precision": dict(default=precision, choices=["auto", "fp32", "bf16"], metavar="NAME",
+                          help="fp32, bf16, or auto: bf16 where native (default: %(default)s)"),
+        "compile": dict(action="store_true", help="torch.compile the model (needs a C compiler)"),
         "dry-run": dict(action="store_true", help="one batch of each kind, then stop; writes nothing"),
     }
     for name in names:

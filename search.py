@@ -194,16 +194,16 @@ def search_model(name, settings, grid, data, precision, device, dist_info, dry_r
 
 def parse_args(argv=None):
     parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", nargs="+", default=["alexnet"], choices=sorted(MODELS) + ["all"],
-                        help="one or more networks, or all (default: alexnet)")
+    parser.add_argument("--model", nargs="+", default=["alexnet"], choices=sorted(MODELS) + ["all"], metavar="NAME",
+                        help=f"networks ({', '.join(sorted(MODELS))}) or all (default: alexnet)")
     add_setting_flags(parser, DEFAULTS, skip=("epochs", "n_iter"))
-    parser.add_argument("--epochs", type=positive_int, default=None,
+    parser.add_argument("--epochs", type=positive_int, default=None, metavar="N",
                         help=f"epochs per trial (default: {DEFAULTS['epochs']})")
-    parser.add_argument("--n-iter", type=positive_int, default=None,
-                        help=f"number of configurations to try (default: {DEFAULTS['n_iter']})")
-    parser.add_argument("--grid", type=parse_grid, default=GRID,
-                        help="a JSON object of lists; the keys it names replace the study's grid's "
-                             f"(default: {json.dumps(GRID)})")
+    parser.add_argument("--n-iter", type=positive_int, default=None, metavar="N",
+                        help=f"configurations to try (default: {DEFAULTS['n_iter']})")
+    parser.add_argument("--grid", type=parse_grid, default=GRID, metavar="JSON",
+                        help="lists that replace the study's grid's, e.g. '{\"learning_rate\": [0.01, 0.05]}' "
+                             "(default: GRID in search.py)")
     add_data_flags(parser, "data-dir", "no-download")
     add_run_flags(parser, "device", "outputs", "precision", "dry-run")
     return parser.parse_args(argv)

@@ -65,23 +65,18 @@ batch_size = checked("a whole number", int, lambda v: v >= 2, "at least 2 (Batch
 FLAGS = {  # setting: (flag, argparse options, help); each stage's DEFAULTS decide which it has
     "dataset": ("--dataset", dict(choices=sorted(DATASETS), metavar="NAME"),
                 f"dataset: {', '.join(sorted(DATASETS))}"),
-    "subset": ("--subset", dict(type=positive_int, metavar="N"), "train on a stratified sample of N training images"),
-    "seed": ("--seed", dict(type=seed_value, metavar="N"), "seed of splits, shuffling, augmentation, initialisation"),
+    "subset": ("--subset", dict(type=positive_int, metavar="N"), "train on N stratified training images"),
+    "seed": ("--seed", dict(type=seed_value, metavar="N"), "seed of splits, shuffling, augmentation"),
     "learning_rate": ("--lr", dict(type=positive_float, metavar="X"), "learning rate"),
     "batch_size": ("--batch-size", dict(type=batch_size, metavar="N"), "batch size"),
     "momentum": ("--momentum", dict(type=momentum, metavar="X"), "SGD momentum"),
     "weight_decay": ("--weight-decay", dict(type=non_negative_float, metavar="X"), "weight decay"),
-    "epochs": ("--epochs", dict(type=positive_int, metavar="N"), "epochs in all, counting resumed ones"),
-    "patience": ("--patience", dict(type=positive_int, metavar="N"), "stop after N epochs without a better "
-                                                                     "validation loss (constant schedule only)"),
-    "clip": ("--clip", dict(type=non_negative_float, metavar="X"), "gradient-norm clipping, 0 turns it off"),
-    "augment": ("--augment", dict(choices=list(AUGMENTS)),
-                "study (the study's random affine), shift-flip (mirrors and shifts: garments, not characters) "
-                "or none"),
-    "schedule": ("--schedule", dict(choices=SCHEDULES), "constant (the rate throughout) or cosine (down to 0 "
-                                                        "over --epochs, step by step)"),
-    "val_fraction": ("--val-fraction", dict(type=fraction, metavar="X"),
-                     "hold out this stratified fraction of the training split for validation"),
+    "epochs": ("--epochs", dict(type=positive_int, metavar="N"), "epochs in all, resumed ones included"),
+    "patience": ("--patience", dict(type=positive_int, metavar="N"), "early stop after N epochs without progress"),
+    "clip": ("--clip", dict(type=non_negative_float, metavar="X"), "gradient-norm clip, 0: off"),
+    "augment": ("--augment", dict(choices=list(AUGMENTS), metavar="NAME"), "study (the affine), shift-flip or none"),
+    "schedule": ("--schedule", dict(choices=SCHEDULES, metavar="NAME"), "constant or cosine (to 0)"),
+    "val_fraction": ("--val-fraction", dict(type=fraction, metavar="X"), "hold out this fraction for validation"),
 }
 
 
@@ -498,12 +493,10 @@ def parse_args(argv=None):
     parser.add_argument("--model", default="alexnet", choices=sorted(MODELS), metavar="NAME",
                         help=f"network: {', '.join(sorted(MODELS))} (default: alexnet)")
     parser.add_argument("--params", default=None, metavar="FILE",
-                        help="take the learning rate, batch size, momentum, weight decay and dataset from a "
-                             "finished search (outputs/search/MODEL.json); flags still win")
+                        help="lr, batch size, momentum, weight decay and dataset of a finished search")
     add_setting_flags(parser, DEFAULTS)
     add_data_flags(parser, "data-dir", "no-download")
-    parser.add_argument("--resume", action="store_true", help="continue the unfinished run, or train the finished "
-                                                              "one further (--epochs above its own)")
+    parser.add_argument("--resume", action="store_true", help="continue the unfinished run, or the finished one")
     add_run_flags(parser, "device", "hub", "outputs", "precision", "compile", "dry-run")
     args = parser.parse_args(argv)
     if args.resume and args.params:

@@ -214,7 +214,7 @@ def test_each_script_accepts_only_its_flags_and_help_shows_real_defaults(tmp_pat
         assert flag not in helps["transfer_mnist.py"], flag
     assert "--patience" not in helps["search.py"] and "--val-fraction" not in helps["train.py"]
     for script, text in helps.items():  # --help fits a screen
-        assert len(text.splitlines()) <= 60, (script, len(text.splitlines()))
+        assert len(text.splitlines()) <= 45, (script, len(text.splitlines()))
     line = one_line_error(run(ROOT / "search.py", *DIGITS, "--hub", "x", cwd=tmp_path))
     assert "unrecognized arguments: --hub" in line
 
