@@ -8,6 +8,7 @@ Every image in the project passes through here, so the two classic EMNIST traps 
 handled once: the official files store images transposed, and Letters labels start at 1.
 To add a dataset, add one entry to DATASETS; to add an augmentation, one entry to AUGMENTS.
 """
+import glob
 import gzip
 import hashlib
 import http.client
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from runs import DataError, atomic_path, is_terminal, positive_int
+from runs import DataError, UserError, atomic_path, is_terminal
 
 DIGITS = "0123456789"
 UPPER = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -111,13 +112,12 @@ def dataset_info(name):
 
 
 def add_data_flags(parser, *names, dataset_help="dataset (default: emnist-byclass)"):
-    """The dataset flags a script uses: --dataset, --data-dir, --no-download, --subset."""
+    """The dataset flags a script uses: --dataset, --data-dir, --no-download (the training scripts'
+    --dataset and --subset are settings: train.FLAGS)."""
     flags = {
         "dataset": dict(default=None, choices=sorted(DATASETS), metavar="NAME", help=dataset_help),
         "data-dir": dict(default="data", metavar="DIR", help="folder of the dataset files (default: %(default)s)"),
         "no-download": dict(action="store_true", help="never download missing data"),
-        "subset": dict(type=positive_int, default=None, metavar="N",
-                       help="train on N stratified training images (default: all)"),
     }
     for name in names:
         parser.add_argument(f"--{name}", **flags[name])
@@ -206,24 +206,20 @@ def cache_file(source, transpose):
 
 
 def read_cache(stem):
-    """The cached array whose CRC (in its name, about 0.1 s for ByClass) matches its content, else None."""
-    for cache in stem.parent.glob(f"{glob_escape(stem.name)}.*.npy") if stem.parent.is_dir() else ():
+    """The cached array whose content matches the CRC in its name, else None (a cache damaged in place
+    is decoded again, and the new cache replaces it)."""
+    for cache in stem.parent.glob(f"{glob.escape(stem.name)}.*.npy") if stem.parent.is_dir() else ():
         try:
             array = np.load(cache)
             if array.dtype == np.uint8 and f"{zlib.crc32(array):08x}" == cache.name.rsplit(".", 2)[1]:
                 return array
         except (ValueError, OSError, EOFError):
             pass
-        cache.unlink(missing_ok=True)  # damaged in place: decoded again below
     return None
 
 
-def glob_escape(text):
-    return re.sub(r"([\[\]*?])", r"[\1]", text)
-
-
 def load_idx(source, transpose=False, cache=True):
-    """Decode an IDX source once; later calls read the cached .npy (about a second for ByClass)."""
+    """Decode an IDX source once; later calls read the cached .npy (well under a second for ByClass)."""
     stem = cache_file(source, transpose)
     array = read_cache(stem)
     if array is not None:
@@ -243,7 +239,7 @@ def load_idx(source, transpose=False, cache=True):
         for old in cache.parent.iterdir():  # caches of earlier versions of the source
             if old != cache and stale.fullmatch(old.name):
                 old.unlink(missing_ok=True)
-    except Exception:  # noqa: BLE001 caching is an optimisation: a read-only place or a full disk must not break loading
+    except (OSError, UserError):  # caching is an optimisation: a read-only place or a full disk must not break loading
         pass
     return array
 
