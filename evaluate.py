@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 
-from data import (AUGMENTS, CLASSES, DATASETS, EVAL_BATCH, VAL_FRACTION, add_data_flags, augment, augment_recipe,
-                  iterate_batches, load_images, normalize, stratified_split)
+from data import (AUGMENTS, CLASSES, DATASETS, EVAL_BATCH, add_data_flags, augment, augment_recipe, iterate_batches,
+                  load_images, normalize)
 from models import MODELS, count_parameters, load_checkpoint, training_args
 from runs import (DataError, Parser, UserError, add_run_flags, atomic_path, check_outputs, choose_precision,
                   get_device, one_line_errors, output_lock, pyplot, read_json, save_figure, seed_value, write_json)
@@ -402,7 +402,7 @@ def choose_members(names, args, device):
     """The ensemble's members, chosen without the test split: each network's pre-trained checkpoint in
     --ensemble-from-validation DIR predicts the images its pre-training held out (the same for all);
     the subset of two or more whose mean probability is most accurate there wins (ties: fewer networks)."""
-    from train import take_subset
+    from train import load_training_data  # the split pre-training made, by the same code
 
     held_out, probabilities = None, {}
     for name in names:
@@ -420,10 +420,9 @@ def choose_members(names, args, device):
             raise UserError(f"{path} held out other images ({split}) than the others ({held_out[0]}): the ensemble "
                             f"can be chosen only among pre-trainings of one dataset, subset and seed")
         if held_out is None:
-            images, labels = take_subset(*load_images(split[0], train=True, data_dir=args.data_dir,
-                                                      download=not args.no_download), split[1], split[2], split[0])
-            held = stratified_split(labels, VAL_FRACTION, split[2])[1]
-            held_out = (split, images[held], labels[held])
+            data = load_training_data({"dataset": split[0], "subset": split[1], "seed": split[2]},
+                                      torch.device("cpu"), args.data_dir, not args.no_download, dry_run=args.dry_run)
+            held_out = (split, *data["val"])
         probabilities[name] = predict_probabilities(model.to(device), held_out[1], state["mean"], state["std"],
                                                     device, args.precision)
     members, scores = best_subset(probabilities, held_out[2])
