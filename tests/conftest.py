@@ -1,6 +1,8 @@
 """Shared fixtures: the real samples in tests/data, IDX writers, briefly trained checkpoints, the slow marker."""
 import gzip
+import os
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -84,6 +86,30 @@ def trained_spinalnet(tmp_path_factory):
     return workdir / "model_hub" / "pre_trained" / "spinalnet.pth"
 
 
+def run(*args, cwd, env=None, timeout=240, shell=False):
+    """Run a Python script (or, with shell, a command line after the interpreter) in a child process."""
+    command = " ".join([sys.executable, *map(str, args)]) if shell else [sys.executable, *map(str, args)]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, shell=shell,
+                          env={**os.environ, **(env or {})})
+
+
+def one_line_error(result):
+    """A finished child process refused its input: non-zero, no traceback, exactly one line on stderr."""
+    assert result.returncode not in (0, None), result.stdout[-500:]
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def exit_message(function, argv):
+    """The message a script's main() exits with (non-zero)."""
+    with pytest.raises(SystemExit) as exit_info:
+        function(argv)
+    assert exit_info.value.code not in (0, None)
+    return str(exit_info.value.code)
+
+
 def refused(function, argv, capsys):
     """Run a script's main() in this process: it must exit non-zero with exactly one line, from
     one_line_errors (the SystemExit's message) or from argparse (stderr). Returns the line."""
@@ -99,9 +125,6 @@ def refused(function, argv, capsys):
 
 def signal_at_epoch(command, cwd, signum, epoch=2):
     """Run a training command, send it `signum` once it prints epoch `epoch`: (returncode, stdout, stderr)."""
-    import os
-    import subprocess
-
     process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in process.stdout:

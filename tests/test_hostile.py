@@ -17,7 +17,7 @@ from PIL import Image
 import data
 import search
 import train
-from conftest import ROOT, refused, sample_path, write_idx
+from conftest import ROOT, exit_message, one_line_error, refused, run, sample_path, write_idx
 from runs import DataError, output_lock
 
 DIGITS = ["--model", "lenet", "--dataset", "sklearn-digits"]
@@ -25,26 +25,6 @@ DIGITS = ["--model", "lenet", "--dataset", "sklearn-digits"]
 
 def dirs(tmp_path):
     return ["--hub", str(tmp_path / "model_hub"), "--outputs", str(tmp_path / "outputs")]
-
-
-def run(*args, cwd, timeout=240, shell=False):
-    command = " ".join([sys.executable, *map(str, args)]) if shell else [sys.executable, *map(str, args)]
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, shell=shell)
-
-
-def one_line_error(result):
-    assert result.returncode not in (0, None), result.stdout[-500:]
-    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, result.stderr[-2000:]
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
-
-
-def exit_message(function, argv):
-    with pytest.raises(SystemExit) as exit_info:
-        function(argv)
-    assert exit_info.value.code not in (0, None)
-    return str(exit_info.value.code)
 
 
 # ----------------------------------------------------------------------------- numbers and JSON

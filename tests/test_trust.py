@@ -20,7 +20,7 @@ import finetune
 import search
 import train
 import transfer_mnist
-from conftest import ROOT, refused, sample_path, signal_at_epoch, write_idx
+from conftest import ROOT, exit_message, one_line_error, refused, run, sample_path, signal_at_epoch, write_idx
 from data import DATASETS, load_images
 from models import CheckpointError, load_checkpoint
 from runs import DataError, atomic_path, output_lock, write_json
@@ -33,29 +33,9 @@ def dirs(tmp_path):
     return ["--hub", str(tmp_path / "model_hub"), "--outputs", str(tmp_path / "outputs")]
 
 
-def run(*args, cwd, env=None, timeout=240):
-    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
-
-
-def one_line_error(result):
-    assert result.returncode not in (0, None), result.stdout[-500:]
-    assert "Traceback" not in result.stderr, result.stderr[-2000:]
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
-
-
 def files_under(folder):
     return sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file()) \
         if folder.exists() else []
-
-
-def exit_message(function, argv):
-    with pytest.raises(SystemExit) as exit_info:
-        function(argv)
-    assert exit_info.value.code not in (0, None)
-    return str(exit_info.value.code)
 
 
 # ----------------------------------------------------------------------------- search results and settings
