@@ -30,7 +30,7 @@ done
 cd "$(dirname "$0")/../.."
 study=results/fashion-mnist/study
 here=$study; [ "$recipe" = chosen ] && here=results/fashion-mnist/chosen-on-validation
-work=$here/work out=$here/outputs logs=$here/logs
+work=$here/work outputs=$here/outputs logs=$here/logs
 mkdir -p "$logs" "$here/model_hub/fine_tuned"
 data=(--dataset fashion-mnist --no-download)
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
@@ -44,7 +44,7 @@ step() {  # name, log, command...: the output to the log, one line on the termin
   return $rc
 }
 chosen_rate() {  # the rate finetune.py chose on validation, from its {model}_rates.json
-  sed -n 's/^ *"chosen": *\([0-9.e-]*\),*$/\1/p' "$out/rates/finetune/$1_rates.json" 2>/dev/null
+  sed -n 's/^ *"chosen": *\([0-9.e-]*\),*$/\1/p' "$outputs/rates/finetune/$1_rates.json" 2>/dev/null
 }
 for m in ${@:-lenet spinalnet alexnet resnet vggnet}; do
   options=(); [ "$recipe" = chosen ] && read -ra options <<< "${CHOSEN[$m]}"
@@ -55,13 +55,13 @@ for m in ${@:-lenet spinalnet alexnet resnet vggnet}; do
     step "search $m" "$study/logs/search_$m.log" python search.py --model "$m" "${data[@]}" \
       --outputs "$study/outputs" || continue
   fi
-  if ! [ -f "$out/train/$m.json" ]; then
+  if ! [ -f "$outputs/train/$m.json" ]; then
     if [ -f "$work/pre_trained/${m}_unfinished_last.pth" ]; then
-      step "train $m" "$logs/train_$m.log" python train.py --model "$m" --resume --hub "$work" --outputs "$out" \
+      step "train $m" "$logs/train_$m.log" python train.py --model "$m" --resume --hub "$work" --outputs "$outputs" \
         --no-download || continue
     else
       step "train $m" "$logs/train_$m.log" python train.py --model "$m" --params "$study/outputs/search/$m.json" \
-        "${options[@]}" "${data[@]}" --hub "$work" --outputs "$out" || continue
+        "${options[@]}" "${data[@]}" --hub "$work" --outputs "$outputs" || continue
     fi
   fi
   rate=()
@@ -69,14 +69,14 @@ for m in ${@:-lenet spinalnet alexnet resnet vggnet}; do
     if [ -z "$(chosen_rate "$m")" ]; then
       step "choose the fine-tuning rate of $m" "$logs/finetune_rates_$m.log" python finetune.py \
         --ckpt "$work/pre_trained/$m.pth" --val-fraction 0.1 --lr 0.001 0.0001 "${augment[@]}" --no-download \
-        --hub "$work/rates" --outputs "$out/rates" || continue
+        --hub "$work/rates" --outputs "$outputs/rates" || continue
     fi
     rate=(--lr "$(chosen_rate "$m")")
   fi
-  if ! [ -f "$out/finetune/$m.json" ]; then
+  if ! [ -f "$outputs/finetune/$m.json" ]; then
     resume=(); [ -f "$work/fine_tuned/${m}_tuned_unfinished_last.pth" ] && resume=(--resume)
     step "finetune $m" "$logs/finetune_$m.log" python finetune.py --model "$m" "${rate[@]}" "${augment[@]}" \
-      --no-download --hub "$work" --outputs "$out" "${resume[@]}" || continue
+      --no-download --hub "$work" --outputs "$outputs" "${resume[@]}" || continue
   fi
   step "publish $m" "$logs/publish_$m.log" python - "$work/fine_tuned/${m}_tuned.pth" \
     "$here/model_hub/fine_tuned/${m}_tuned.pth" <<'PY' || continue
@@ -90,5 +90,5 @@ PY
 done
 ensemble=(); [ "$recipe" = chosen ] && ensemble=(--ensemble-from-validation "$work")
 step "evaluate all" "$logs/evaluate.log" python evaluate.py --model all "${data[@]}" --hub "$here/model_hub" \
-  --outputs "$out" "${ensemble[@]}"
+  --outputs "$outputs" "${ensemble[@]}"
 exit $failed
