@@ -2,7 +2,7 @@
 
     python transfer_mnist.py --model vggnet                  # EMNIST checkpoint -> MNIST, 5 epochs
     python transfer_mnist.py --model vggnet --from-scratch   # the same network from random weights
-    python transfer_mnist.py --model lenet --data-dir tests/data --epochs 1
+    python transfer_mnist.py --model lenet --data-dir data --epochs 1       # data/MNIST/raw/
 
 Evaluates the EMNIST checkpoint (fine-tuned if present, else pre-trained, or --ckpt) zero-shot
 on MNIST, its logits restricted to the digits 0-9; gives it a 10-class head initialised from

@@ -1,6 +1,6 @@
 """Does bf16 + channels_last cost accuracy? Test accuracy of fp32 and bf16 runs over several seeds.
 
-    python benchmarks/precision_accuracy.py --dataset mnist --data-dir tests/data --epochs 10 --lr 0.05
+    python benchmarks/precision_accuracy.py --dataset mnist --data-dir data --epochs 10 --lr 0.05
     python benchmarks/precision_accuracy.py --dataset fashion-mnist --epochs 5 --seeds 0 1 2
 
 Trains the same network with `train.py --precision fp32` and `--precision bf16` (what
@@ -44,7 +44,7 @@ def parse_args(argv=None):
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="lenet", choices=sorted(MODELS), help="network (default: lenet)")
     parser.add_argument("--dataset", default="mnist", choices=sorted(DATASETS), help="dataset (default: mnist)")
-    parser.add_argument("--data-dir", default="tests/data", help="folder with the dataset files (default: %(default)s)")
+    parser.add_argument("--data-dir", default="data", help="folder with the dataset files (default: %(default)s)")
     parser.add_argument("--epochs", type=positive_int, default=10, help="training epochs per run (default: 10)")
     parser.add_argument("--lr", type=positive_float, default=train.DEFAULTS["learning_rate"],
                         help="SGD learning rate (default: train.py's, %(default)s)")

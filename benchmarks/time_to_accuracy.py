@@ -1,6 +1,6 @@
 """Wall-clock seconds of training until a target test accuracy: the study's pipeline against ours.
 
-    python benchmarks/time_to_accuracy.py --data-dir tests/data --lr 0.05 --target 0.9   # LeNet, MNIST sample
+    python benchmarks/time_to_accuracy.py --data-dir data --lr 0.05 --target 0.9   # LeNet, data/MNIST/raw/
     python benchmarks/time_to_accuracy.py --dataset fashion-mnist --target 0.85
 
 Both runs use the same network, initialisation, SGD settings, gradient clipping, augmentation

@@ -1,4 +1,4 @@
-"""Shared fixtures: the real samples in tests/data, IDX writers, briefly trained checkpoints, the slow marker."""
+"""Shared fixtures: the real samples in ../shared/data, IDX writers, briefly trained checkpoints, the slow marker."""
 import gzip
 import os
 import struct
@@ -11,12 +11,27 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-TEST_DATA = ROOT / "tests" / "data"  # real EMNIST and MNIST samples, in the repository (see its README)
+# Real EMNIST and MNIST samples live outside the tree, beside the checkout (read-only in CI; see
+# ../shared/data/README.md); REAL_DATA names another folder of the same layout.
+REAL_DATA = Path(os.environ.get("REAL_DATA") or ROOT.parent / "shared" / "data")
+# .ci/run sets this, so that a missing sample fails there instead of skipping
+REQUIRE_REAL_DATA = os.environ.get("REQUIRE_REAL_DATA") == "1"
+REAL_FOLDERS = ("emnist", "MNIST/raw")
 
 
-def sample_path(*parts):
-    """A path under tests/data: the real samples every clone has."""
-    return TEST_DATA.joinpath(*parts)
+def real_data(*parts):
+    """A path in the real-sample folder (emnist/, MNIST/raw/ below it); a test that needs it skips in
+    one line when it is absent (fails under REQUIRE_REAL_DATA=1). The folder is never written to: the
+    loaders cache what they decode from it in the per-test folder of `private_cache`."""
+    wanted = REAL_DATA.joinpath(*parts)
+    missing = [folder for folder in REAL_FOLDERS if not (REAL_DATA / folder).is_dir()]
+    if missing or not wanted.exists():
+        message = (f"real samples missing: {REAL_DATA}/{{{','.join(REAL_FOLDERS)}}} (the EMNIST and MNIST "
+                   f"samples go in shared/data beside the checkout, or set REAL_DATA)")
+        if REQUIRE_REAL_DATA:
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    return wanted
 
 
 def idx_bytes(array):
@@ -58,10 +73,14 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path, monkeypatch):
-    """Decoded-array caches for read-only folders go to a per-test folder, not ~/.cache."""
+    """Decoded-array caches for read-only folders (the real samples among them, even where this machine
+    would let us write there) go to a per-test folder, not ~/.cache."""
     import data
 
     monkeypatch.setattr(data, "CACHE_DIR", tmp_path / "cache")
+    writable = data.writable
+    monkeypatch.setattr(data, "writable", lambda folder: writable(folder) and not
+                        Path(folder).resolve().is_relative_to(REAL_DATA.resolve()))
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
 import gzip
+import os
 import zipfile
 
 import numpy as np
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 import data
-from conftest import fake_split, sample_path, write_idx
+from conftest import fake_split, real_data, write_idx
 from data import CLASSES, augment, load_images
 from runs import DataError
 
@@ -24,8 +25,8 @@ def correlation(a, b):
 
 def test_emnist_digits_are_upright_like_mnist():
     emnist_images, emnist_labels = load_images("emnist-digits", train=False,
-                                               data_dir=sample_path("emnist"), download=False)
-    mnist_images, mnist_labels = load_images("mnist", train=False, data_dir=sample_path(), download=False)
+                                               data_dir=real_data("emnist"), download=False)
+    mnist_images, mnist_labels = load_images("mnist", train=False, data_dir=real_data(), download=False)
     assert emnist_images.shape == (600, 28, 28) and emnist_images.dtype == torch.uint8
     assert torch.bincount(emnist_labels).tolist() == [60] * 10
     emnist_means, mnist_means = class_means(emnist_images, emnist_labels), class_means(mnist_images, mnist_labels)
@@ -50,7 +51,7 @@ def test_emnist_digits_are_upright_like_mnist():
 
 
 def test_emnist_letters_labels_start_at_zero_with_the_right_characters():
-    images, labels = load_images("emnist-letters", train=False, data_dir=sample_path("emnist"), download=False)
+    images, labels = load_images("emnist-letters", train=False, data_dir=real_data("emnist"), download=False)
     assert images.shape == (51, 28, 28)
     counts = torch.bincount(labels, minlength=26)
     assert labels.min() == 0 and labels.max() == 25
@@ -60,7 +61,7 @@ def test_emnist_letters_labels_start_at_zero_with_the_right_characters():
 
 def test_label_maps_agree_with_the_official_mapping_files():
     for dataset in ["emnist-byclass", "emnist-bymerge", "emnist-balanced", "emnist-letters", "emnist-digits"]:
-        mapping = sample_path("emnist", f"{dataset}-mapping.txt").read_text().split("\n")
+        mapping = real_data("emnist", f"{dataset}-mapping.txt").read_text().split("\n")
         characters = "".join(chr(int(line.split()[1])) for line in mapping if line.strip())
         assert "".join(CLASSES[dataset]) == characters
 
@@ -83,10 +84,10 @@ def test_read_only_data_folder_is_left_alone_and_second_load_is_identical(tmp_pa
 
 
 def test_test_split_loads_without_training_files():
-    images, _ = load_images("emnist-digits", train=False, data_dir=sample_path("emnist"), download=False)
+    images, _ = load_images("emnist-digits", train=False, data_dir=real_data("emnist"), download=False)
     assert len(images) == 600
     with pytest.raises(DataError, match="emnist-digits-train-images-idx3-ubyte"):
-        load_images("emnist-digits", train=True, data_dir=sample_path("emnist"), download=False)
+        load_images("emnist-digits", train=True, data_dir=real_data("emnist"), download=False)
 
 
 # ----------------------------------------------------------------------------- files the tests write
@@ -263,3 +264,21 @@ def test_augment_translation_moves_the_ink_by_at_most_ten_percent():
         return (mass * columns).sum(-1) / mass.sum(-1)
     shift = centre(out[:, 0]) - centre(batch.float())
     assert shift.abs().max() <= 2.8 + 0.2 and shift.abs().max() > 1.0  # 10 % of 28 pixels
+
+
+def test_without_the_real_samples_their_tests_skip_in_one_line_or_fail_when_required(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    test = "tests/test_data.py::test_emnist_letters_labels_start_at_zero_with_the_right_characters"
+    command = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", test]
+    environment = {**os.environ, "REAL_DATA": str(tmp_path / "absent"), "REQUIRE_REAL_DATA": ""}
+    skipped = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=environment, timeout=120)
+    assert skipped.returncode == 0 and "1 skipped" in skipped.stdout, skipped.stdout
+    (line,) = [line for line in skipped.stdout.splitlines() if line.startswith("SKIPPED")]
+    assert f"real samples missing: {tmp_path / 'absent'}/{{emnist,MNIST/raw}}" in line
+    required = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                              env={**environment, "REQUIRE_REAL_DATA": "1"})
+    assert required.returncode == 1 and "1 failed" in required.stdout and "real samples missing" in required.stdout

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 import demo
-from conftest import sample_path
+from conftest import real_data
 from data import load_images
 
 # .ci/run installs Chromium and sets this, so that CI fails instead of skipping the browser test
@@ -26,12 +26,12 @@ REQUIRE_BROWSER = os.environ.get("REQUIRE_BROWSER") == "1"
 
 @pytest.fixture(scope="module")
 def mnist_lenet(tmp_path_factory):
-    """A LeNet trained on the real MNIST sample in tests/data (2,000 images)."""
+    """A LeNet trained on 2,000 of the real MNIST training images."""
     import train
 
     workdir = tmp_path_factory.mktemp("demo")
-    train.main(["--model", "lenet", "--dataset", "mnist", "--data-dir", str(sample_path()), "--no-download",
-                "--epochs", "12", "--lr", "0.05", "--hub", str(workdir / "hub"), "--outputs", str(workdir / "out")])
+    train.main(["--model", "lenet", "--dataset", "mnist", "--data-dir", str(real_data()), "--no-download",
+                "--subset", "2000", "--epochs", "12", "--lr", "0.05", "--hub", str(workdir / "hub"), "--outputs", str(workdir / "out")])
     return workdir / "hub" / "pre_trained" / "lenet.pth"
 
 
@@ -63,7 +63,7 @@ def png(pixels):
 
 
 def test_real_digits_are_read_correctly_through_the_api(server):
-    images, labels = load_images("mnist", train=False, data_dir=sample_path(), download=False)
+    images, labels = load_images("mnist", train=False, data_dir=real_data(), download=False)
     chosen = np.random.default_rng(0).choice(len(labels), 40, replace=False)
     with ThreadPoolExecutor(8) as pool:  # concurrent requests
         answers = list(pool.map(lambda i: post(server, png(255 - images[i].numpy())), chosen))  # ink on paper
@@ -91,12 +91,12 @@ def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server):
 def test_several_networks_answer_side_by_side_with_an_ensemble(mnist_lenet, tmp_path):
     import train
 
-    train.main(["--model", "spinalnet", "--dataset", "mnist", "--data-dir", str(sample_path()), "--no-download",
-                "--epochs", "1", "--hub", str(tmp_path / "hub"), "--outputs", str(tmp_path / "out")])
+    train.main(["--model", "spinalnet", "--dataset", "mnist", "--data-dir", str(real_data()), "--no-download",
+                "--subset", "2000", "--epochs", "1", "--hub", str(tmp_path / "hub"), "--outputs", str(tmp_path / "out")])
     cpu = torch.device("cpu")
     spinalnet = tmp_path / "hub" / "pre_trained" / "spinalnet.pth"
     predictor = demo.Predictor([(mnist_lenet, None), (spinalnet, None)], cpu, demo.choose_precision("fp32", cpu))
-    images, _ = load_images("mnist", train=False, data_dir=sample_path(), download=False)
+    images, _ = load_images("mnist", train=False, data_dir=real_data(), download=False)
     answer = predictor.predict(png(images[0].numpy()))
     assert list(answer["models"]) == ["lenet", "spinalnet"] and len(answer["predictions"]) == 5
     with pytest.raises(demo.UserError, match="two checkpoints of lenet"):  # never one dropped silently

@@ -17,7 +17,7 @@ from PIL import Image
 import data
 import search
 import train
-from conftest import ROOT, exit_message, one_line_error, refused, run, sample_path, write_idx
+from conftest import ROOT, exit_message, one_line_error, refused, run, real_data, write_idx
 from runs import DataError, output_lock
 
 DIGITS = ["--model", "lenet", "--dataset", "sklearn-digits"]
@@ -173,7 +173,7 @@ def test_resuming_a_checkpoint_that_cannot_be_resumed_is_one_line(tmp_path, chan
 def test_a_checkpoint_on_another_dataset_is_refused_unless_meant(trained_lenet, tmp_path):
     _, checkpoint = trained_lenet
     message = exit_message(__import__("evaluate").main, ["--ckpt", str(checkpoint), "--dataset", "mnist",
-                                                         "--data-dir", str(sample_path())] + dirs(tmp_path))
+                                                         "--data-dir", str(real_data())] + dirs(tmp_path))
     assert "was trained on sklearn-digits, not mnist" in message
     assert not [path for path in tmp_path.rglob("*") if path.is_file()]
 
@@ -188,7 +188,7 @@ def test_a_subset_too_small_to_train_is_refused_and_transfer_takes_its_subset(tr
     message = exit_message(finetune.main, ["--ckpt", str(checkpoint), "--subset", "1"] + dirs(tmp_path))
     assert "--subset 1 is too small" in message and not [path for path in tmp_path.rglob("*") if path.is_file()]
     transfer_mnist.main(["--ckpt", str(checkpoint), "--subset", "100", "--epochs", "1", "--data-dir",
-                         str(sample_path()), "--no-download"] + dirs(tmp_path))
+                         str(real_data()), "--no-download"] + dirs(tmp_path))
     result = json.loads((tmp_path / "outputs" / "transfer" / "lenet.json").read_text())
     history = json.loads((tmp_path / "outputs" / "transfer" / "lenet_history.json").read_text())["history"]
     assert result["train_images"] == 100 and history[0]["images"] == 100
@@ -278,7 +278,9 @@ def test_a_lock_held_elsewhere_is_one_line(tmp_path):
 def test_a_dry_run_writes_no_cache_and_downloads_nothing(tmp_path, capsys):
     import shutil
 
-    shutil.copytree(sample_path("MNIST"), tmp_path / "data" / "MNIST")
+    shutil.copytree(real_data("MNIST"), tmp_path / "data" / "MNIST", copy_function=shutil.copyfile)
+    for folder in [tmp_path / "data", *(tmp_path / "data").rglob("*")]:  # a writable copy: a cache could go there
+        folder.chmod(0o755 if folder.is_dir() else 0o644)
     before = sorted(path.name for path in (tmp_path / "data").rglob("*"))
     train.main(["--model", "lenet", "--dataset", "mnist", "--data-dir", str(tmp_path / "data"), "--dry-run"]
                + dirs(tmp_path))

@@ -20,7 +20,7 @@ import finetune
 import search
 import train
 import transfer_mnist
-from conftest import ROOT, exit_message, one_line_error, refused, run, sample_path, signal_at_epoch, write_idx
+from conftest import ROOT, exit_message, one_line_error, refused, run, real_data, signal_at_epoch, write_idx
 from data import DATASETS, load_images
 from models import CheckpointError, load_checkpoint
 from runs import DataError, atomic_path, output_lock, write_json
@@ -159,10 +159,10 @@ def test_ckpt_alone_names_the_network_in_every_script(trained_lenet, tmp_path, c
     assert json.loads((tmp_path / "outputs" / "eval" / "lenet.json").read_text())["model"] == "lenet"
     finetune.main(["--ckpt", str(checkpoint), "--epochs", "1"] + dirs(tmp_path))
     assert (tmp_path / "model_hub" / "fine_tuned" / "lenet_tuned.pth").is_file()
-    transfer_mnist.main(["--ckpt", str(checkpoint), "--epochs", "1", "--data-dir", str(sample_path()),
+    transfer_mnist.main(["--ckpt", str(checkpoint), "--epochs", "1", "--data-dir", str(real_data()),
                          "--no-download"] + dirs(tmp_path))
     assert (tmp_path / "model_hub" / "transfer" / "lenet_mnist.pth").is_file()
-    transfer_mnist.main(["--model", "lenet", "--from-scratch", "--epochs", "1", "--data-dir", str(sample_path()),
+    transfer_mnist.main(["--model", "lenet", "--from-scratch", "--epochs", "1", "--data-dir", str(real_data()),
                          "--no-download"] + dirs(tmp_path))
     assert (tmp_path / "model_hub" / "transfer" / "lenet_mnist_scratch.pth").is_file()
     message = exit_message(evaluate.main, ["--model", "alexnet", "--ckpt", str(checkpoint)] + dirs(tmp_path))
