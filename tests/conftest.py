@@ -84,6 +84,20 @@ def private_cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
+def mnist_sample(tmp_path_factory):
+    """A folder holding a cut of the real MNIST files in torchvision's layout (MNIST/raw/): the first 2,000
+    training and the first 1,000 official test images, so that tests that train or transfer stay quick."""
+    from data import load_images
+
+    folder = tmp_path_factory.mktemp("mnist-sample")
+    for split, prefix, count in ((True, "train", 2000), (False, "t10k", 1000)):
+        images, labels = load_images("mnist", train=split, data_dir=real_data(), download=False, cache=False)
+        write_idx(folder / "MNIST" / "raw" / f"{prefix}-images-idx3-ubyte.gz", images[:count].numpy())
+        write_idx(folder / "MNIST" / "raw" / f"{prefix}-labels-idx1-ubyte.gz", labels[:count].numpy())
+    return folder
+
+
+@pytest.fixture(scope="session")
 def trained_lenet(tmp_path_factory):
     """A LeNet trained for a few epochs on sklearn-digits: (workdir, checkpoint path)."""
     import train

@@ -7,17 +7,17 @@ import json
 
 import pytest
 
-from conftest import real_data
 from benchmarks import demo_latency, precision_accuracy, throughput, time_to_accuracy
 
-def mnist():
-    """The flags that point a benchmark at the real MNIST samples (10,000 training, 10,000 test images)."""
-    return ["--dataset", "mnist", "--data-dir", str(real_data())]
+@pytest.fixture
+def mnist(mnist_sample):
+    """The flags that point a benchmark at a cut of the real MNIST files (2,000 training, 1,000 test images)."""
+    return ["--dataset", "mnist", "--data-dir", str(mnist_sample)]
 
 
-def test_time_to_accuracy_races_both_pipelines_on_real_digits(tmp_path):
+def test_time_to_accuracy_races_both_pipelines_on_real_digits(tmp_path, mnist):
     out = tmp_path / "tta.json"
-    time_to_accuracy.main([*mnist(), "--max-epochs", "2", "--target", "0.999", "--workers", "0", "--lr", "0.05",
+    time_to_accuracy.main([*mnist, "--max-epochs", "2", "--target", "0.999", "--workers", "0", "--lr", "0.05",
                            "--out", str(out)])
     result = json.loads(out.read_text())
     assert [row["pipeline"] for row in result["results"]] == ["study", "ours"]
@@ -28,16 +28,16 @@ def test_time_to_accuracy_races_both_pipelines_on_real_digits(tmp_path):
     assert result["results"][0]["precision"] == "fp32"
 
 
-def test_time_to_accuracy_stops_at_the_target(tmp_path):
+def test_time_to_accuracy_stops_at_the_target(tmp_path, mnist):
     out = tmp_path / "tta.json"
-    time_to_accuracy.main([*mnist(), "--max-epochs", "3", "--target", "0.05", "--workers", "0", "--out", str(out)])
+    time_to_accuracy.main([*mnist, "--max-epochs", "3", "--target", "0.05", "--workers", "0", "--out", str(out)])
     for row in json.loads(out.read_text())["results"]:
         assert row["reached"] is True and row["epochs"] == 1
 
 
-def test_throughput_reports_every_column_against_the_measured_peak(tmp_path):
+def test_throughput_reports_every_column_against_the_measured_peak(tmp_path, mnist):
     out = tmp_path / "throughput.json"
-    throughput.main([*mnist(), "--models", "lenet", "--seconds", "0.2", "--max-batches", "2", "--warmup", "1",
+    throughput.main([*mnist, "--models", "lenet", "--seconds", "0.2", "--max-batches", "2", "--warmup", "1",
                      "--workers", "1", "--peak-seconds", "0.01", "--out", str(out)])
     result = json.loads(out.read_text())
     assert set(result["matmul_peak_gflops"]) == {"fp32", "bf16"} and all(
@@ -50,9 +50,9 @@ def test_throughput_reports_every_column_against_the_measured_peak(tmp_path):
         row["auto"]])
 
 
-def test_precision_accuracy_compares_both_precisions(tmp_path):
+def test_precision_accuracy_compares_both_precisions(tmp_path, mnist):
     out = tmp_path / "precision.json"
-    precision_accuracy.main([*mnist(), "--epochs", "1", "--seeds", "0", "--out", str(out)])
+    precision_accuracy.main([*mnist, "--epochs", "1", "--seeds", "0", "--out", str(out)])
     results = json.loads(out.read_text())["results"]
     assert set(results) == {"fp32", "bf16"}
     for result in results.values():

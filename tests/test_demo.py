@@ -25,13 +25,13 @@ REQUIRE_BROWSER = os.environ.get("REQUIRE_BROWSER") == "1"
 
 
 @pytest.fixture(scope="module")
-def mnist_lenet(tmp_path_factory):
-    """A LeNet trained on 2,000 of the real MNIST training images."""
+def mnist_lenet(tmp_path_factory, mnist_sample):
+    """A LeNet trained on 2,000 real MNIST training images."""
     import train
 
     workdir = tmp_path_factory.mktemp("demo")
-    train.main(["--model", "lenet", "--dataset", "mnist", "--data-dir", str(real_data()), "--no-download",
-                "--subset", "2000", "--epochs", "12", "--lr", "0.05", "--hub", str(workdir / "hub"), "--outputs", str(workdir / "out")])
+    train.main(["--model", "lenet", "--dataset", "mnist", "--data-dir", str(mnist_sample), "--no-download",
+                "--epochs", "12", "--lr", "0.05", "--hub", str(workdir / "hub"), "--outputs", str(workdir / "out")])
     return workdir / "hub" / "pre_trained" / "lenet.pth"
 
 
@@ -88,11 +88,11 @@ def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server):
         assert json.loads(response.read()) == {"status": "ok", "models": ["lenet"]}
 
 
-def test_several_networks_answer_side_by_side_with_an_ensemble(mnist_lenet, tmp_path):
+def test_several_networks_answer_side_by_side_with_an_ensemble(mnist_lenet, mnist_sample, tmp_path):
     import train
 
-    train.main(["--model", "spinalnet", "--dataset", "mnist", "--data-dir", str(real_data()), "--no-download",
-                "--subset", "2000", "--epochs", "1", "--hub", str(tmp_path / "hub"), "--outputs", str(tmp_path / "out")])
+    train.main(["--model", "spinalnet", "--dataset", "mnist", "--data-dir", str(mnist_sample), "--no-download",
+                "--epochs", "1", "--hub", str(tmp_path / "hub"), "--outputs", str(tmp_path / "out")])
     cpu = torch.device("cpu")
     spinalnet = tmp_path / "hub" / "pre_trained" / "spinalnet.pth"
     predictor = demo.Predictor([(mnist_lenet, None), (spinalnet, None)], cpu, demo.choose_precision("fp32", cpu))

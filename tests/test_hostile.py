@@ -180,7 +180,7 @@ def test_a_checkpoint_on_another_dataset_is_refused_unless_meant(trained_lenet, 
 
 # ----------------------------------------------------------------------------- training that trains nothing
 
-def test_a_subset_too_small_to_train_is_refused_and_transfer_takes_its_subset(trained_lenet, tmp_path):
+def test_a_subset_too_small_to_train_is_refused_and_transfer_takes_its_subset(trained_lenet, mnist_sample, tmp_path):
     _, checkpoint = trained_lenet
     import finetune
     import transfer_mnist
@@ -188,7 +188,7 @@ def test_a_subset_too_small_to_train_is_refused_and_transfer_takes_its_subset(tr
     message = exit_message(finetune.main, ["--ckpt", str(checkpoint), "--subset", "1"] + dirs(tmp_path))
     assert "--subset 1 is too small" in message and not [path for path in tmp_path.rglob("*") if path.is_file()]
     transfer_mnist.main(["--ckpt", str(checkpoint), "--subset", "100", "--epochs", "1", "--data-dir",
-                         str(real_data()), "--no-download"] + dirs(tmp_path))
+                         str(mnist_sample), "--no-download"] + dirs(tmp_path))
     result = json.loads((tmp_path / "outputs" / "transfer" / "lenet.json").read_text())
     history = json.loads((tmp_path / "outputs" / "transfer" / "lenet_history.json").read_text())["history"]
     assert result["train_images"] == 100 and history[0]["images"] == 100
@@ -275,12 +275,10 @@ def test_a_lock_held_elsewhere_is_one_line(tmp_path):
     assert "another run" in message
 
 
-def test_a_dry_run_writes_no_cache_and_downloads_nothing(tmp_path, capsys):
+def test_a_dry_run_writes_no_cache_and_downloads_nothing(mnist_sample, tmp_path, capsys):
     import shutil
 
-    shutil.copytree(real_data("MNIST"), tmp_path / "data" / "MNIST", copy_function=shutil.copyfile)
-    for folder in [tmp_path / "data", *(tmp_path / "data").rglob("*")]:  # a writable copy: a cache could go there
-        folder.chmod(0o755 if folder.is_dir() else 0o644)
+    shutil.copytree(mnist_sample / "MNIST", tmp_path / "data" / "MNIST")  # a writable folder: a cache could go there
     before = sorted(path.name for path in (tmp_path / "data").rglob("*"))
     train.main(["--model", "lenet", "--dataset", "mnist", "--data-dir", str(tmp_path / "data"), "--dry-run"]
                + dirs(tmp_path))

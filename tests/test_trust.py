@@ -20,7 +20,7 @@ import finetune
 import search
 import train
 import transfer_mnist
-from conftest import ROOT, exit_message, one_line_error, refused, run, real_data, signal_at_epoch, write_idx
+from conftest import ROOT, exit_message, one_line_error, refused, run, signal_at_epoch, write_idx
 from data import DATASETS, load_images
 from models import CheckpointError, load_checkpoint
 from runs import DataError, atomic_path, output_lock, write_json
@@ -153,16 +153,16 @@ def test_resume_restores_the_run_and_refuses_contradicting_flags(tmp_path, capsy
 # ----------------------------------------------------------------------------- checkpoints name their network
 
 @pytest.mark.slow
-def test_ckpt_alone_names_the_network_in_every_script(trained_lenet, tmp_path, capsys):
+def test_ckpt_alone_names_the_network_in_every_script(trained_lenet, mnist_sample, tmp_path, capsys):
     _, checkpoint = trained_lenet
     evaluate.main(["--ckpt", str(checkpoint), "--split", "test"] + dirs(tmp_path))
     assert json.loads((tmp_path / "outputs" / "eval" / "lenet.json").read_text())["model"] == "lenet"
     finetune.main(["--ckpt", str(checkpoint), "--epochs", "1"] + dirs(tmp_path))
     assert (tmp_path / "model_hub" / "fine_tuned" / "lenet_tuned.pth").is_file()
-    transfer_mnist.main(["--ckpt", str(checkpoint), "--epochs", "1", "--data-dir", str(real_data()),
+    transfer_mnist.main(["--ckpt", str(checkpoint), "--epochs", "1", "--data-dir", str(mnist_sample),
                          "--no-download"] + dirs(tmp_path))
     assert (tmp_path / "model_hub" / "transfer" / "lenet_mnist.pth").is_file()
-    transfer_mnist.main(["--model", "lenet", "--from-scratch", "--epochs", "1", "--data-dir", str(real_data()),
+    transfer_mnist.main(["--model", "lenet", "--from-scratch", "--epochs", "1", "--data-dir", str(mnist_sample),
                          "--no-download"] + dirs(tmp_path))
     assert (tmp_path / "model_hub" / "transfer" / "lenet_mnist_scratch.pth").is_file()
     message = exit_message(evaluate.main, ["--model", "alexnet", "--ckpt", str(checkpoint)] + dirs(tmp_path))
