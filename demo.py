@@ -1,6 +1,7 @@
 """Draw a character and watch the network read it: a small page and its JSON API.
 
-    python demo.py --model vggnet                 # serves http://127.0.0.1:8000
+    python demo.py                                # the published ByClass networks: letters and digits
+    python demo.py --model vggnet                 # model_hub's, on http://127.0.0.1:8000
     python demo.py --model all                    # every network found in model_hub, and their ensemble
     python demo.py --ckpt model_hub/fine_tuned/lenet_tuned.pth --port 8080
 
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 
 from data import DATASETS
-from evaluate import find_checkpoint, predict_probabilities, prepare_user_image
+from evaluate import PUBLISHED_HUB, find_checkpoint, predict_probabilities, prepare_user_image
 from models import MODELS, load_checkpoint
 from runs import DataError, Parser, UserError, add_run_flags, choose_precision, get_device, one_line_errors
 
@@ -50,6 +51,7 @@ class Predictor:
             if state["model"] in self.networks:
                 raise UserError(f"two checkpoints of {state['model']} ({path} and another): serve one per network")
             self.networks[state["model"]] = (state, model.to(device).eval())
+            print(f"network: {path} ({state['model']}, trained on {state['dataset']})")
         classes = {tuple(state["classes"]) for state, _ in self.networks.values()}
         if len(classes) > 1:
             raise UserError("the checkpoints predict different classes: serve networks of one dataset together")
@@ -189,15 +191,19 @@ def checkpoints_to_serve(args):
 def parse_args(argv=None):
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", nargs="+", default=None, choices=sorted(MODELS) + ["all"], metavar="NAME",
-                        help=f"networks ({', '.join(sorted(MODELS))}) from --hub, or all (default: the --ckpt's)")
+                        help=f"networks ({', '.join(sorted(MODELS))}) from --hub, or all (default: the --ckpt's, "
+                             f"else all the published ByClass networks)")
     parser.add_argument("--ckpt", nargs="+", default=None, metavar="FILE", help="checkpoints to serve instead")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on; 0.0.0.0 opens it to the network (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
     add_run_flags(parser, "hub", "device", "precision")
     args = parser.parse_args(argv)
-    if not args.model and not args.ckpt:
-        parser.error("give --model NAME (or all) or --ckpt PATH")
+    if not args.model and not args.ckpt:  # the networks published with the repository, and their ensemble
+        args.hub = str(PUBLISHED_HUB)
+        args.model = [name for name in MODELS if (PUBLISHED_HUB / "fine_tuned" / f"{name}_tuned.pth").is_file()]
+        if not args.model:
+            parser.error(f"no published networks in {PUBLISHED_HUB}: give --model NAME or --ckpt PATH")
     if args.ckpt and args.model and (len(args.model) > 1 or "all" in args.model or len(args.ckpt) > 1):
         parser.error("with --ckpt, --model names the one network that checkpoint must hold")
     if not 0 <= args.port < 65536:

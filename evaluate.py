@@ -41,11 +41,19 @@ GRID_SIDE = 10  # the prediction grid shows GRID_SIDE x GRID_SIDE test images
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def find_checkpoint(hub, name, ckpt=None):
-    """--ckpt, else the fine-tuned checkpoint, else the pre-trained one."""
+# The study's networks fine-tuned on EMNIST ByClass, committed with the repository
+# (results/emnist-byclass/README.md): what `--image` and demo.py use when the hub holds none of their own.
+PUBLISHED_HUB = Path(__file__).resolve().parent / "results" / "emnist-byclass" / "study" / "model_hub"
+PUBLISHED_NETWORK = "resnet"  # for --image without --model: the best pre-training validation accuracy
+
+
+def find_checkpoint(hub, name, ckpt=None, published=False):
+    """--ckpt, else the fine-tuned checkpoint, else the pre-trained one; with `published`, else the
+    published ByClass network of that name."""
     if ckpt:
         return Path(ckpt)
-    for path in (Path(hub) / "fine_tuned" / f"{name}_tuned.pth", Path(hub) / "pre_trained" / f"{name}.pth"):
+    candidates = [Path(hub) / "fine_tuned" / f"{name}_tuned.pth", Path(hub) / "pre_trained" / f"{name}.pth"]
+    for path in candidates + ([PUBLISHED_HUB / "fine_tuned" / f"{name}_tuned.pth"] if published else []):
         if path.is_file():
             return path
     raise UserError(f"no checkpoint for {name} in {Path(hub) / 'fine_tuned'} or {Path(hub) / 'pre_trained'}: "
@@ -88,7 +96,7 @@ def most_confused(matrix, classes, count=CONFUSED_PAIRS):
     order = np.argsort(off_diagonal, axis=None)[::-1][:count]
     pairs = [np.unravel_index(flat, matrix.shape) for flat in order]
     return [{"true": classes[t], "predicted": classes[p], "count": int(matrix[t, p]),
-             "share_of_true": float(matrix[t, p] / max(matrix[t].sum(), 1))} for t, p in pairs if matrix[t, p] > 0]
+             "share_of_true": float(matrix[t, p] / max(matrix[t].sum(), 1))} for t, p in pairs if off_diagonal[t, p] > 0]
 
 
 def compute_metrics(labels, probabilities, classes, dataset):
@@ -280,8 +288,10 @@ def top_predictions(model, state, image, device, count=5, precision=None):
 
 def classify_files(paths, args, device):
     """Top-3 characters for each file; a file that cannot be read gets a one-line error, the others answers."""
-    path = find_checkpoint(args.hub, args.model[0] if args.model else None, args.ckpt)
-    state, model = load_checkpoint(path, args.model[0] if args.model else None, datasets=DATASETS)
+    name = args.model[0] if args.model else None if args.ckpt else PUBLISHED_NETWORK
+    path = find_checkpoint(args.hub, name, args.ckpt, published=True)
+    state, model = load_checkpoint(path, name, datasets=DATASETS)
+    print(f"network: {path} ({state['model']}, trained on {state['dataset']})")
     model = model.to(device)
     failures = 0
     for file in paths:
@@ -524,10 +534,11 @@ def parse_args(argv=None):
     parser.add_argument("--ensemble-from-validation", default=None, metavar="HUB",
                         help="choose the ensemble on what HUB/pre_trained held out (default: all networks)")
     parser.add_argument("--image", nargs="+", default=None, metavar="FILE",
-                        help="classify your own pictures of handwritten characters")
+                        help=f"classify your own pictures of handwritten characters (default network: "
+                             f"--hub's, else the published ByClass {PUBLISHED_NETWORK})")
     add_run_flags(parser, "device", "hub", "outputs", "precision", "dry-run", precision="fp32")
     args = parser.parse_args(argv)
-    if not args.model and not args.ckpt:
+    if not args.model and not args.ckpt and not args.image:
         parser.error("give --model NAME (or all) or --ckpt PATH")
     if args.ckpt and args.model and (len(args.model) > 1 or "all" in args.model):
         parser.error("--ckpt names one checkpoint: give at most one --model with it")

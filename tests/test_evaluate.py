@@ -102,7 +102,7 @@ def test_mismatched_dataset_and_missing_checkpoint_errors(trained_lenet, tmp_pat
                    "--split", "test", "--no-download", "--hub", str(workdir / "model_hub"),
                    "--outputs", str(tmp_path / "outputs")])
     result = json.loads((tmp_path / "outputs" / "eval" / "lenet.json").read_text())
-    assert result["dataset"] == "mnist" and result["test"]["count"] == 1000
+    assert result["dataset"] == "mnist" and result["test"]["count"] == 10_000
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main(["--model", "vggnet"] + dirs(tmp_path))
     assert "python train.py --model vggnet" in str(exit_info.value)
@@ -124,12 +124,12 @@ def test_comparison_and_ensemble_across_networks(trained_lenet, trained_spinalne
     assert comparison["models"]["spinalnet"]["seconds_per_epoch"] > 0
 
 
-def test_transfer_to_the_mnist_sample(trained_lenet, tmp_path):
+def test_transfer_to_the_mnist_sample(trained_lenet, mnist_sample, tmp_path):
     _, checkpoint = trained_lenet
-    transfer_mnist.main(["--model", "lenet", "--ckpt", str(checkpoint), "--data-dir", str(real_data()),
-                         "--no-download", "--subset", "2000", "--epochs", "1"] + dirs(tmp_path))
+    transfer_mnist.main(["--model", "lenet", "--ckpt", str(checkpoint), "--data-dir", str(mnist_sample),
+                         "--no-download", "--epochs", "1"] + dirs(tmp_path))
     result = json.loads((tmp_path / "outputs" / "transfer" / "lenet.json").read_text())
-    assert result["before"]["test"]["count"] == 10_000 and result["after"]["test"]["count"] == 10_000
+    assert result["before"]["test"]["count"] == 1_000 and result["after"]["test"]["count"] == 1_000
     assert result["after"]["test"]["accuracy"] > 0.6  # chance is 0.1
     assert result["after"]["train"]["accuracy"] > 0.6
     state = torch.load(tmp_path / "model_hub" / "transfer" / "lenet_mnist.pth", weights_only=True)
@@ -186,3 +186,11 @@ def test_evaluate_chooses_the_ensemble_on_the_images_pre_training_held_out(train
         evaluate.main(["--model", "all", "--split", "test", "--dry-run", "--ensemble-from-validation",
                        str(tmp_path / "model_hub")] + dirs(tmp_path))
     assert "held out other images" in str(exit_info.value)
+
+
+def test_most_confused_lists_only_mistakes_even_for_a_nearly_perfect_network():
+    matrix = np.diag([35, 35, 40, 30]).astype(np.int64)  # a network that makes one mistake
+    matrix[3, 1] = 1
+    pairs = evaluate.most_confused(matrix, "abcd")
+    assert pairs == [{"true": "d", "predicted": "b", "count": 1, "share_of_true": 1 / 31}]
+    assert evaluate.most_confused(np.diag([5, 5]), "ab") == []  # a perfect one: nothing confused

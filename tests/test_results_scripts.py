@@ -104,3 +104,77 @@ def test_the_committed_checkpoints_are_the_networks_of_the_two_headline_tables()
         f"study/model_hub/fine_tuned/{name}_tuned.pth" for name in ("alexnet", "lenet", "resnet", "spinalnet",
                                                                     "vggnet")]
     assert sum(path.stat().st_size for path in STUDY.rglob("*") if path.is_file()) < 30e6
+
+
+# ----------------------------------------------------------------------------- the ByClass study
+
+BYCLASS = ROOT / "results" / "emnist-byclass"
+
+
+@pytest.mark.parametrize("arguments, wanted, code", [
+    ([], "usage:", 2), (["chosen-later"], "unknown recipe chosen-later", 2),
+    (["study", "ensnet"], "unknown network ensnet", 2), (["--help"], "usage:", 0)])
+def test_the_byclass_study_answers_bad_arguments_in_one_line_before_any_work(arguments, wanted, code):
+    before = sorted(str(path) for path in BYCLASS.rglob("*"))
+    result = subprocess.run(["bash", str(BYCLASS / "run_study.sh"), *arguments], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == code and wanted in result.stdout and len(result.stdout.splitlines()) == 1
+    assert sorted(str(path) for path in BYCLASS.rglob("*")) == before
+
+
+def byclass_sandbox(tmp_path):
+    """run_study.sh in an empty layout with a recording `python` (as sandbox() above); the published
+    checkpoint of a network appears when its publish step runs."""
+    study = tmp_path / "results" / "emnist-byclass"
+    study.mkdir(parents=True)
+    (study / "run_study.sh").write_text((BYCLASS / "run_study.sh").read_text())
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(
+        f'#!/bin/sh\necho "$*" >> {tmp_path}/calls\n'
+        'case "$*" in "- results/emnist-byclass/study/outputs "*) cat > /dev/null; echo lenet ;;\n'
+        '  "- "*) cat > /dev/null; touch "$3" ;; esac\n')  # the network to transfer; a publish step
+    (bin_dir / "python").chmod(0o755)
+    return study, {"PATH": f"{bin_dir}:/usr/bin:/bin", "EMNIST_DIR": str(tmp_path / "official")}
+
+
+def test_the_byclass_study_carves_then_runs_each_stage_and_evaluates_only_when_all_are_done(tmp_path):
+    study, env = byclass_sandbox(tmp_path)
+    result = subprocess.run(["bash", str(study / "run_study.sh"), "study", "lenet"], capture_output=True, text=True,
+                            timeout=60, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert [call.split()[0] for call in calls] == [
+        "results/emnist-byclass/carve.py", "search.py", "train.py", "finetune.py", "-"]
+    assert calls[0].endswith(f"{tmp_path / 'official'} data/emnist-byclass-carved")
+    assert "--dataset emnist-byclass --data-dir data/emnist-byclass-carved" in calls[1]
+    assert "--params results/emnist-byclass/study/outputs/search/lenet.json" in calls[2]
+    assert "evaluation and transfer wait for: spinalnet alexnet resnet vggnet" in result.stdout
+    for name in ("spinalnet", "alexnet", "resnet", "vggnet"):  # the others published: evaluate, then transfer
+        (study / "study" / "model_hub" / "fine_tuned" / f"{name}_tuned.pth").touch()
+    (tmp_path / "calls").unlink()
+    subprocess.run(["bash", str(study / "run_study.sh"), "study"], capture_output=True, text=True, timeout=60,
+                   env=env, check=True)
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls[-3].startswith("evaluate.py --model all") and "--data-dir data/emnist-byclass-carved" in calls[-3]
+    assert calls[-1].startswith("transfer_mnist.py --model lenet --ckpt "
+                                "results/emnist-byclass/study/model_hub/fine_tuned/lenet_tuned.pth")
+
+
+def test_the_byclass_readme_tables_are_what_the_committed_files_hold():
+    printed = subprocess.run([sys.executable, str(BYCLASS / "table.py")], capture_output=True, text=True,
+                             timeout=60, check=True).stdout
+    readme = (BYCLASS / "README.md").read_text()
+    *tables, headline = printed.split("\n## ")[1:]
+    for table in tables:
+        rows = [line for line in table.splitlines() if line.startswith("| ")]
+        assert all(row in readme for row in rows), table.splitlines()[0]
+    rows = [line for line in headline.splitlines() if line.startswith("| ")]
+    assert len(rows) == 4 and all(row in (ROOT / "README.md").read_text() for row in rows)
+    for path in sorted(BYCLASS.glob("study/outputs/eval/*.json")):
+        if path.name != "comparison.json":
+            assert f"| {100 * json.loads(path.read_text())['test']['accuracy']:.2f} |" in printed, path
+    for text in (readme, (ROOT / "README.md").read_text()):  # every table that uses the carve says what it is
+        assert "trained on 96,323 images of the official test split, tested on the other 20,000; not the " \
+               "official train/test protocol" in " ".join(text.split())
+    assert sum(path.stat().st_size for path in BYCLASS.rglob("*") if path.is_file()) < 30e6

@@ -1,0 +1,138 @@
+"""The tables of this folder's README, printed from the JSON files and logs beside it.
+
+    python results/emnist-byclass/table.py
+
+1. The study's recipe (study/) on the carve's 20,000 test images, beside the published study's
+   subset table (its own 20,000 test images, not these).
+2. Every network of the recipe, stage by stage: the search's winner, pre-training's best
+   validation accuracy, the test metrics, and the time and threads of each stage (logs/times.log).
+3. Transfer to MNIST, beside the study's 95.27 %.
+4. The repository README's summary of the first table.
+Standard library only: it reads, it never trains or evaluates.
+"""
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ORDER = ["lenet", "alexnet", "vggnet", "resnet", "spinalnet"]
+NAMES = {"lenet": "LeNet", "alexnet": "AlexNet", "vggnet": "VGGNet", "resnet": "ResNet", "spinalnet": "SpinalNet",
+         "ensemble": "ensemble"}
+# The published study's subset table (120,000 training and 20,000 test images of ByClass), percent.
+PAPER = {"alexnet": (87.95, 87.62, 87.95, 86.59), "vggnet": (89.80, 90.01, 89.80, 88.42),
+         "spinalnet": (87.15, 86.18, 87.15, 85.28), "resnet": (89.28, 89.24, 89.28, 88.30)}
+PAPER_TRANSFER = ("vggnet", 95.27)
+
+
+def load(path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def percent(value):
+    return f"{100 * value:.2f}"
+
+
+def evaluated(folder):
+    """{network: eval JSON} of every evaluated network, then the ensemble's column when there is one."""
+    results = {name: load(folder / "outputs" / "eval" / f"{name}.json") for name in ORDER}
+    results = {name: result for name, result in results.items() if result}
+    comparison = load(folder / "outputs" / "eval" / "comparison.json")
+    if comparison and "ensemble" in comparison["models"]:
+        results["ensemble"] = comparison["models"]["ensemble"]
+    return results
+
+
+def metrics_table(folder):
+    lines = ["| network | accuracy | precision | recall | F1 | macro F1 | case-merged acc. | the study: acc. / P / R / F1 |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, result in evaluated(folder).items():
+        test = result["test"]
+        extra = [percent(test[key]) if key in test else "-" for key in ("macro_f1", "case_merged_accuracy")]
+        paper = " / ".join(f"{value:.2f}" for value in PAPER[name]) if name in PAPER else "-"
+        lines.append(f"| {NAMES[name]} | " + " | ".join(percent(test[key]) for key in ("accuracy", "precision",
+                     "recall", "f1")) + f" | {extra[0]} | {extra[1]} | {paper} |")
+    return lines
+
+
+def headline_table(folder):
+    """The repository README's table: test accuracy / weighted F1 of every network, ours and the study's."""
+    results = evaluated(folder)
+    cell = lambda name: (f"{percent(results[name]['test']['accuracy'])} / {percent(results[name]['test']['f1'])}"
+                         if name in results else "waits")
+    paper = lambda name: f"{PAPER[name][0]:.2f} / {PAPER[name][3]:.2f}" if name in PAPER else "-"
+    return ["| | " + " | ".join(NAMES[name] for name in ORDER) + " |", "| --- |" + " ---: |" * len(ORDER),
+            "| the study's recipe, here | " + " | ".join(cell(name) for name in ORDER) + " |",
+            "| the published study | " + " | ".join(paper(name) for name in ORDER) + " |"]
+
+
+def stage_times(folder):
+    """{(stage, network): 'minutes min, N thread(s)'} from the last successful line of each stage."""
+    times = {}
+    log = folder / "logs" / "times.log"
+    for line in log.read_text().splitlines() if log.is_file() else ():
+        words = line.split()
+        if len(words) > 4 and words[2] == "rc=0" and words[3].startswith("seconds="):
+            minutes = int(words[3].removeprefix("seconds=")) / 60
+            threads = next((words[i - 1] for i, word in enumerate(words) if word == "threads"), "?")
+            times[(words[0], words[1])] = f"{minutes:.0f} min, {threads}"
+    return times
+
+
+def stages_table(folder):
+    lines = ["| network | search winner (lr, batch, momentum, decay) | pre-training: best val. acc. (epoch) | "
+             "test acc. | search / pre-training / fine-tuning time (threads) |",
+             "| --- | --- | ---: | ---: | --- |"]
+    times = stage_times(folder)
+    for name in ORDER:
+        search = load(folder / "outputs" / "search" / f"{name}.json")
+        trained = load(folder / "outputs" / "train" / f"{name}.json")
+        result = load(folder / "outputs" / "eval" / f"{name}.json")
+        if not search:
+            continue
+        best = search["best_params"]
+        winner = f"{best['learning_rate']:g}, {best['batch_size']}, {best['momentum']:g}, {best['weight_decay']:g}"
+        if not search.get("complete"):
+            winner = f"({len(search['trials'])} of 28 trials so far)"
+        val = f"{percent(trained['best_val_acc'])} ({trained['best_epoch']})" if trained else "-"
+        test = percent(result["test"]["accuracy"]) if result else "-"
+        spent = " / ".join(times.get((stage, name), "-").split(",")[0] for stage in ("search", "train", "finetune"))
+        threads = {times[key].split(", ")[1] for key in times if key[1] == name}
+        lines.append(f"| {NAMES[name]} | {winner} | {val} | {test} | {spent} ({', '.join(sorted(threads)) or '-'}) |")
+    return lines
+
+
+def transfer_table(folder):
+    lines = ["| network | MNIST test: zero-shot | after transfer | the study |", "| --- | ---: | ---: | ---: |"]
+    for name in ORDER:
+        result = load(folder / "outputs" / "transfer" / f"{name}.json")
+        if result:
+            paper = f"{PAPER_TRANSFER[1]:.2f} ({NAMES[PAPER_TRANSFER[0]]})"
+            lines.append(f"| {NAMES[name]} | {percent(result['before']['test']['accuracy'])} | "
+                         f"{percent(result['after']['test']['accuracy'])} | {paper} |")
+    return lines
+
+
+def main(argv=None):
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv:
+        print("usage: python results/emnist-byclass/table.py  (prints this folder's README tables)")
+        raise SystemExit(0 if argv[0] in ("-h", "--help") else 2)
+    study = HERE / "study"
+    try:
+        print("## The study's recipe, seed 0 (the carve's 20,000 test images, percent)\n")
+        print("\n".join(metrics_table(study)))
+        print("\n## Stage by stage\n")
+        print("\n".join(stages_table(study)))
+        print("\n## Transfer to MNIST (the official 10,000 test images, percent)\n")
+        print("\n".join(transfer_table(study)))
+        print("\n## The repository README's table (test accuracy / weighted F1, percent)\n")
+        print("\n".join(headline_table(study)))
+        sys.stdout.flush()
+    except (BrokenPipeError, OSError) as err:
+        sys.stderr.write(f"error: cannot write the tables ({getattr(err, 'strerror', None) or err})\n")
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
