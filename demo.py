@@ -21,7 +21,9 @@ if __name__ == "__main__":  # Ctrl-C while torch loads: one line and exit 130, n
 
     signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("interrupted\n"), os._exit(130)))
 
+import ipaddress
 import json
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -38,6 +40,9 @@ PAGE = Path(__file__).with_name("demo.html")
 MAX_BODY = 4 * 1024 * 1024  # a drawing is a few KB; a phone photo a few MB
 TOP = 5
 TIMEOUT = 10  # seconds a client may stay silent before its connection is closed
+DECODERS = 2  # pictures decoded and read at once (a 40-megapixel one takes about 200 MB); the rest wait
+BUSY_WAIT = 10  # seconds a request waits for a decoder before it gets 503
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
 class Predictor:
@@ -101,7 +106,23 @@ def make_handler(predictor):
             self.end_headers()
             self.wfile.write(body)
 
+        def host_refused(self):
+            """Answer 421 unless the Host header names the address served: a page elsewhere that rebinds
+            its own name to this machine's address cannot reach the API from a browser here."""
+            allowed = self.server.allowed_hosts
+            host = (self.headers.get("Host") or "").strip().lower()
+            name = host[1:].split("]")[0] if host.startswith("[") else host.rsplit(":", 1)[0] if host.count(":") == 1 \
+                else host
+            if allowed is None or name in allowed:
+                return False
+            self.close_connection = True
+            self.send_json(421, {"error": f"this server answers requests for {', '.join(sorted(allowed))}, "
+                                          f"not Host {host or '(none)'}"})
+            return True
+
         def do_GET(self):
+            if self.host_refused():
+                return
             if self.path == "/health":
                 self.send_json(200, {"status": "ok", "models": list(predictor.networks)})
             elif self.path in ("/", "/index.html"):
@@ -115,6 +136,8 @@ def make_handler(predictor):
                 self.send_json(404, {"error": f"no page {self.path}: use /, /health or POST /predict"})
 
         def do_POST(self):
+            if self.host_refused():
+                return
             if self.path != "/predict":
                 self.send_json(404, {"error": f"no endpoint {self.path}: POST a PNG or JPEG to /predict"})
                 return
@@ -129,10 +152,18 @@ def make_handler(predictor):
                 self.discard(min(length, 4 * MAX_BODY))  # answered at once; then what the client still sends
                 return
             body = self.rfile.read(length) if length > 0 else b""
+            if not self.server.decoders.acquire(timeout=BUSY_WAIT):
+                self.send_json(503, {"error": "too many pictures at once: try again in a moment"})
+                return
             try:
-                self.send_json(200, predictor.predict(body))
+                answer = predictor.predict(body)
             except DataError as err:
+                answer = None
                 self.send_json(400, {"error": str(err)})
+            finally:
+                self.server.decoders.release()
+            if answer is not None:
+                self.send_json(200, answer)
 
         def discard(self, most, seconds=2.0):
             """Read and drop up to `most` bytes for at most `seconds`, so that a client still sending its
@@ -153,6 +184,8 @@ def make_handler(predictor):
 
 class Server(ThreadingHTTPServer):
     daemon_threads = True
+    allowed_hosts = None  # the Host names answered; None: any (a server on every interface)
+    decoders = None  # bounds the pictures decoded at once
 
     def handle_error(self, request, client_address):
         """A client that resets or leaves mid-reply is logged in one line, never a traceback."""
@@ -167,7 +200,25 @@ def make_server(predictor, host="127.0.0.1", port=8000):
     """A threading HTTP server (one thread a request) serving the page and the API."""
     server = Server((host, port), make_handler(predictor))
     server.daemon_threads = True
+    server.decoders = threading.BoundedSemaphore(DECODERS)
+    if not is_wildcard(host):
+        server.allowed_hosts = {host.lower().strip("[]")} | (set(LOOPBACK_NAMES) if is_loopback(host) else set())
     return server
+
+
+def is_wildcard(host):
+    """0.0.0.0, ::, 0 and the like: every interface."""
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host) if ":" not in host else host).is_unspecified
+    except (OSError, ValueError):
+        return False
+
+
+def is_loopback(host):
+    try:
+        return host.lower() == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def checkpoints_to_serve(args):
@@ -208,6 +259,9 @@ def parse_args(argv=None):
         parser.error("with --ckpt, --model names the one network that checkpoint must hold")
     if not 0 <= args.port < 65536:
         parser.error(f"--port {args.port} is not a port number")
+    if not args.host.strip():
+        parser.error("--host is empty: give an address, such as 127.0.0.1 (this machine only) or 0.0.0.0 (every "
+                     "interface)")
     return args
 
 
@@ -222,6 +276,10 @@ def main(argv=None):
             raise UserError(f"cannot listen on {args.host}:{args.port} ({err.strerror}): check --host, or pick "
                             f"another --port") \
                 from None
+        if not is_loopback(args.host):
+            reach = "every interface" if is_wildcard(args.host) else args.host
+            print(f"warning: listening on {reach}: anyone who can reach this machine there can use the demo",
+                  flush=True)
         print(f"serving {', '.join(predictor.networks)} on http://{args.host}:{server.server_address[1]} "
               f"(Ctrl-C stops)", flush=True)
         try:

@@ -110,13 +110,13 @@ def test_huge_or_vanishing_clients_get_an_answer_or_one_line_and_the_server_keep
     host, port = server.removeprefix("http://").split(":")
     started = time.time()
     with socket.create_connection((host, int(port)), timeout=10) as client:  # claims 10^20 bytes, sends none
-        client.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: " + str(10 ** 20).encode()
+        client.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: " + str(10 ** 20).encode()
                        + b"\r\n\r\n")
         reply = client.recv(4096)
     assert reply.startswith(b"HTTP/1.0 413") and time.time() - started < 5
     for _ in range(20):  # clients that reset mid-request or leave before the reply
         client = socket.create_connection((host, int(port)), timeout=10)
-        client.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n" + png(
+        client.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 500\r\n\r\n" + png(
             np.zeros((28, 28), np.uint8))[:100])
         client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         client.close()  # RST
@@ -206,3 +206,46 @@ def test_drawing_on_the_page_shows_predictions_and_the_preview(server, browser, 
         "using": "css selector", "value": "#clear"}).values())) + "/click", {})
     cleared = webdriver(browser, "POST", "/execute/sync", {"script": preview_sum, "args": []})
     assert cleared == blank
+
+
+def test_a_foreign_host_header_gets_421_and_decoding_is_bounded(server, monkeypatch):
+    status, answer = post(server, png(np.zeros((28, 28), np.uint8)), headers={"Host": "attacker.example:8000"})
+    assert status == 421 and "not Host attacker.example:8000" in answer["error"]
+    port = server.rsplit(":", 1)[1]
+    assert post(server, b"x", headers={"Host": f"localhost:{port}"})[0] == 400  # loopback names are this server
+    with socket.create_connection(("127.0.0.1", int(port)), timeout=10) as client:  # no Host at all
+        client.sendall(b"GET /health HTTP/1.0\r\n\r\n")
+        assert client.recv(4096).startswith(b"HTTP/1.0 421")
+    monkeypatch.setattr(demo, "BUSY_WAIT", 0.2)
+    busy = demo.make_server(None, "127.0.0.1", 0)
+    assert busy.allowed_hosts >= {"127.0.0.1", "localhost"} and demo.make_server(None, "0.0.0.0", 0).allowed_hosts \
+        is None
+    busy.server_close()
+
+
+def test_every_decoder_busy_is_503_not_an_unbounded_pile(mnist_lenet, monkeypatch):
+    cpu = torch.device("cpu")
+    predictor = demo.Predictor([(mnist_lenet, None)], cpu, demo.choose_precision("fp32", cpu))
+    monkeypatch.setattr(demo, "BUSY_WAIT", 0.2)
+    httpd = demo.make_server(predictor, "127.0.0.1", 0)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        for _ in range(demo.DECODERS):
+            httpd.decoders.acquire()  # every decoder taken by pictures still being read
+        status, answer = post(url, png(np.zeros((28, 28), np.uint8)))
+        assert status == 503 and "try again" in answer["error"]
+        httpd.decoders.release()
+        assert post(url, b"not a picture")[0] == 400  # a free decoder answers again
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_an_empty_host_is_refused_and_any_other_than_loopback_is_announced(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        demo.parse_args(["--model", "lenet", "--host", ""])
+    assert exit_info.value.code == 2 and "--host is empty" in capsys.readouterr().err
+    assert demo.is_loopback("127.0.0.1") and demo.is_loopback("::1") and demo.is_loopback("localhost")
+    assert not demo.is_loopback("0.0.0.0") and not demo.is_loopback("0") and not demo.is_loopback("192.168.1.5")
+    assert demo.is_wildcard("0.0.0.0") and demo.is_wildcard("0") and demo.is_wildcard("::")
