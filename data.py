@@ -99,7 +99,7 @@ MINI_VAL_FRACTION = 0.2
 SKLEARN_TEST_FRACTION = 0.2
 EVAL_BATCH = 1024  # evaluation needs no gradients: larger batches are free (the only eval batch size)
 
-CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "emnist-cnn"
+CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "emnist-cnn"  # empty: unset
 DOWNLOAD_TIMEOUT = 30  # seconds without a byte before a download attempt is given up
 DOWNLOAD_RETRIES = 4  # further attempts, each resuming where the last one stopped
 DOWNLOAD_BACKOFF = 1.0  # seconds before the second attempt, doubled after each further one (at most 10x)
@@ -209,6 +209,8 @@ def read_cache(stem):
     """The cached array whose content matches the CRC in its name, else None (a cache damaged in place
     is decoded again, and the new cache replaces it)."""
     for cache in stem.parent.glob(f"{glob.escape(stem.name)}.*.npy") if stem.parent.is_dir() else ():
+        if cache.is_symlink() or not cache.is_file():  # a FIFO or device would block or mislead the reader
+            continue
         try:
             array = np.load(cache)
             if array.dtype == np.uint8 and f"{zlib.crc32(array):08x}" == cache.name.rsplit(".", 2)[1]:

@@ -131,7 +131,8 @@ def output_lock(*paths):
     """Hold PATH.lock for each output path: a second run on the same outputs stops with one line.
 
     flock is released by the kernel whatever ends the process, so a crashed run never
-    leaves a lock that blocks the next one.
+    leaves a lock that blocks the next one. The lock file itself stays: deleting it would let a run
+    that opened it just before lock a deleted file while the next one locks a new one.
     """
     try:
         import fcntl
@@ -158,8 +159,7 @@ def output_lock(*paths):
             held.append((lock, handle))
         yield
     finally:
-        for lock, handle in held:
-            lock.unlink(missing_ok=True)
+        for _, handle in held:
             os.close(handle)
 
 

@@ -282,3 +282,25 @@ def test_without_the_real_samples_their_tests_skip_in_one_line_or_fail_when_requ
     required = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120,
                               env={**environment, "REQUIRE_REAL_DATA": "1"})
     assert required.returncode == 1 and "1 failed" in required.stdout and "real samples missing" in required.stdout
+
+
+def test_a_fifo_named_like_a_cache_is_never_opened_and_an_empty_xdg_cache_home_means_unset(tmp_path):
+    import subprocess
+    import sys
+    import threading
+
+    upright, labels, stored = fake_split(62)
+    write_idx(tmp_path / f"{BYCLASS[0]}.gz", stored)
+    write_idx(tmp_path / f"{BYCLASS[1]}.gz", labels)
+    stem = data.cache_file(tmp_path / f"{BYCLASS[0]}.gz", transpose=True)
+    os.mkfifo(stem.with_name(f"{stem.name}.00000000.npy"))  # opening it for reading would block forever
+    loaded = []
+    reader = threading.Thread(target=lambda: loaded.append(load_images("emnist-byclass", data_dir=tmp_path,
+                                                                        download=False)), daemon=True)
+    reader.start()
+    reader.join(timeout=60)
+    assert loaded and np.array_equal(loaded[0][0].numpy(), upright)
+    printed = subprocess.run([sys.executable, "-c", "import data; print(data.CACHE_DIR)"], capture_output=True,
+                             text=True, env={**os.environ, "XDG_CACHE_HOME": ""}, cwd=data.Path(data.__file__).parent,
+                             timeout=60, check=True).stdout.strip()
+    assert printed == str(data.Path.home() / ".cache" / "emnist-cnn")  # not ./emnist-cnn in the current folder

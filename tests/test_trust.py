@@ -20,7 +20,7 @@ import finetune
 import search
 import train
 import transfer_mnist
-from conftest import ROOT, exit_message, one_line_error, refused, run, signal_at_epoch, write_idx
+from conftest import ROOT, exit_message, no_lock_held, one_line_error, refused, run, signal_at_epoch, write_idx
 from data import DATASETS, load_images
 from models import CheckpointError, load_checkpoint
 from runs import DataError, atomic_path, output_lock, write_json
@@ -332,7 +332,7 @@ def test_a_second_run_on_the_same_outputs_stops_with_one_line(tmp_path):
     assert "another run" in message and str(best) in message
     assert not best.exists()
     train.main(DIGITS + ["--epochs", "1"] + dirs(tmp_path))  # the lock is gone with its holder
-    assert best.exists() and not list(tmp_path.rglob("*.lock"))
+    assert best.exists() and no_lock_held(tmp_path)
 
 
 def test_evaluate_with_ckpt_alone_locks_the_networks_own_file(trained_lenet, tmp_path):
@@ -424,7 +424,7 @@ def test_ctrl_c_during_a_search_trial_keeps_the_finished_trials(tmp_path):
     assert process.returncode == 130 and "Traceback" not in errors
     saved = json.loads((tmp_path / "outputs" / "search" / "lenet.json").read_text())
     assert len(saved["trials"]) >= 2 and saved["complete"] is False
-    assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob("*.lock"))
+    assert not list(tmp_path.rglob("*.tmp")) and no_lock_held(tmp_path)
 
 
 @pytest.mark.slow
@@ -432,7 +432,7 @@ def test_kill_ends_a_run_like_ctrl_c_with_nothing_partial_left(tmp_path):
     command = [sys.executable, str(ROOT / "train.py"), *DIGITS, "--epochs", "200", *dirs(tmp_path)]
     returncode, output, errors = signal_at_epoch(command, tmp_path, signal.SIGTERM)
     assert returncode == 130 and "Traceback" not in errors and "continue with --resume" in output
-    assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob("*.lock")) and not list(tmp_path.rglob(".*"))
+    assert not list(tmp_path.rglob("*.tmp")) and no_lock_held(tmp_path) and not list(tmp_path.rglob(".*"))
     assert torch.load(tmp_path / "model_hub" / "pre_trained" / "lenet_unfinished_last.pth",
                       weights_only=True)["epoch"] >= 2
 
@@ -557,3 +557,16 @@ def test_resume_reads_checkpoints_that_stored_augment_as_true_or_false(tmp_path,
     train.main(["--model", "lenet", "--resume", "--augment", "none", "--epochs", "2"] + dirs(tmp_path))
     assert "augment        none             flag" in capsys.readouterr().out
     assert torch.load(last, weights_only=True)["args"]["augment"] == "none"
+
+
+def test_a_lock_file_outlives_its_holder_so_a_waiter_and_a_newcomer_lock_the_same_file(tmp_path):
+    import fcntl
+
+    output = tmp_path / "outputs" / "lenet.json"
+    with output_lock(output):
+        waiter = open(str(output) + ".lock", "rb")  # opened while the first run holds it
+    with output_lock(output):  # the next run
+        assert os.fstat(waiter.fileno()).st_nlink == 1  # the waiter's file is still the lock file...
+        with pytest.raises(BlockingIOError):  # ...and the newcomer holds it, so the waiter cannot write too
+            fcntl.flock(waiter, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    waiter.close()
