@@ -289,7 +289,8 @@ def missing_data_error(dataset, names, folders, reason="", offline_hint=True):
     else:
         source = "the files"
     offline = ", or run offline with --dataset sklearn-digits" if offline_hint else ""
-    return DataError(f"{dataset}: could not find {wanted} (or {EMNIST_ZIP} holding them) in {searched}{hint}; "
+    archive = f" (or {EMNIST_ZIP} holding them)" if dataset.startswith("emnist") else ""
+    return DataError(f"{dataset}: could not find {wanted}{archive} in {searched}{hint}; "
                      f"put {source} in {folders[0]}{offline}")
 
 

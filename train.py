@@ -198,7 +198,8 @@ def fit(model, optimizer, data, settings, precision, *, history=(), files=None, 
                 raise TrainingError("no batch of two or more images to train on: use a larger --subset")
             if not math.isfinite(train["loss"]):
                 raise TrainingError(f"the training loss diverged ({train['raw_loss']:.3g}) in epoch {epoch}: stopped "
-                                    f"without saving it; try a lower --lr")
+                                    f"without saving it; try a lower --lr"
+                                    + (" or --weight-decay" if settings["weight_decay"] else ""))
             val = evaluate_loss_acc(model, *data["val"], data["mean"], data["std"], precision, **limit) \
                 if validate else None
             history.append({"epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"],

@@ -304,3 +304,12 @@ def test_a_fifo_named_like_a_cache_is_never_opened_and_an_empty_xdg_cache_home_m
                              text=True, env={**os.environ, "XDG_CACHE_HOME": ""}, cwd=data.Path(data.__file__).parent,
                              timeout=60, check=True).stdout.strip()
     assert printed == str(data.Path.home() / ".cache" / "emnist-cnn")  # not ./emnist-cnn in the current folder
+
+
+def test_the_missing_data_message_offers_gzip_zip_only_for_emnist(tmp_path):
+    with pytest.raises(DataError) as mnist:
+        load_images("mnist", train=False, data_dir=tmp_path, download=False)
+    with pytest.raises(DataError) as emnist:
+        load_images("emnist-digits", train=False, data_dir=tmp_path, download=False)
+    assert "gzip.zip" not in str(mnist.value) and "t10k-images-idx3-ubyte.gz" in str(mnist.value)
+    assert "(or gzip.zip holding them)" in str(emnist.value)
