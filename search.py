@@ -193,7 +193,8 @@ def search_model(name, settings, grid, data, precision, device, dist_info, dry_r
 
 
 def parse_args(argv=None):
-    parser = Parser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0] + " The mini subset is a stratified 10 % of the training "
+                                "split, or of its --subset N images when given, itself split 80/20.")
     parser.add_argument("--model", nargs="+", default=["alexnet"], choices=sorted(MODELS) + ["all"], metavar="NAME",
                         help=f"networks ({', '.join(sorted(MODELS))}) or all (default: alexnet)")
     add_setting_flags(parser, DEFAULTS, skip=("epochs", "n_iter"))

@@ -74,7 +74,7 @@ FLAGS = {  # setting: (flag, argparse options, help); each stage's DEFAULTS deci
     "epochs": ("--epochs", dict(type=positive_int, metavar="N"), "epochs in all, resumed ones included"),
     "patience": ("--patience", dict(type=positive_int, metavar="N"), "early stop after N epochs without progress"),
     "clip": ("--clip", dict(type=non_negative_float, metavar="X"), "gradient-norm clip, 0: off"),
-    "augment": ("--augment", dict(choices=list(AUGMENTS), metavar="NAME"), "study (the affine), shift-flip or none"),
+    "augment": ("--augment", dict(choices=list(AUGMENTS), metavar="NAME"), f"{', '.join(AUGMENTS)} (data.AUGMENTS)"),
     "schedule": ("--schedule", dict(choices=SCHEDULES, metavar="NAME"), "constant or cosine (to 0)"),
     "val_fraction": ("--val-fraction", dict(type=fraction, metavar="X"), "hold out this fraction for validation"),
 }

@@ -373,3 +373,16 @@ def test_fine_tuning_chooses_its_rate_on_validation_and_keeps_that_run(trained_l
     assert history["best_val_acc"] == best["val_acc"] and len(history["history"]) == 2
     assert sorted(path.name for path in (tmp_path / "model_hub" / "fine_tuned").iterdir()) == [
         "lenet_tuned.pth", "lenet_tuned_last.pth"]  # the other rate's files are gone
+
+
+def test_help_names_every_augmentation_and_how_search_subsets_combine(capsys):
+    import search
+    from data import AUGMENTS
+
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(name in text for name in AUGMENTS)
+    with pytest.raises(SystemExit):
+        search.parse_args(["--help"])
+    assert "or of its --subset N images when given" in " ".join(capsys.readouterr().out.split())
