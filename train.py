@@ -444,13 +444,16 @@ def finish(files, settings, history, title, log):
     write_json(files["json"], {"args": settings, "history": history, "best_epoch": best["epoch"],
                                "best_val_loss": best["val_loss"], "best_val_acc": best["val_acc"],
                                "checkpoint": str(files["best"])})
-    plot_history(history, files["png"], title)
+    plot_history(history, files["png"], title, kept=best["epoch"], planned=settings["epochs"])
     log(f"wrote {files['best']}, {files['last']}, {files['json']} and {files['png']}")
 
 
-def plot_history(history, path, title):
-    """Loss and accuracy curves, train and validation, both panels labelled."""
+def plot_history(history, path, title, kept=None, planned=None):
+    """Loss and accuracy curves, train and validation, on whole epochs; the kept epoch marked, and an
+    early stop (fewer epochs than the `planned`)."""
     plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     epochs = [row["epoch"] for row in history]
     figure, (loss_axis, acc_axis) = plt.subplots(1, 2, figsize=(10, 4))
     for axis, key, label in [(loss_axis, "loss", "cross-entropy loss"), (acc_axis, "acc", "accuracy (%)")]:
@@ -460,6 +463,12 @@ def plot_history(history, path, title):
         if val_rows:
             axis.plot([row["epoch"] for row in val_rows], [scale * row[f"val_{key}"] for row in val_rows],
                       "s-", label="validation")
+        if kept is not None:
+            axis.axvline(kept, color="green", alpha=0.6, label=f"kept: epoch {kept}")
+        if planned and epochs and epochs[-1] < planned:
+            axis.axvline(epochs[-1], color="red", linestyle="--", alpha=0.6,
+                         label=f"early stop ({epochs[-1]} of {planned})")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_xlabel("epoch")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)

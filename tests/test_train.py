@@ -386,3 +386,16 @@ def test_help_names_every_augmentation_and_how_search_subsets_combine(capsys):
     with pytest.raises(SystemExit):
         search.parse_args(["--help"])
     assert "or of its --subset N images when given" in " ".join(capsys.readouterr().out.split())
+
+
+def test_curves_mark_the_kept_epoch_and_an_early_stop_on_whole_epochs(tmp_path, monkeypatch):
+    figures = []
+    monkeypatch.setattr(train, "save_figure", lambda figure, path: figures.append(figure))
+    history = [dict(epoch=e, train_loss=1 / e, train_acc=0.5, val_loss=1 / e, val_acc=0.5) for e in range(1, 8)]
+    train.plot_history(history, tmp_path / "curves.png", "lenet", kept=5, planned=20)
+    for axis in figures[0].axes:
+        labels = [text.get_text() for text in axis.get_legend().get_texts()]
+        assert "kept: epoch 5" in labels and "early stop (7 of 20)" in labels
+        assert all(float(tick).is_integer() for tick in axis.get_xticks())
+    train.plot_history(history, tmp_path / "curves.png", "lenet", kept=7, planned=7)  # ran all its epochs
+    assert not any("early stop" in text.get_text() for text in figures[1].axes[0].get_legend().get_texts())
