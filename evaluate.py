@@ -167,9 +167,10 @@ def plot_grid(images, captions, path, title, colors=None):
     plt = pyplot()
     side = int(np.ceil(np.sqrt(len(images))))
     height, width = np.asarray(images[0]).shape
-    pad = 12  # pixels of paper above each image for its caption
+    lines = max(caption.count("\n") + 1 for caption in captions)
+    pad = 12 * lines  # pixels of paper above each image for its caption
     mosaic = np.full((side * (height + pad), side * (width + 2)), 255.0, dtype=np.float32)
-    figure, axis = plt.subplots(figsize=(1.2 * side, 1.35 * side))
+    figure, axis = plt.subplots(figsize=(1.2 * side, (1.0 + 0.35 * lines) * side))
     for index, (image, caption) in enumerate(zip(images, captions)):
         top, left = (index // side) * (height + pad) + pad, (index % side) * (width + 2) + 1
         mosaic[top : top + height, left : left + width] = image
@@ -186,10 +187,27 @@ def plot_predictions(images, labels, probabilities, classes, path, seed=0):
     """GRID_SIDE^2 random test images, 'true>predicted', mistakes in red."""
     chosen = np.random.default_rng(seed).choice(len(labels), size=min(GRID_SIDE ** 2, len(labels)), replace=False)
     predictions = probabilities.argmax(1)
-    captions = [f"{classes[labels[i]]}>{classes[predictions[i]]}" for i in chosen]
+    joint = ">" if max(len(str(name)) for name in classes) <= 2 else "\n>"  # long names: one line each
+    captions = [f"{classes[labels[i]]}{joint}{classes[predictions[i]]}" for i in chosen]
     colors = ["black" if labels[i] == predictions[i] else "red" for i in chosen]
     wrong = sum(color == "red" for color in colors)
     plot_grid(images[chosen].numpy(), captions, path, f"true>predicted, {wrong} mistakes in red", colors)
+
+
+def plot_confused_pairs(images, labels, probabilities, pairs, classes, path, per_pair=8):
+    """A row per most-confused pair (true>predicted, its count), showing test images it confused."""
+    predictions = probabilities.argmax(1).numpy()
+    labels = np.asarray(labels)
+    index = {name: position for position, name in enumerate(classes)}
+    shown, captions = [], []
+    for pair in pairs[:per_pair]:
+        true, predicted = index[pair["true"]], index[pair["predicted"]]
+        examples = np.flatnonzero((labels == true) & (predictions == predicted))[:per_pair]
+        for column in range(per_pair):
+            shown.append(images[examples[column]].numpy() if column < len(examples) else np.zeros((28, 28)))
+            captions.append(f"{pair['true']}>{pair['predicted']} {pair['count']}" if column == 0 else "")
+    if shown:
+        plot_grid(np.stack(shown), captions, path, "the most confused pairs (true>predicted, count), one per row")
 
 
 def plot_augmentation(images, labels, classes, mean, std, path, seed=0, recipe="study"):
@@ -378,6 +396,8 @@ def measure(state, model, path, args, device):
                        f"{name} on the {dataset} {split} split ({len(labels):,} images)")
         if split == "test":
             plot_predictions(images, labels, probabilities, classes, folder / f"{name}_predictions.png", args.seed)
+            plot_confused_pairs(images, labels, probabilities, result[split]["most_confused"], classes,
+                                folder / f"{name}_confused.png")
         if (split == args.split or split == "train") and AUGMENTS.get(recipe):  # none: nothing to show
             plot_augmentation(images, labels, classes, state["mean"], state["std"], folder / f"{name}_augment.png",
                               args.seed, recipe)
@@ -560,7 +580,8 @@ def main(argv=None):
         names = (list(MODELS) if "all" in args.model else list(dict.fromkeys(args.model))) if args.model else [None]
         if not args.dry_run:
             check_outputs(*[Path(args.outputs) / "eval" / f"{name}{suffix}" for name in names if name
-                            for suffix in (".json", "_cm_test.png", "_cm_train.png", "_predictions.png", "_augment.png")],
+                            for suffix in (".json", "_cm_test.png", "_cm_train.png", "_predictions.png", "_augment.png",
+                                           "_confused.png")],
                           *([Path(args.outputs) / "eval" / name for name in ("comparison.json", "comparison.md")]
                             if len(names) > 1 else []))
         if len(names) == 1:

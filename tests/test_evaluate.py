@@ -194,3 +194,21 @@ def test_most_confused_lists_only_mistakes_even_for_a_nearly_perfect_network():
     pairs = evaluate.most_confused(matrix, "abcd")
     assert pairs == [{"true": "d", "predicted": "b", "count": 1, "share_of_true": 1 / 31}]
     assert evaluate.most_confused(np.diag([5, 5]), "ab") == []  # a perfect one: nothing confused
+
+
+def test_the_confused_pairs_picture_shows_each_pair_s_own_mistakes_and_long_names_never_run_together(
+        tmp_path, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(evaluate, "plot_grid", lambda images, captions, path, title, colors=None:
+                        drawn.append((images, captions)))
+    images = torch.arange(6, dtype=torch.uint8).view(6, 1, 1).expand(6, 28, 28).contiguous()  # image i is all i
+    labels = torch.tensor([0, 0, 1, 1, 1, 2])
+    probabilities = torch.nn.functional.one_hot(torch.tensor([1, 0, 0, 0, 1, 2]), 3).float()
+    matrix = evaluate.compute_metrics(labels, probabilities, "abc", "x")["confusion_matrix"]
+    pairs = evaluate.most_confused(np.asarray(matrix), "abc")
+    evaluate.plot_confused_pairs(images, labels, probabilities, pairs, "abc", tmp_path / "c.png", per_pair=3)
+    shown, captions = drawn[0]
+    assert captions[0] == "b>a 2" and [int(image[0, 0]) for image in shown[:2]] == [2, 3]  # b read as a: 2, 3
+    assert captions[3] == "a>b 1" and int(shown[3][0, 0]) == 0
+    evaluate.plot_predictions(images, labels, probabilities, ("Trouser", "Sneaker", "Bag"), tmp_path / "p.png")
+    assert all("\n>" in caption for caption in drawn[1][1])  # one name a line
