@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from runs import DataError, UserError, atomic_path, is_terminal
+from runs import DataError, UserError, atomic_path, is_terminal, path_value
 
 DIGITS = "0123456789"
 UPPER = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -116,7 +116,8 @@ def add_data_flags(parser, *names, dataset_help="dataset (default: emnist-byclas
     --dataset and --subset are settings: train.FLAGS)."""
     flags = {
         "dataset": dict(default=None, choices=sorted(DATASETS), metavar="NAME", help=dataset_help),
-        "data-dir": dict(default="data", metavar="DIR", help="folder of the dataset files (default: %(default)s)"),
+        "data-dir": dict(default="data", type=path_value, metavar="DIR",
+                         help="folder of the dataset files (default: %(default)s)"),
         "no-download": dict(action="store_true", help="never download missing data"),
     }
     for name in names:

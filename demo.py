@@ -34,7 +34,8 @@ import torch
 from data import DATASETS
 from evaluate import PUBLISHED_HUB, find_checkpoint, predict_probabilities, prepare_user_image
 from models import MODELS, load_checkpoint
-from runs import DataError, Parser, UserError, add_run_flags, choose_precision, get_device, one_line_errors
+from runs import (DataError, Parser, UserError, add_run_flags, choose_precision, get_device, one_line_errors,
+                  path_value)
 
 PAGE = Path(__file__).with_name("demo.html")
 MAX_BODY = 4 * 1024 * 1024  # a drawing is a few KB; a phone photo a few MB
@@ -50,13 +51,15 @@ class Predictor:
 
     def __init__(self, checkpoints, device, precision):
         self.device, self.precision, self.lock = device, precision, threading.Lock()
-        self.networks = {}
+        self.networks, self.sources = {}, {}
         for path, wanted in checkpoints:
             state, model = load_checkpoint(path, wanted, datasets=DATASETS)
             if state["model"] in self.networks:
                 raise UserError(f"two checkpoints of {state['model']} ({path} and another): serve one per network")
             self.networks[state["model"]] = (state, model.to(device).eval())
-            print(f"network: {path} ({state['model']}, trained on {state['dataset']})")
+            written = time.strftime("%Y-%m-%d %H:%M", time.localtime(Path(path).stat().st_mtime))
+            self.sources[state["model"]] = {"path": str(path), "dataset": state["dataset"], "written": written}
+            print(f"network: {path} ({state['model']}, trained on {state['dataset']}, written {written})")
         classes = {tuple(state["classes"]) for state, _ in self.networks.values()}
         if len(classes) > 1:
             raise UserError("the checkpoints predict different classes: serve networks of one dataset together")
@@ -124,7 +127,8 @@ def make_handler(predictor):
             if self.host_refused():
                 return
             if self.path == "/health":
-                self.send_json(200, {"status": "ok", "models": list(predictor.networks)})
+                self.send_json(200, {"status": "ok", "models": list(predictor.networks),
+                                     "checkpoints": predictor.sources})
             elif self.path in ("/", "/index.html"):
                 body = PAGE.read_bytes()
                 self.send_response(200)
@@ -244,7 +248,8 @@ def parse_args(argv=None):
     parser.add_argument("--model", nargs="+", default=None, choices=sorted(MODELS) + ["all"], metavar="NAME",
                         help=f"networks ({', '.join(sorted(MODELS))}) from --hub, or all (default: the --ckpt's, "
                              f"else all the published ByClass networks)")
-    parser.add_argument("--ckpt", nargs="+", default=None, metavar="FILE", help="checkpoints to serve instead")
+    parser.add_argument("--ckpt", nargs="+", default=None, type=path_value, metavar="FILE",
+                        help="checkpoints to serve instead")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on; 0.0.0.0 opens it to the network (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")

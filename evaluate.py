@@ -13,6 +13,7 @@ Computes in fp32 unless --precision says otherwise, so its numbers are the same 
 import io
 import os
 import sys
+import time
 import warnings
 from itertools import combinations
 from pathlib import Path
@@ -30,7 +31,8 @@ from data import (AUGMENTS, CLASSES, DATASETS, EVAL_BATCH, add_data_flags, augme
                   load_images, normalize)
 from models import MODELS, count_parameters, load_checkpoint, training_args
 from runs import (DataError, Parser, UserError, add_run_flags, atomic_path, check_outputs, choose_precision,
-                  get_device, one_line_errors, output_lock, pyplot, read_json, save_figure, seed_value, write_json)
+                  get_device, one_line_errors, output_lock, path_value, pyplot, read_json, save_figure, seed_value,
+                  write_json)
 
 CASE_ALIKE = "cijklmopsuvwxyz"  # letters whose upper and lower case look alike in handwriting
 MAX_PIXELS = 40_000_000  # a bigger picture is refused: decoding it could exhaust memory (PIL's bomb guard)
@@ -96,7 +98,8 @@ def most_confused(matrix, classes, count=CONFUSED_PAIRS):
     order = np.argsort(off_diagonal, axis=None)[::-1][:count]
     pairs = [np.unravel_index(flat, matrix.shape) for flat in order]
     return [{"true": classes[t], "predicted": classes[p], "count": int(matrix[t, p]),
-             "share_of_true": float(matrix[t, p] / max(matrix[t].sum(), 1))} for t, p in pairs if off_diagonal[t, p] > 0]
+             "share_of_true": float(matrix[t, p] / max(matrix[t].sum(), 1))}
+            for t, p in pairs if off_diagonal[t, p] > 0]
 
 
 def compute_metrics(labels, probabilities, classes, dataset):
@@ -309,7 +312,8 @@ def classify_files(paths, args, device):
     name = args.model[0] if args.model else None if args.ckpt else PUBLISHED_NETWORK
     path = find_checkpoint(args.hub, name, args.ckpt, published=True)
     state, model = load_checkpoint(path, name, datasets=DATASETS)
-    print(f"network: {path} ({state['model']}, trained on {state['dataset']})")
+    written = time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
+    print(f"network: {path} ({state['model']}, trained on {state['dataset']}, written {written})")
     model = model.to(device)
     failures = 0
     for file in paths:
@@ -401,7 +405,8 @@ def measure(state, model, path, args, device):
         if (split == args.split or split == "train") and AUGMENTS.get(recipe):  # none: nothing to show
             plot_augmentation(images, labels, classes, state["mean"], state["std"], folder / f"{name}_augment.png",
                               args.seed, recipe)
-    print(f"\n{name} ({path}, {dataset}{', one batch per split: dry run' if args.dry_run else ''})")
+    written = time.strftime("%Y-%m-%d %H:%M", time.localtime(Path(path).stat().st_mtime))
+    print(f"\n{name} ({path}, written {written}, {dataset}{', one batch per split: dry run' if args.dry_run else ''})")
     print(metrics_table([(split, result[split]) for split in outputs]))
     for split in outputs:
         pairs = ", ".join(f"{p['true']}->{p['predicted']} {p['count']}" for p in result[split]["most_confused"][:8])
@@ -543,7 +548,7 @@ def parse_args(argv=None):
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", nargs="+", default=None, choices=sorted(MODELS) + ["all"], metavar="NAME",
                         help=f"networks ({', '.join(sorted(MODELS))}) or all (default: the --ckpt's)")
-    parser.add_argument("--ckpt", default=None, metavar="FILE",
+    parser.add_argument("--ckpt", default=None, type=path_value, metavar="FILE",
                         help="checkpoint (default: HUB/fine_tuned/MODEL_tuned.pth, else HUB/pre_trained/MODEL.pth)")
     add_data_flags(parser, "dataset", "data-dir", "no-download", dataset_help="dataset (default: the checkpoint's)")
     parser.add_argument("--other-dataset", action="store_true", help="allow a --dataset other than the checkpoint's")
@@ -551,7 +556,7 @@ def parse_args(argv=None):
                         help="train, test or both (default: both)")
     parser.add_argument("--seed", type=seed_value, default=0, metavar="N",
                         help="which test images the picture shows (default: 0)")
-    parser.add_argument("--ensemble-from-validation", default=None, metavar="HUB",
+    parser.add_argument("--ensemble-from-validation", default=None, type=path_value, metavar="HUB",
                         help="choose the ensemble on what HUB/pre_trained held out (default: all networks)")
     parser.add_argument("--image", nargs="+", default=None, metavar="FILE",
                         help=f"classify your own pictures of handwritten characters (default network: "
@@ -562,6 +567,8 @@ def parse_args(argv=None):
         parser.error("give --model NAME (or all) or --ckpt PATH")
     if args.ckpt and args.model and (len(args.model) > 1 or "all" in args.model):
         parser.error("--ckpt names one checkpoint: give at most one --model with it")
+    if args.ensemble_from_validation and not (args.model and ("all" in args.model or len(set(args.model)) > 1)):
+        parser.error("--ensemble-from-validation chooses among several networks: give --model all or two or more")
     if args.image and args.model and (len(args.model) > 1 or "all" in args.model):
         parser.error("--image is read by one network: give one --model (or --ckpt)")
     return args

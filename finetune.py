@@ -29,7 +29,7 @@ import torch
 from data import CLASSES, DATASETS, add_data_flags
 from models import MODELS, load_checkpoint, replace_head, training_args
 from runs import (Parser, add_run_flags, check_outputs, choose_precision, log_for, one_line_errors, positive_float, resolve_settings,
-                  set_seed, setup_distributed, write_json)
+                  path_value, set_seed, setup_distributed, write_json)
 import train
 from train import (TrainingError, add_setting_flags, best_row, check_settings, checkpoint_meta, discard_unfinished,
                    finish, fit, load_training_data, locked, prepare_model, resumed_run, stage_files)
@@ -48,7 +48,8 @@ def parse_args(argv=None):
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, choices=sorted(MODELS), metavar="NAME",
                         help="network (default: the checkpoint's)")
-    parser.add_argument("--ckpt", default=None, metavar="FILE", help="checkpoint (default: HUB/pre_trained/MODEL.pth)")
+    parser.add_argument("--ckpt", default=None, type=path_value, metavar="FILE",
+                        help="checkpoint (default: HUB/pre_trained/MODEL.pth)")
     add_setting_flags(parser, DEFAULTS, skip=("learning_rate",))
     parser.add_argument("--lr", dest="learning_rate", nargs="+", type=positive_float, default=None, metavar="X",
                         help=f"Adam rate; several: chosen on validation (default: {DEFAULTS['learning_rate']})")

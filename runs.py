@@ -195,14 +195,18 @@ non_negative_float = checked("a number", float, lambda v: 0 <= v <= LARGEST, f"a
 fraction = checked("a number", float, lambda v: 0 < v < 1, "a fraction strictly between 0 and 1")
 momentum = checked("a number", float, lambda v: 0 <= v < 1, "at least 0 and below 1")
 seed_value = checked("a whole number", int, lambda v: 0 <= v < 2 ** 32, "between 0 and 2**32 - 1")
+path_value = checked("a path", str, lambda v: bool(v.strip()), "a file or folder name (an empty one would mean "
+                                                                "the current folder)")
 
 
 def add_run_flags(parser, *names, precision="auto"):
     """The flags about where and how a script runs; each script names the ones it uses."""
     flags = {
         "device": dict(default="auto", metavar="NAME", help="auto, cpu, cuda, cuda:N or mps (default: auto)"),
-        "hub": dict(default="model_hub", metavar="DIR", help="checkpoint folder (default: %(default)s)"),
-        "outputs": dict(default="outputs", metavar="DIR", help="folder for JSON and plots (default: %(default)s)"),
+        "hub": dict(default="model_hub", type=path_value, metavar="DIR",
+                    help="checkpoint folder (default: %(default)s)"),
+        "outputs": dict(default="outputs", type=path_value, metavar="DIR",
+                        help="folder for JSON and plots (default: %(default)s)"),
         "precision": dict(default=precision, choices=["auto", "fp32", "bf16"], metavar="NAME",
                           help="fp32, bf16, or auto: bf16 where native (default: %(default)s)"),
         "compile": dict(action="store_true", help="torch.compile the model (needs a C compiler)"),

@@ -35,7 +35,7 @@ from data import (AUGMENTS, CLASSES, DATASETS, EVAL_BATCH, VAL_FRACTION, add_dat
 from models import MODELS, build_model, load_checkpoint, save_checkpoint, unwrap
 from runs import (Parser, UserError, add_run_flags, check_outputs, checked, choose_precision, fraction, is_terminal,
                   log_for, momentum, non_negative_float, one_line_errors, output_lock, positive_float, positive_int,
-                  pyplot, read_json, resolve_settings, save_figure, seed_value, set_seed, setup_distributed,
+                  path_value, pyplot, read_json, resolve_settings, save_figure, seed_value, set_seed, setup_distributed,
                   write_json)
 
 # Pre-training's values, each written only here. A flag, --params FILE or the run being resumed
@@ -502,7 +502,7 @@ def parse_args(argv=None):
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="alexnet", choices=sorted(MODELS), metavar="NAME",
                         help=f"network: {', '.join(sorted(MODELS))} (default: alexnet)")
-    parser.add_argument("--params", default=None, metavar="FILE",
+    parser.add_argument("--params", default=None, type=path_value, metavar="FILE",
                         help="lr, batch size, momentum, weight decay and dataset of a finished search")
     add_setting_flags(parser, DEFAULTS)
     add_data_flags(parser, "data-dir", "no-download")

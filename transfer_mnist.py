@@ -29,7 +29,7 @@ from data import CLASSES, DATASETS, DIGITS, add_data_flags, load_images, mean_st
 from evaluate import compute_metrics, find_checkpoint, metrics_table, plot_confusion, predict_probabilities
 from models import MODELS, build_model, load_checkpoint, replace_head, unwrap
 from runs import (Parser, UserError, add_run_flags, check_outputs, choose_precision, log_for, one_line_errors,
-                  resolve_settings, set_seed, setup_distributed, write_json)
+                  path_value, resolve_settings, set_seed, setup_distributed, write_json)
 from train import add_setting_flags, checkpoint_meta, finish, fit, locked, prepare_model, stage_files, take_subset
 
 TARGET = "mnist"
@@ -42,8 +42,9 @@ def parse_args(argv=None):
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, choices=sorted(MODELS), metavar="NAME",
                         help="network (default: the --ckpt's; checked against it when both are given)")
-    parser.add_argument("--ckpt", default=None, help="EMNIST checkpoint (default: HUB/fine_tuned/MODEL_tuned.pth, "
-                                                     "else HUB/pre_trained/MODEL.pth)")
+    parser.add_argument("--ckpt", default=None, type=path_value,
+                        help="EMNIST checkpoint (default: HUB/fine_tuned/MODEL_tuned.pth, else "
+                             "HUB/pre_trained/MODEL.pth)")
     parser.add_argument("--from-scratch", action="store_true", help="train the same network from random weights")
     add_setting_flags(parser, DEFAULTS)
     add_data_flags(parser, "data-dir", "no-download")

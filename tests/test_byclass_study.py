@@ -198,6 +198,6 @@ def test_image_without_a_network_of_ones_own_uses_the_published_one(byclass, tmp
     evaluate.main(["--image", str(picture), "--hub", str(tmp_path / "empty_hub")])
     output = capsys.readouterr().out
     published = evaluate.PUBLISHED_HUB / "fine_tuned" / f"{evaluate.PUBLISHED_NETWORK}_tuned.pth"
-    assert f"network: {published} ({evaluate.PUBLISHED_NETWORK}, trained on emnist-byclass)" in output
+    assert f"network: {published} ({evaluate.PUBLISHED_NETWORK}, trained on emnist-byclass, written " in output
     answer = output.split(f"{picture}: ")[1].split()[0]
     assert answer in CLASSES["emnist-byclass"]

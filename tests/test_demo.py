@@ -75,7 +75,7 @@ def test_real_digits_are_read_correctly_through_the_api(server):
     assert abs(sum(p["probability"] for p in first["predictions"]) - 1) < 0.05
 
 
-def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server):
+def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, mnist_lenet):
     assert post(server, b"not a picture")[0] == 400
     assert post(server, b"")[0] == 400
     assert post(server, png(np.full((28, 28), 255, np.uint8)))[1]["error"].endswith("one handwritten character")
@@ -85,7 +85,10 @@ def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server):
         urllib.request.urlopen(server + "/nothing", timeout=10)
     assert missing.value.code == 404
     with urllib.request.urlopen(server + "/health", timeout=10) as response:
-        assert json.loads(response.read()) == {"status": "ok", "models": ["lenet"]}
+        health = json.loads(response.read())
+        assert health["status"] == "ok" and health["models"] == ["lenet"]
+        source = health["checkpoints"]["lenet"]
+        assert source["path"] == str(mnist_lenet) and source["dataset"] == "mnist" and source["written"]
 
 
 def test_several_networks_answer_side_by_side_with_an_ensemble(mnist_lenet, mnist_sample, tmp_path):

@@ -287,3 +287,21 @@ def test_a_dry_run_writes_no_cache_and_downloads_nothing(mnist_sample, tmp_path,
     line = refused(train.main, ["--model", "lenet", "--dataset", "emnist-digits", "--data-dir",
                                 str(tmp_path / "none"), "--dry-run"], capsys)
     assert "download disabled" in line and not (tmp_path / "none").exists()
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("train", ["--model", "lenet", "--params", ""]),
+    ("train", ["--model", "lenet", "--hub", " "]),
+    ("train", ["--model", "lenet", "--outputs", ""]),
+    ("train", ["--model", "lenet", "--data-dir", ""]),
+    ("evaluate", ["--model", "all", "--ensemble-from-validation", ""]),
+    ("evaluate", ["--model", "lenet", "--ensemble-from-validation", "model_hub"]),
+    ("finetune", ["--ckpt", ""]),
+    ("transfer_mnist", ["--ckpt", ""]),
+    ("demo", ["--ckpt", ""]),
+])
+def test_an_empty_value_is_refused_never_taken_for_the_current_folder(script, argv, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    line = refused(__import__(script).main, argv, capsys)
+    assert "error:" in line and "--help" in line
+    assert list(tmp_path.iterdir()) == []

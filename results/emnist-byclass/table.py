@@ -43,7 +43,8 @@ def evaluated(folder):
 
 
 def metrics_table(folder):
-    lines = ["| network | accuracy | precision | recall | F1 | macro F1 | case-merged acc. | the study: acc. / P / R / F1 |",
+    lines = ["| network | accuracy | precision | recall | F1 | macro F1 | case-merged acc. | "
+             "the study: acc. / P / R / F1 |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, result in evaluated(folder).items():
         test = result["test"]
