@@ -173,6 +173,25 @@ class Parser(argparse.ArgumentParser):
             self.exit(2)
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def _print_message(self, message, file=None):
+        """--help into a full disk or a closed pipe is one line and exit status 1, not a silent 0."""
+        if not message:
+            return
+        file = file or sys.stderr
+        try:
+            file.write(message)  # argparse's own writer swallows the OSError and exits 0
+            file.flush()
+        except BrokenPipeError:  # piped into `head`: stop quietly
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+            raise SystemExit(1) from None
+        except (OSError, ValueError, AttributeError) as err:
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.write(f"error: cannot write the output ({getattr(err, 'strerror', None) or err})\n")
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # nothing more to flush at exit
+            raise SystemExit(1) from None
+
 
 def checked(name, convert, test, wanted):
     """An argparse type: convert, then refuse with `wanted` when `test` fails (also used on JSON values)."""

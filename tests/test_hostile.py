@@ -305,3 +305,17 @@ def test_an_empty_value_is_refused_never_taken_for_the_current_folder(script, ar
     line = refused(__import__(script).main, argv, capsys)
     assert "error:" in line and "--help" in line
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", [["train.py", "--help"], ["evaluate.py", "--help"], ["demo.py", "--help"],
+                                     ["results/fashion-mnist/table.py"], ["results/emnist-byclass/table.py"]])
+def test_output_that_cannot_be_written_is_one_line_and_a_non_zero_exit(command):
+    import subprocess
+    import sys
+
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, *command], cwd=ROOT, stdout=full, stderr=subprocess.PIPE,
+                                text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: cannot write") and "No space left" in line

@@ -11,6 +11,7 @@
 Standard library only: it reads, it never trains or evaluates.
 """
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -116,11 +117,12 @@ def transfer_table(folder):
 def main(argv=None):
     if argv is None:
         argv = sys.argv[1:]
-    if argv:
-        print("usage: python results/emnist-byclass/table.py  (prints this folder's README tables)")
-        raise SystemExit(0 if argv[0] in ("-h", "--help") else 2)
     study = HERE / "study"
     try:
+        if argv:
+            print("usage: python results/emnist-byclass/table.py  (prints this folder's README tables)")
+            sys.stdout.flush()
+            raise SystemExit(0 if argv[0] in ("-h", "--help") else 2)
         print("## The study's recipe, seed 0 (the carve's 20,000 test images, percent)\n")
         print("\n".join(metrics_table(study)))
         print("\n## Stage by stage\n")
@@ -130,8 +132,10 @@ def main(argv=None):
         print("\n## The repository README's table (test accuracy / weighted F1, percent)\n")
         print("\n".join(headline_table(study)))
         sys.stdout.flush()
-    except (BrokenPipeError, OSError) as err:
-        sys.stderr.write(f"error: cannot write the tables ({getattr(err, 'strerror', None) or err})\n")
+    except OSError as err:  # a full disk behind stdout is one line; a closed pipe (`| head`) ends quietly
+        if not isinstance(err, BrokenPipeError):
+            sys.stderr.write(f"error: cannot write the tables ({err.strerror or err})\n")
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
         raise SystemExit(1)
 
 

@@ -9,6 +9,8 @@
 Standard library only: it reads, it never trains or evaluates.
 """
 import json
+import os
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -79,13 +81,25 @@ def tried_table():
     return lines
 
 
-def main():
-    print("## The study's recipe, seed 0 (test split, percent)\n")
-    print("\n".join(metrics_table(HERE / "study")))
-    print("\n## The recipe chosen on validation (test split, percent)\n")
-    print("\n".join(metrics_table(HERE / "chosen-on-validation")))
-    print("\n## Every run tried (percent)\n")
-    print("\n".join(tried_table()))
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv:
+            print("usage: python results/fashion-mnist/table.py  (prints this folder's README tables)")
+            sys.stdout.flush()
+            raise SystemExit(0 if argv[0] in ("-h", "--help") else 2)
+        print("## The study's recipe, seed 0 (test split, percent)\n")
+        print("\n".join(metrics_table(HERE / "study")))
+        print("\n## The recipe chosen on validation (test split, percent)\n")
+        print("\n".join(metrics_table(HERE / "chosen-on-validation")))
+        print("\n## Every run tried (percent)\n")
+        print("\n".join(tried_table()))
+        sys.stdout.flush()
+    except OSError as err:  # a full disk behind stdout is one line; a closed pipe (`| head`) ends quietly
+        if not isinstance(err, BrokenPipeError):
+            sys.stderr.write(f"error: cannot write the tables ({err.strerror or err})\n")
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
