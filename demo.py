@@ -102,7 +102,11 @@ def make_handler(predictor):
                 self.close_connection = True  # the client went away: nothing to answer, keep serving
 
         def send_json(self, status, payload):
-            body = json.dumps(payload).encode()
+            try:
+                body = json.dumps(payload, allow_nan=False).encode()  # NaN is not JSON: never sent
+            except ValueError:
+                status, body = 500, json.dumps({"error": "the network answered with numbers that are not "
+                                                         "finite: its checkpoint is damaged"}).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))

@@ -278,6 +278,9 @@ def read_checkpoint(path, hint):
     return state
 
 
+NORMALISATION_STD_MIN = 1e-3  # a smaller pixel std means a blank dataset, or a damaged checkpoint
+
+
 def check_fields(state, path, datasets):
     """The plain fields a checkpoint must hold for any script to use it."""
     if not isinstance(state["model"], str) or state["model"] not in MODELS:
@@ -290,10 +293,12 @@ def check_fields(state, path, datasets):
     if not isinstance(state["num_classes"], int) or not isinstance(classes, (list, tuple, str)) or \
             len(classes) != state["num_classes"]:
         raise CheckpointError(f"{path} has {state['num_classes']!r} classes but a class list of another length")
-    for key in ("mean", "std"):
-        if not isinstance(state[key], (int, float)) or not math.isfinite(state[key]) or \
-                (key == "std" and state[key] <= 0):
-            raise CheckpointError(f"{path} has an unusable normalisation {key} = {state[key]!r}")
+    for key, low in (("mean", 0.0), ("std", NORMALISATION_STD_MIN)):  # of pixels scaled to [0, 1]
+        value = state[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
+                not low <= value <= 1:
+            raise CheckpointError(f"{path} has an unusable normalisation {key} = {value!r} (pixels in [0, 1] "
+                                  f"have a {key} from {low:g} to 1): it is damaged or was edited; train it again")
 
 
 def training_args(state):

@@ -319,3 +319,44 @@ def test_output_that_cannot_be_written_is_one_line_and_a_non_zero_exit(command):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: cannot write") and "No space left" in line
+
+
+@pytest.mark.parametrize("key, value", [("std", 1e-300), ("std", 7.0), ("mean", -0.5), ("mean", True)])
+def test_a_checkpoint_with_an_unusable_normalisation_is_refused_in_one_line(trained_lenet, tmp_path, key, value,
+                                                                             capsys):
+    import evaluate
+    import torch
+
+    _, checkpoint = trained_lenet
+    state = torch.load(checkpoint, weights_only=True)
+    state[key] = value
+    edited = tmp_path / "lenet.pth"
+    torch.save(state, edited)
+    line = refused(evaluate.main, ["--ckpt", str(edited), "--split", "test"] + dirs(tmp_path), capsys)
+    assert f"unusable normalisation {key}" in line and str(edited) in line
+
+
+def test_the_demo_never_sends_nan_as_json(tmp_path):
+    import threading
+    import urllib.error
+    import urllib.request
+
+    import demo
+
+    class Broken:
+        networks = {}
+        sources = {}
+
+        def predict(self, body):
+            return {"predictions": [{"label": "A", "probability": float("nan")}]}
+
+    server = demo.make_server(Broken(), "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    request = urllib.request.Request(f"http://127.0.0.1:{server.server_address[1]}/predict", data=b"x", method="POST")
+    try:
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(request, timeout=30)
+        assert answer.value.code == 500 and "not finite" in json.loads(answer.value.read())["error"]
+    finally:
+        server.shutdown()
+        server.server_close()
