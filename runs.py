@@ -131,36 +131,57 @@ def output_lock(*paths):
     """Hold PATH.lock for each output path: a second run on the same outputs stops with one line.
 
     flock is released by the kernel whatever ends the process, so a crashed run never
-    leaves a lock that blocks the next one. The lock file itself stays: deleting it would let a run
-    that opened it just before lock a deleted file while the next one locks a new one.
+    leaves a lock that blocks the next one. A run that locked a file another run deleted meanwhile
+    (opened just before that run let go) sees that the name is no longer its file and locks again,
+    so two runs never hold one output. Folders made for the lock alone are removed again.
     """
     try:
         import fcntl
     except ImportError:  # Windows: no locks
         yield
         return
-    held = []
+    held, created = [], []
     try:
         for path in paths:
             lock = Path(str(path) + ".lock")
             if lock.is_symlink() or (lock.exists() and not lock.is_file()):
                 raise UserError(f"{lock} is not a lock file this project made: remove it and run again")
+            folder = lock.parent
+            while not folder.exists() and folder != folder.parent:
+                created.append(folder)
+                folder = folder.parent
             lock.parent.mkdir(parents=True, exist_ok=True)
-            handle = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                owner = os.pread(handle, 32, 0).decode(errors="replace").strip() or "?"
-                os.close(handle)
-                raise UserError(f"another run (pid {owner}) is writing {path}: wait for it to finish, or give "
-                                f"this run other --hub/--outputs folders") from None
-            os.ftruncate(handle, 0)
-            os.pwrite(handle, str(os.getpid()).encode(), 0)
-            held.append((lock, handle))
+            held.append((lock, lock_file(lock, path, fcntl)))
         yield
     finally:
-        for _, handle in held:
+        for lock, handle in held:
+            lock.unlink(missing_ok=True)
             os.close(handle)
+        for folder in created:  # deepest first; a folder that now holds outputs stays
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+def lock_file(lock, path, fcntl):
+    """An open handle holding the flock of the file named `lock` now (not of one deleted meanwhile)."""
+    while True:
+        handle = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(handle, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(handle)
+            raise UserError(f"another run (pid {owner}) is writing {path}: wait for it to finish, or give "
+                            f"this run other --hub/--outputs folders") from None
+        try:
+            current = os.stat(lock, follow_symlinks=False).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(handle).st_ino:
+            os.ftruncate(handle, 0)
+            os.pwrite(handle, str(os.getpid()).encode(), 0)
+            return handle
+        os.close(handle)  # its holder let go and deleted it after we opened it: lock the file there now
 
 
 # ----------------------------------------------------------------------------- the command line

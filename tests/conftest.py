@@ -156,20 +156,6 @@ def refused(function, argv, capsys):
     return lines[0]
 
 
-def no_lock_held(folder):
-    """Every .lock file under `folder` can be taken at once: the runs that held them let them go (the
-    files stay, so that two writers never lock two different files of one name)."""
-    import fcntl
-
-    for lock in Path(folder).rglob("*.lock"):
-        with open(lock, "rb") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return False
-    return True
-
-
 def signal_at_epoch(command, cwd, signum, epoch=2):
     """Run a training command, send it `signum` once it prints epoch `epoch`: (returncode, stdout, stderr)."""
     process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

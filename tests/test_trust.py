@@ -20,10 +20,10 @@ import finetune
 import search
 import train
 import transfer_mnist
-from conftest import ROOT, exit_message, no_lock_held, one_line_error, refused, run, signal_at_epoch, write_idx
+from conftest import ROOT, exit_message, one_line_error, refused, run, signal_at_epoch, write_idx
 from data import DATASETS, load_images
 from models import CheckpointError, load_checkpoint
-from runs import DataError, atomic_path, output_lock, write_json
+from runs import DataError, UserError, atomic_path, output_lock, write_json
 
 DIGITS = ["--model", "lenet", "--dataset", "sklearn-digits"]
 SCRIPTS = ["train.py", "search.py", "finetune.py", "evaluate.py", "transfer_mnist.py"]
@@ -332,7 +332,7 @@ def test_a_second_run_on_the_same_outputs_stops_with_one_line(tmp_path):
     assert "another run" in message and str(best) in message
     assert not best.exists()
     train.main(DIGITS + ["--epochs", "1"] + dirs(tmp_path))  # the lock is gone with its holder
-    assert best.exists() and no_lock_held(tmp_path)
+    assert best.exists() and not list(tmp_path.rglob("*.lock"))
 
 
 def test_evaluate_with_ckpt_alone_locks_the_networks_own_file(trained_lenet, tmp_path):
@@ -424,7 +424,7 @@ def test_ctrl_c_during_a_search_trial_keeps_the_finished_trials(tmp_path):
     assert process.returncode == 130 and "Traceback" not in errors
     saved = json.loads((tmp_path / "outputs" / "search" / "lenet.json").read_text())
     assert len(saved["trials"]) >= 2 and saved["complete"] is False
-    assert not list(tmp_path.rglob("*.tmp")) and no_lock_held(tmp_path)
+    assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob("*.lock"))
 
 
 @pytest.mark.slow
@@ -432,7 +432,7 @@ def test_kill_ends_a_run_like_ctrl_c_with_nothing_partial_left(tmp_path):
     command = [sys.executable, str(ROOT / "train.py"), *DIGITS, "--epochs", "200", *dirs(tmp_path)]
     returncode, output, errors = signal_at_epoch(command, tmp_path, signal.SIGTERM)
     assert returncode == 130 and "Traceback" not in errors and "continue with --resume" in output
-    assert not list(tmp_path.rglob("*.tmp")) and no_lock_held(tmp_path) and not list(tmp_path.rglob(".*"))
+    assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob("*.lock")) and not list(tmp_path.rglob(".*"))
     assert torch.load(tmp_path / "model_hub" / "pre_trained" / "lenet_unfinished_last.pth",
                       weights_only=True)["epoch"] >= 2
 
@@ -559,14 +559,35 @@ def test_resume_reads_checkpoints_that_stored_augment_as_true_or_false(tmp_path,
     assert torch.load(last, weights_only=True)["args"]["augment"] == "none"
 
 
-def test_a_lock_file_outlives_its_holder_so_a_waiter_and_a_newcomer_lock_the_same_file(tmp_path):
+def test_a_lock_taken_on_a_file_its_holder_deleted_meanwhile_is_taken_again_on_the_file_there(tmp_path,
+                                                                                                monkeypatch):
     import fcntl
 
     output = tmp_path / "outputs" / "lenet.json"
-    with output_lock(output):
-        waiter = open(str(output) + ".lock", "rb")  # opened while the first run holds it
-    with output_lock(output):  # the next run
-        assert os.fstat(waiter.fileno()).st_nlink == 1  # the waiter's file is still the lock file...
-        with pytest.raises(BlockingIOError):  # ...and the newcomer holds it, so the waiter cannot write too
-            fcntl.flock(waiter, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    waiter.close()
+    lock = tmp_path / "outputs" / "lenet.json.lock"
+    real_flock, newcomer = fcntl.flock, []
+
+    def flock_after_a_handover(handle, flags):
+        if not newcomer:  # between our open and our flock: the holder lets go, a newcomer locks a new file
+            lock.unlink()
+            newcomer.append(os.open(lock, os.O_RDWR | os.O_CREAT))
+            real_flock(newcomer[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return real_flock(handle, flags)
+
+    lock.parent.mkdir()
+    lock.touch()
+    monkeypatch.setattr(fcntl, "flock", flock_after_a_handover)
+    with pytest.raises(UserError, match="another run"):
+        with output_lock(output):
+            pass  # never reached: the newcomer holds the lock file that is there now
+    monkeypatch.setattr(fcntl, "flock", real_flock)
+    os.close(newcomer[0])
+    with output_lock(output):  # free again: taken
+        assert lock.is_file()
+    assert not lock.exists()
+
+
+def test_a_run_that_fails_before_writing_leaves_no_folder_and_no_lock(tmp_path, capsys):
+    line = refused(train.main, ["--model", "lenet", "--dataset", "emnist-digits", "--data-dir", str(tmp_path / "no"),
+                                "--no-download"] + dirs(tmp_path), capsys)
+    assert "could not find" in line and list(tmp_path.iterdir()) == []
