@@ -63,6 +63,7 @@ def test_loading_the_real_samples_writes_nothing_beside_them():
     assert sorted(os.listdir(folder)) == before
 
 
+@pytest.mark.slow
 def test_the_carve_is_disjoint_stratified_and_in_the_official_layout(byclass, carved):
     out, stdout = carved
     images, labels = byclass
@@ -98,6 +99,7 @@ def test_the_carve_is_deterministic_and_a_second_carve_into_it_writes_nothing(ca
     assert carve.checksum(files) == digest  # the same carve from scratch
 
 
+@pytest.mark.slow
 def test_the_carve_refuses_what_is_not_the_official_test_split(tmp_path):
     from conftest import write_idx
 

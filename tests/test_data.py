@@ -266,6 +266,7 @@ def test_augment_translation_moves_the_ink_by_at_most_ten_percent():
     assert shift.abs().max() <= 2.8 + 0.2 and shift.abs().max() > 1.0  # 10 % of 28 pixels
 
 
+@pytest.mark.slow
 def test_without_the_real_samples_their_tests_skip_in_one_line_or_fail_when_required(tmp_path):
     import subprocess
     import sys

@@ -307,8 +307,10 @@ def test_an_empty_value_is_refused_never_taken_for_the_current_folder(script, ar
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("command", [["train.py", "--help"], ["evaluate.py", "--help"], ["demo.py", "--help"],
-                                     ["results/fashion-mnist/table.py"], ["results/emnist-byclass/table.py"]])
+@pytest.mark.parametrize("command", [["train.py", "--help"]] + [  # a child process each: the others run with --slow
+    pytest.param(command, marks=pytest.mark.slow) for command in (["evaluate.py", "--help"], ["demo.py", "--help"],
+                                                                  ["results/fashion-mnist/table.py"],
+                                                                  ["results/emnist-byclass/table.py"])])
 def test_output_that_cannot_be_written_is_one_line_and_a_non_zero_exit(command):
     import subprocess
     import sys
