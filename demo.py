@@ -28,11 +28,12 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 
 from data import DATASETS
-from evaluate import PUBLISHED_HUB, find_checkpoint, predict_probabilities, prepare_user_image
+from evaluate import PUBLISHED_HUB, find_checkpoint, predict_probabilities, prepare_user_image, written_at
 from models import MODELS, load_checkpoint
 from runs import (DataError, Parser, UserError, add_run_flags, choose_precision, get_device, one_line_errors,
                   path_value)
@@ -57,9 +58,9 @@ class Predictor:
             if state["model"] in self.networks:
                 raise UserError(f"two checkpoints of {state['model']} ({path} and another): serve one per network")
             self.networks[state["model"]] = (state, model.to(device).eval())
-            written = time.strftime("%Y-%m-%d %H:%M", time.localtime(Path(path).stat().st_mtime))
-            self.sources[state["model"]] = {"path": str(path), "dataset": state["dataset"], "written": written}
-            print(f"network: {path} ({state['model']}, trained on {state['dataset']}, written {written})")
+            source = {"path": str(path), "dataset": state["dataset"], "written": written_at(path)}
+            self.sources[state["model"]] = source
+            print(f"network: {path} ({state['model']}, trained on {source['dataset']}, written {source['written']})")
         classes = {tuple(state["classes"]) for state, _ in self.networks.values()}
         if len(classes) > 1:
             raise UserError("the checkpoints predict different classes: serve networks of one dataset together")
@@ -118,9 +119,7 @@ def make_handler(predictor):
             its own name to this machine's address cannot reach the API from a browser here."""
             allowed = self.server.allowed_hosts
             host = (self.headers.get("Host") or "").strip().lower()
-            name = host[1:].split("]")[0] if host.startswith("[") else host.rsplit(":", 1)[0] if host.count(":") == 1 \
-                else host
-            if allowed is None or name in allowed:
+            if allowed is None or (urlsplit("//" + host).hostname or host) in allowed:  # without port or brackets
                 return False
             self.close_connection = True
             self.send_json(421, {"error": f"this server answers requests for {', '.join(sorted(allowed))}, "

@@ -62,6 +62,11 @@ def find_checkpoint(hub, name, ckpt=None, published=False):
                         f"make one with `python train.py --model {name}`")
 
 
+def written_at(path):
+    """When a checkpoint file was written, as every line that names the checkpoint shows it."""
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(Path(path).stat().st_mtime))
+
+
 # ----------------------------------------------------------------------------- predictions and metrics
 
 @torch.inference_mode()
@@ -312,8 +317,7 @@ def classify_files(paths, args, device):
     name = args.model[0] if args.model else None if args.ckpt else PUBLISHED_NETWORK
     path = find_checkpoint(args.hub, name, args.ckpt, published=True)
     state, model = load_checkpoint(path, name, datasets=DATASETS)
-    written = time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
-    print(f"network: {path} ({state['model']}, trained on {state['dataset']}, written {written})")
+    print(f"network: {path} ({state['model']}, trained on {state['dataset']}, written {written_at(path)})")
     model = model.to(device)
     failures = 0
     for file in paths:
@@ -405,8 +409,8 @@ def measure(state, model, path, args, device):
         if (split == args.split or split == "train") and AUGMENTS.get(recipe):  # none: nothing to show
             plot_augmentation(images, labels, classes, state["mean"], state["std"], folder / f"{name}_augment.png",
                               args.seed, recipe)
-    written = time.strftime("%Y-%m-%d %H:%M", time.localtime(Path(path).stat().st_mtime))
-    print(f"\n{name} ({path}, written {written}, {dataset}{', one batch per split: dry run' if args.dry_run else ''})")
+    dry = ", one batch per split: dry run" if args.dry_run else ""
+    print(f"\n{name} ({path}, written {written_at(path)}, {dataset}{dry})")
     print(metrics_table([(split, result[split]) for split in outputs]))
     for split in outputs:
         pairs = ", ".join(f"{p['true']}->{p['predicted']} {p['count']}" for p in result[split]["most_confused"][:8])

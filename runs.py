@@ -203,15 +203,9 @@ class Parser(argparse.ArgumentParser):
             file.write(message)  # argparse's own writer swallows the OSError and exits 0
             file.flush()
         except BrokenPipeError:  # piped into `head`: stop quietly
-            with contextlib.suppress(OSError):
-                os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
-            raise SystemExit(1) from None
+            quiet_exit(1)
         except (OSError, ValueError, AttributeError) as err:
-            with contextlib.suppress(OSError, ValueError):
-                sys.stderr.write(f"error: cannot write the output ({getattr(err, 'strerror', None) or err})\n")
-            with contextlib.suppress(OSError):
-                os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # nothing more to flush at exit
-            raise SystemExit(1) from None
+            quiet_exit(1, f"error: cannot write the output ({getattr(err, 'strerror', None) or err})")
 
 
 def checked(name, convert, test, wanted):
