@@ -29,22 +29,27 @@ def test_run_study_answers_bad_arguments_and_help_in_one_line_before_any_work(ar
     assert all(path.read_bytes() == content for path, content in logs.items())
 
 
-def sandbox(tmp_path, fail=None):
-    """run_study.sh in an empty repository layout, with a `python` on PATH that records its arguments
-    (and fails for the script named by `fail`): what the study would run, without running it."""
-    study = tmp_path / "results" / "fashion-mnist"
+def study_sandbox(tmp_path, name, behaviour=""):
+    """results/NAME/run_study.sh in an empty repository layout, with a `python` on PATH that records its
+    arguments, then runs the shell lines `behaviour`: what the study would run, without running it."""
+    study = tmp_path / "results" / name
     study.mkdir(parents=True)
-    (study / "run_study.sh").write_text((STUDY / "run_study.sh").read_text())
+    (study / "run_study.sh").write_text((ROOT / "results" / name / "run_study.sh").read_text())
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    rates = study / "chosen-on-validation" / "outputs" / "rates" / "finetune"
-    (bin_dir / "python").write_text(
-        f'#!/bin/sh\necho "$*" >> {tmp_path}/calls\n'
-        + (f'case "$1" in {fail}) echo "error: it broke"; exit 1 ;; esac\n' if fail else "")
-        + f'case "$*" in *--val-fraction*) mkdir -p {rates}; m=$(basename "$3" .pth); '
-          f'printf \'{{\\n  "chosen": 0.0001,\\n  "rates": []\\n}}\\n\' > {rates}/${{m}}_rates.json ;; esac\n')
+    (bin_dir / "python").write_text(f'#!/bin/sh\necho "$*" >> {tmp_path}/calls\n' + behaviour)
     (bin_dir / "python").chmod(0o755)
     return study, {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+
+
+def sandbox(tmp_path, fail=None):
+    """The Fashion-MNIST study's sandbox: its `python` fails for the script named by `fail`, and writes the
+    rate a validation run chose."""
+    rates = tmp_path / "results" / "fashion-mnist" / "chosen-on-validation" / "outputs" / "rates" / "finetune"
+    return study_sandbox(tmp_path, "fashion-mnist", (
+        (f'case "$1" in {fail}) echo "error: it broke"; exit 1 ;; esac\n' if fail else "")
+        + f'case "$*" in *--val-fraction*) mkdir -p {rates}; m=$(basename "$3" .pth); '
+          f'printf \'{{\\n  "chosen": 0.0001,\\n  "rates": []\\n}}\\n\' > {rates}/${{m}}_rates.json ;; esac\n'))
 
 
 def test_the_study_searches_trains_with_the_winners_fine_tunes_and_evaluates(tmp_path):
@@ -123,19 +128,11 @@ def test_the_byclass_study_answers_bad_arguments_in_one_line_before_any_work(arg
 
 
 def byclass_sandbox(tmp_path):
-    """run_study.sh in an empty layout with a recording `python` (as sandbox() above); the published
-    checkpoint of a network appears when its publish step runs."""
-    study = tmp_path / "results" / "emnist-byclass"
-    study.mkdir(parents=True)
-    (study / "run_study.sh").write_text((BYCLASS / "run_study.sh").read_text())
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "python").write_text(
-        f'#!/bin/sh\necho "$*" >> {tmp_path}/calls\n'
+    """The ByClass study's sandbox: the published checkpoint of a network appears when its publish step runs."""
+    study, env = study_sandbox(tmp_path, "emnist-byclass", (
         'case "$*" in "- results/emnist-byclass/study/outputs "*) cat > /dev/null; echo lenet ;;\n'
-        '  "- "*) cat > /dev/null; touch "$3" ;; esac\n')  # the network to transfer; a publish step
-    (bin_dir / "python").chmod(0o755)
-    return study, {"PATH": f"{bin_dir}:/usr/bin:/bin", "EMNIST_DIR": str(tmp_path / "official")}
+        '  "- "*) cat > /dev/null; touch "$3" ;; esac\n'))  # the network to transfer; a publish step
+    return study, {**env, "EMNIST_DIR": str(tmp_path / "official")}
 
 
 def test_the_byclass_study_carves_then_runs_each_stage_and_evaluates_only_when_all_are_done(tmp_path):
