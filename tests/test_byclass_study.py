@@ -111,7 +111,8 @@ def test_the_carve_refuses_what_is_not_the_official_test_split(tmp_path):
         line = one_line_error(run(CARVE, source, tmp_path / "out", cwd=ROOT))
         assert "not the official test split" in line and not (tmp_path / "out").exists()
     line = one_line_error(run(CARVE, tmp_path / "nothing", tmp_path / "out", cwd=ROOT))
-    assert "emnist-byclass-test-images-idx3-ubyte" in line and not (tmp_path / "out").exists()
+    assert "emnist-byclass-test-images-idx3-ubyte" in line and "--dataset" not in line
+    assert not (tmp_path / "out").exists()
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "mine.txt").write_text("a user's file")
     line = one_line_error(run(CARVE, real_data("emnist"), tmp_path / "busy", cwd=ROOT))

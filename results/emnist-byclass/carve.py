@@ -44,7 +44,8 @@ def idx_bytes(array):
 
 def read_official_test(source_dir):
     """The official test split as (raw-orientation images, labels), refused unless it is exactly that."""
-    images, labels = data.load_images(PREFIX, train=False, data_dir=source_dir, download=False, cache=False)
+    images, labels = data.load_images(PREFIX, train=False, data_dir=source_dir, download=False, offline_hint=False,
+                                      cache=False)  # carve.py has no --dataset to offer
     counts = np.bincount(labels.numpy(), minlength=len(OFFICIAL_COUNTS))
     if len(labels) != sum(OFFICIAL_COUNTS) or tuple(counts) != OFFICIAL_COUNTS:
         raise DataError(f"{source_dir} holds {len(labels):,} ByClass test images with another class histogram, "
