@@ -113,7 +113,7 @@ def dataset_info(name):
 
 def add_data_flags(parser, *names, dataset_help="dataset (default: emnist-byclass)"):
     """The dataset flags a script uses: --dataset, --data-dir, --no-download (the training scripts'
-    --dataset and --subset are settings: train.FLAGS)."""
+    --dataset and --subset are settings: rows of train.SETTINGS)."""
     flags = {
         "dataset": dict(default=None, choices=sorted(DATASETS), metavar="NAME", help=dataset_help),
         "data-dir": dict(default="data", type=path_value, metavar="DIR",
@@ -493,6 +493,48 @@ def mini_split(labels, seed=0):
     return mini[train], mini[val]
 
 
+def load_training_data(settings, device, data_dir, download, stats=None, mini=False, dry_run=False):
+    """Training (and validation) images on the device as uint8, plus normalisation stats.
+
+    Validation is a stratified settings["val_fraction"] of the training split (none for 0; VAL_FRACTION
+    when the settings have none), or with `mini`
+    the search's mini subset (10 % of the split, 80/20). `stats` (mean, std) reuses a checkpoint's
+    normalisation; otherwise it is measured on the training part only, so nothing about the
+    validation or test images leaks in.
+    """
+    dataset, seed, val_fraction = settings["dataset"], settings["seed"], settings.get("val_fraction", VAL_FRACTION)
+    images, labels = take_subset(*load_images(dataset, train=True, data_dir=data_dir, download=download and not
+                                              dry_run, cache=not dry_run), settings.get("subset"), seed, dataset)
+    classes = len(CLASSES[dataset])
+    val = None
+    if mini or val_fraction:
+        train_index, val_index = mini_split(labels, seed) if mini else stratified_split(labels, val_fraction, seed)
+        if len(val_index) < classes or len(train_index) < 2 * classes:
+            hint = "use a larger --subset" if settings.get("subset") else "use a lower --val-fraction" if \
+                len(val_index) >= classes and not mini else f"{dataset} has too few images for it"
+            raise UserError(f"{len(labels):,} training images are too few to hold out a validation set "
+                            f"({len(train_index)} train / {len(val_index)} val for {classes} classes): {hint}")
+        val = (images[val_index].to(device), labels[val_index].to(device))
+        images, labels = images[train_index], labels[train_index]
+    mean, std = stats if stats is not None else mean_std(images)
+    return {"train": (images.to(device), labels.to(device)), "val": val, "mean": mean, "std": std,
+            "classes": classes}
+
+
+def take_subset(images, labels, subset, seed, dataset):
+    """--subset: a stratified sample of `subset` training images (None: all of them)."""
+    if not subset:
+        return images, labels
+    classes = len(CLASSES[dataset])
+    if subset > len(labels):
+        raise UserError(f"--subset {subset} is larger than the {len(labels):,} training images of {dataset}: "
+                        f"give a smaller one or leave it out")
+    if subset < 2 * classes:
+        raise UserError(f"--subset {subset} is too small to train on {classes} classes: give at least {2 * classes}")
+    chosen = stratified_subset(labels, subset, seed)
+    return images[chosen], labels[chosen]
+
+
 def mean_std(images, chunk=65536):
     """Pixel mean and std (in [0, 1] units) of uint8 images, without a float copy of the set."""
     total, total_sq, count = 0.0, 0.0, images.numel()
@@ -536,6 +578,36 @@ def batch_sizes(count, batch_size):
     return [min(batch_size, count - start) for start in range(0, count, batch_size)]
 
 
+def model_batch(batch, mean, std, channels_last=False, theta=None):
+    """uint8 [B, 28, 28] -> what the network takes: normalised float [B, 1, 28, 28], moved by the affine
+    matrices `theta` first when given (augmentation), in channels_last memory format when asked."""
+    inputs = normalize(batch, mean, std) if theta is None else augment(batch, mean, std, theta=theta)
+    return inputs.contiguous(memory_format=torch.channels_last) if channels_last else inputs
+
+
+def training_batches(data, batch_size, recipe, generator, rank=0, world_size=1, channels_last=False):
+    """One epoch of training batches, model-ready: (number of steps, iterator of (inputs, labels)).
+
+    This rank's shard of data["train"] is shuffled by `generator`; each image goes through the
+    `recipe`'s random affine (an AUGMENTS entry; None: none), drawn after the shuffle, as one draw per
+    step would be; a last batch of one image is left out (BatchNorm cannot train on it).
+    """
+    images, labels = data["train"]
+    sizes = batch_sizes(shard_length(len(labels), world_size), batch_size)
+
+    def batches():
+        affines = None
+        for batch, target in iterate_batches(images, labels, batch_size, shuffle=True, generator=generator,
+                                             rank=rank, world_size=world_size):
+            if len(target) < 2:
+                continue
+            if recipe and affines is None:
+                affines = epoch_affines(sizes, generator, images.device, recipe)
+            yield model_batch(batch, data["mean"], data["std"], channels_last, next(affines) if recipe else None), \
+                target
+    return len(sizes), batches()
+
+
 def standardize(pixels, mean, std):
     """Float pixels in 0..255 -> (x / 255 - mean) / std, in place."""
     return pixels.mul_(1.0 / (255.0 * std)).sub_(mean / std)
@@ -546,14 +618,17 @@ def normalize(batch, mean, std):
     return standardize(batch.unsqueeze(1).float(), mean, std)
 
 
-def affine_matrices(count, generator=None, degrees=15.0, translate=0.1, scale=(0.9, 1.1), shear=3.0, flip=False):
-    """Per-image inverse affine matrices [count, 2, 3] in affine_grid's normalised coordinates.
+def affine_matrices(count, generator=None, flip=False, **ranges):
+    """Per-image inverse affine matrices [count, 2, 3] in affine_grid's normalised coordinates; the
+    `ranges` (degrees, translate, scale, shear) not given are the study's (AUGMENT).
 
     The forward map (optionally mirrors left-right, with probability 1/2, first) rotates, shears
     along x, scales and shifts; grid_sample needs where each output pixel comes from, so the
     inverse is built directly (a 2x2 inverse in closed form). Without flip the draws are the
     study's, number for number.
     """
+    ranges = {**AUGMENT, **ranges}
+    degrees, translate, scale, shear = (ranges[key] for key in ("degrees", "translate", "scale", "shear"))
     draws = torch.rand(5, count, generator=generator).mul_(2).sub_(1)  # uniform in [-1, 1]
     angle = draws[0] * math.radians(degrees)
     tan = torch.tan(draws[1] * math.radians(shear))
@@ -588,7 +663,7 @@ def sampling_grid(theta, height, width):
     return torch.stack([grid_x, grid_y], dim=-1)
 
 
-def epoch_affines(sizes, generator, device, recipe=AUGMENT):
+def epoch_affines(sizes, generator, device, recipe):
     """One epoch's affine matrices, a [size, 2, 3] view per batch, copied to the device at once.
 
     Drawn batch by batch on the CPU generator, in order, so they are exactly the numbers
@@ -611,7 +686,7 @@ def augment(batch, mean, std, generator=None, theta=None, **recipe):
     one grid_sample call on the batch's device. Areas moved in from outside are background (0).
     """
     if theta is None:
-        theta = affine_matrices(len(batch), generator, **{**AUGMENT, **recipe}).to(batch.device)
+        theta = affine_matrices(len(batch), generator, **recipe).to(batch.device)
     pixels = batch.unsqueeze(1).float()
     grid = sampling_grid(theta, batch.shape[-2], batch.shape[-1])
     moved = F.grid_sample(pixels, grid, mode="bilinear", padding_mode="zeros", align_corners=False)

@@ -13,15 +13,13 @@ exactly as `evaluate.py --image` does (evaluate.prepare_user_image), so the 28x2
 the page is what the network sees. Listens on 127.0.0.1 unless --host says otherwise;
 bodies over MAX_BODY bytes and anything that is not a picture get a 4xx with a JSON error.
 """
-import os
-import sys
+import runs
 
-if __name__ == "__main__":  # Ctrl-C while torch loads: one line and exit 130, not a traceback
-    import signal
-
-    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("interrupted\n"), os._exit(130)))
+if __name__ == "__main__":
+    runs.interrupt_quietly()  # Ctrl-C while torch loads: one line and exit 130
 
 import ipaddress
+import sys
 import json
 import socket
 import threading

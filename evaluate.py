@@ -10,29 +10,28 @@ Writes outputs/eval/{model}.json, {model}_cm_test.png, {model}_predictions.png,
 {model}_augment.png, and with several networks comparison.md and comparison.json.
 Computes in fp32 unless --precision says otherwise, so its numbers are the same on any CPU.
 """
+import runs
+
+if __name__ == "__main__":
+    runs.interrupt_quietly()  # Ctrl-C while torch loads: one line and exit 130
+
 import io
-import os
 import sys
 import time
 import warnings
 from itertools import combinations
 from pathlib import Path
 
-if __name__ == "__main__":  # Ctrl-C while torch loads: one line and exit 130, not a traceback
-    import signal
-
-    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("interrupted\n"), os._exit(130)))
-
 import numpy as np
 import torch
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 
-from data import (AUGMENTS, CLASSES, DATASETS, EVAL_BATCH, add_data_flags, augment, augment_recipe, iterate_batches,
-                  load_images, normalize)
-from models import MODELS, count_parameters, load_checkpoint, training_args
+from data import (AUGMENTS, CLASSES, DATASETS, EVAL_BATCH, VAL_FRACTION, add_data_flags, augment, augment_recipe,
+                  iterate_batches, load_images, load_training_data, model_batch)
+from models import MODELS, count_parameters, forward, load_checkpoint, training_args
 from runs import (DataError, Parser, UserError, add_run_flags, atomic_path, check_outputs, choose_precision,
-                  get_device, one_line_errors, output_lock, path_value, pyplot, read_json, save_figure, seed_value,
-                  write_json)
+                  get_device, is_int, is_number, one_line_errors, output_lock, path_value, pyplot, read_json,
+                  save_figure, seed_value, write_json)
 
 CASE_ALIKE = "cijklmopsuvwxyz"  # letters whose upper and lower case look alike in handwriting
 MAX_PIXELS = 40_000_000  # a bigger picture is refused: decoding it could exhaust memory (PIL's bomb guard)
@@ -81,11 +80,8 @@ def predict_probabilities(model, images, mean, std, device, precision=None, max_
     for step, (batch, _) in enumerate(iterate_batches(images, labels, EVAL_BATCH)):
         if max_batches is not None and step >= max_batches:
             break
-        inputs = normalize(batch.to(device), mean, std)
-        if precision.channels_last:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.bf16):
-            parts.append(torch.softmax(model(inputs).float(), dim=1).cpu())
+        logits = forward(model, model_batch(batch.to(device), mean, std, precision.channels_last), precision)
+        parts.append(torch.softmax(logits.float(), dim=1).cpu())
     return torch.cat(parts)
 
 
@@ -437,30 +433,33 @@ def ensemble_result(outputs_by_model, classes, dataset):
     return result
 
 
-def choose_members(names, args, device):
+def choose_members(names, args, device, dataset):
     """The ensemble's members, chosen without the test split: each network's pre-trained checkpoint in
-    --ensemble-from-validation DIR predicts the images its pre-training held out (the same for all);
-    the subset of two or more whose mean probability is most accurate there wins (ties: fewer networks)."""
-    from train import load_training_data  # the split pre-training made, by the same code
-
+    --ensemble-from-validation DIR predicts the images its pre-training held out (the same for all, and
+    never trained on); the subset of two or more whose mean probability is most accurate there wins
+    (ties: fewer networks). Pre-trainings of another dataset than the evaluated networks' are refused."""
     held_out, probabilities = None, {}
     for name in names:
         path = Path(args.ensemble_from_validation) / "pre_trained" / f"{name}.pth"
         state, model = load_checkpoint(path, name, hint=f"pre-train {name} there with `python train.py --model "
                                                          f"{name} --hub {args.ensemble_from_validation}`",
                                        datasets=DATASETS)
+        if state["dataset"] != dataset:
+            raise UserError(f"{path} was pre-trained on {state['dataset']}, not {dataset} like the networks "
+                            f"evaluated: give --ensemble-from-validation the hub of their own pre-trainings")
         settings = training_args(state)
-        split = (state["dataset"], settings.get("subset"), settings.get("seed", 0))
-        if not all(value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
-                   for value in split[1:]) or split[2] is None:
-            raise UserError(f"{path} does not say which subset and seed its pre-training used: it cannot tell "
-                            f"which images it held out")
+        split = {"dataset": dataset, "subset": settings.get("subset"), "seed": settings.get("seed"),
+                 "val_fraction": settings.get("val_fraction", VAL_FRACTION)}
+        if not (split["subset"] is None or is_int(split["subset"])) or not is_int(split["seed"]) or \
+                not is_number(split["val_fraction"]) or not 0 < split["val_fraction"] < 1:
+            raise UserError(f"{path} does not say which subset, seed and validation fraction its pre-training "
+                            f"used: it cannot tell which images it held out")
         if held_out is not None and split != held_out[0]:
             raise UserError(f"{path} held out other images ({split}) than the others ({held_out[0]}): the ensemble "
-                            f"can be chosen only among pre-trainings of one dataset, subset and seed")
+                            f"can be chosen only among pre-trainings of one dataset, subset, seed and fraction")
         if held_out is None:
-            data = load_training_data({"dataset": split[0], "subset": split[1], "seed": split[2]},
-                                      torch.device("cpu"), args.data_dir, not args.no_download, dry_run=args.dry_run)
+            data = load_training_data(split, torch.device("cpu"), args.data_dir, not args.no_download,
+                                      dry_run=args.dry_run)
             held_out = (split, *data["val"])
         probabilities[name] = predict_probabilities(model.to(device), held_out[1], state["mean"], state["std"],
                                                     device, args.precision)
@@ -533,7 +532,7 @@ def evaluate_several(names, args, device):
     dataset = datasets.pop()
     members, choice = list(results), None
     if args.ensemble_from_validation and len(results) > 1:
-        members, choice = choose_members(list(results), args, device)
+        members, choice = choose_members(list(results), args, device, dataset)
     ensemble = ensemble_result({name: outputs_by_model[name] for name in members}, CLASSES[dataset], dataset) \
         if len(members) > 1 else None
     if ensemble:
@@ -582,7 +581,7 @@ def main(argv=None):
     args = parse_args(argv)
     with one_line_errors():
         device = get_device(args.device)
-        args.precision = choose_precision(args.precision, device)
+        args.precision = choose_precision(args.precision, device, default="fp32")
         print(f"precision: {args.precision.name} ({args.precision.reason})")
         if args.image:
             if classify_files(args.image, args, device):

@@ -13,34 +13,27 @@ stopping needs a validation set, and the test set is never one. With several --l
 validation accuracy (ties: lower loss) is kept, and outputs/finetune/{model}_rates.json
 lists them all.
 """
-import os
-import sys
+import runs
 
-if __name__ == "__main__":  # Ctrl-C while torch loads: one line and exit 130, not a traceback
-    import signal
-
-    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("interrupted\n"), os._exit(130)))
+if __name__ == "__main__":
+    runs.interrupt_quietly()  # Ctrl-C while torch loads: one line and exit 130
 
 import copy
+import os
 from pathlib import Path
 
-import torch
-
-from data import CLASSES, DATASETS, add_data_flags
+from data import CLASSES, DATASETS, add_data_flags, load_training_data
 from models import MODELS, load_checkpoint, replace_head, training_args
-from runs import (Parser, add_run_flags, check_outputs, choose_precision, log_for, one_line_errors, positive_float, resolve_settings,
-                  path_value, set_seed, setup_distributed, write_json)
+from runs import (Parser, UserError, add_run_flags, check_outputs, choose_precision, log_for, one_line_errors,
+                  path_value, positive_float, resolve_settings, set_seed, setup_distributed, write_json)
 import train
-from train import (TrainingError, add_setting_flags, best_row, check_settings, checkpoint_meta, discard_unfinished,
-                   finish, fit, load_training_data, locked, prepare_model, resumed_run, stage_files)
+from train import TrainingError, add_setting_flags, best_row, fit, stage_files
 
-DEFAULTS = {  # fine-tuning's own values; the others are pre-training's (dataset and batch size: the checkpoint's)
-    **{key: train.DEFAULTS[key] for key in ("dataset", "subset", "seed", "batch_size", "clip", "augment", "schedule")},
-    "learning_rate": 1e-3,  # Adam's usual rate, as the study
-    "epochs": 5,  # as the study
-    "patience": 5,  # used only with --val-fraction and a constant schedule
-    "val_fraction": 0.0,  # 0: train on 100 % of the training split and keep the last epoch
-}
+# What fine-tuning changes in pre-training's values (train.SETTINGS); dataset and batch size: the checkpoint's.
+DEFAULTS = {**{key: value for key, value in train.DEFAULTS.items() if key not in ("momentum", "weight_decay")},
+            "optimizer": "adam", "learning_rate": 1e-3, "epochs": 5,  # the study's: Adam at its usual rate, 5 epochs
+            "patience": 5,  # used only with --val-fraction and a constant schedule
+            "val_fraction": 0.0}  # 0: train on 100 % of the training split and keep the last epoch
 UNFINISHED = ("unfinished", "unfinished_last")  # the files each rate keeps apart until one is chosen
 
 
@@ -62,15 +55,29 @@ def parse_args(argv=None):
         parser.error("give --model NAME (uses HUB/pre_trained/NAME.pth) or --ckpt PATH")
     if args.patience and not args.val_fraction and not args.resume:
         parser.error("--patience needs a validation set to stop on: add --val-fraction 0.1, or leave --patience out")
-    rates = args.learning_rate or []
-    if len(rates) > 1 and not args.val_fraction:
+    args.rates = args.learning_rate or []
+    if len(args.rates) > 1 and not args.val_fraction:
         parser.error("choosing among several --lr values needs a validation set: add --val-fraction 0.1")
-    if len(rates) > 1 and args.resume:
+    if len(args.rates) > 1 and args.resume:
         parser.error("--resume continues one run: give one --lr")
-    if len(set(rates)) != len(rates):
+    if len(set(args.rates)) != len(args.rates):
         parser.error("--lr lists a rate twice")
-    args.rates, args.learning_rate = rates, (rates[0] if len(rates) == 1 else tuple(rates)) if rates else None
+    if len(args.rates) == 1:  # one rate is a setting like any other (resolve_settings reads args.learning_rate)
+        args.learning_rate = args.rates[0]
+    elif args.rates:  # several: the flag's value for the printout; each rate's run sets its own
+        args.learning_rate = tuple(args.rates)
     return args
+
+
+def checkpoint_batch_size(state, path):
+    """The pre-training's batch size, which fine-tuning keeps ({} when the checkpoint says none)."""
+    batch = training_args(state).get("batch_size")
+    if batch is None:
+        return {}
+    try:
+        return {"batch_size": train.check_setting("batch_size", batch, f"{path}: args")}
+    except UserError as err:
+        raise TrainingError(f"{err}: it is damaged or was edited; give --batch-size N") from None
 
 
 def adapt_head(state, path, settings, model, replace):
@@ -99,25 +106,23 @@ def main(argv=None):
                             Path(args.outputs) / "finetune" / f"{args.model}.json")
         if len(args.rates) > 1 and not args.dry_run and rank == 0:
             check_outputs(files["json"].with_name(f"{args.model}_rates.json"))
-        with locked(files, args.dry_run, rank):
-            resumed, resumed_model, layer = resumed_run(args, files, DEFAULTS, log) if args.resume else \
+        with train.locked(files, args.dry_run, rank):
+            resumed, resumed_model, layer = train.resumed_run(args, files, DEFAULTS, log) if args.resume else \
                 (None, None, None)
-            pretrained = {"dataset": state["dataset"]}
-            batch = training_args(state).get("batch_size")
-            if isinstance(batch, int) and not isinstance(batch, bool) and batch >= 2:  # else fine-tuning's own
-                pretrained["batch_size"] = batch
+            pretrained = {"dataset": state["dataset"],
+                          **(checkpoint_batch_size(state, source) if args.batch_size is None else {})}
             layers = ([layer] if layer else []) + [(f"checkpoint {source}", pretrained)]
             settings = resolve_settings(args, DEFAULTS, layers, log)
-            check_settings(settings, args)
+            train.check_settings(settings, args)
             precision = choose_precision(args.precision, device)
             log(f"precision: {precision.name} ({precision.reason})")
             stats = adapt_head(state, source, settings, model, args.replace_head)
-            data = load_training_data(settings, device, args.data_dir, not args.no_download,
-                                      val_fraction=settings["val_fraction"], stats=stats, dry_run=args.dry_run)
+            data = load_training_data(settings, device, args.data_dir, not args.no_download, stats=stats,
+                                      dry_run=args.dry_run)
             log(f"fine-tuning {source} on {settings['dataset']}: {len(data['train'][1]):,} train / "
                 f"{len(data['val'][1]) if data['val'] else 0:,} val images, device {device}, world size {world_size}")
-            meta = checkpoint_meta(args.model, settings, data, precision, pretrained=str(source))
-            discard_unfinished(files, resumed and resumed["path"], args.dry_run)
+            meta = train.checkpoint_meta(args.model, settings, data, precision, pretrained=str(source))
+            train.discard_unfinished(files, resumed and resumed["path"], args.dry_run)
             tried = {}
             for rate in args.rates if len(args.rates) > 1 else [settings["learning_rate"]]:
                 settings = dict(settings, learning_rate=rate)
@@ -125,10 +130,10 @@ def main(argv=None):
                     key: files[key].with_name(f"{files[key].stem}_lr{rate}.pth") for key in UNFINISHED})
                 set_seed(settings["seed"])
                 tuned = resumed_model or copy.deepcopy(model)
-                optimizer = torch.optim.Adam(tuned.parameters(), lr=rate)
+                optimizer = train.build_optimizer(tuned, settings)
                 if resumed:
                     optimizer.load_state_dict(resumed["optimizer"])
-                tuned = prepare_model(tuned, device, precision, world_size, args.compile, optimizer)
+                tuned = train.prepare_model(tuned, device, precision, world_size, args.compile, optimizer)
                 if len(args.rates) > 1:
                     log(f"fine-tuning at lr {rate}:")
                 history = fit(tuned, optimizer, data, settings, precision,
@@ -138,7 +143,7 @@ def main(argv=None):
                 tried[rate] = (settings, history, rate_files)
             if rank == 0 and not args.dry_run:
                 settings, history = choose_rate(tried, files, args.model, log)
-                finish(files, settings, history, f"{args.model} fine-tuning on {settings['dataset']}", log)
+                train.finish(files, settings, history, f"{args.model} fine-tuning on {settings['dataset']}", log)
 
 
 def choose_rate(tried, files, model_name, log):

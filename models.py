@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from runs import UserError, atomic_path
+from runs import UserError, atomic_path, is_int, is_number
 
 
 def init_weights(model, linear_std=0.01):
@@ -252,6 +252,13 @@ def unwrap(model):
     return model
 
 
+def forward(model, inputs, precision):
+    """The network's logits under a run's precision (runs.Precision): the one forward pass of training,
+    evaluation and prediction."""
+    with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=precision.bf16):
+        return model(inputs)
+
+
 def save_checkpoint(path, model, optimizer=None, /, **fields):
     """Write atomically (unique temporary file, then rename): a crash never leaves a broken checkpoint."""
     state = {**fields, "state_dict": unwrap(model).state_dict()}
@@ -290,13 +297,12 @@ def check_fields(state, path, datasets):
         raise CheckpointError(f"{path} names an unknown dataset {state['dataset']!r} "
                               f"(known: {', '.join(sorted(datasets or []))})")
     classes = state["classes"]
-    if not isinstance(state["num_classes"], int) or not isinstance(classes, (list, tuple, str)) or \
+    if not is_int(state["num_classes"]) or not isinstance(classes, (list, tuple, str)) or \
             len(classes) != state["num_classes"]:
         raise CheckpointError(f"{path} has {state['num_classes']!r} classes but a class list of another length")
     for key, low in (("mean", 0.0), ("std", NORMALISATION_STD_MIN)):  # of pixels scaled to [0, 1]
         value = state[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
-                not low <= value <= 1:
+        if not is_number(value) or not math.isfinite(value) or not low <= value <= 1:
             raise CheckpointError(f"{path} has an unusable normalisation {key} = {value!r} (pixels in [0, 1] "
                                   f"have a {key} from {low:g} to 1): it is damaged or was edited; train it again")
 

@@ -17,10 +17,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-
 JSON_DEPTH = 100  # deeper nesting in a JSON file we read is refused (Python's parser would recurse away)
+
+
+def interrupt_quietly():
+    """Ctrl-C before a script's work starts (torch takes seconds to load): one line and exit 130, not a
+    traceback. Each script calls it first; runs.py itself imports torch only inside its functions."""
+    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("interrupted\n"), os._exit(130)))
 
 
 class UserError(Exception):
@@ -218,8 +221,41 @@ def checked(name, convert, test, wanted):
         if not test(value):
             raise argparse.ArgumentTypeError(f"must be {wanted}, not {text}")
         return value
-    check.__name__ = name
+    check.__name__, check.kind = name, convert
     return check
+
+
+def one_of(names, what):
+    """An argparse type (and file-value check) that takes one of `names`."""
+    names = list(names)
+
+    def check(text):
+        if text not in names:
+            raise argparse.ArgumentTypeError(f"must be one of {', '.join(map(str, names))}, not {text!r}")
+        return text
+    check.__name__, check.kind, check.names = what, str, names
+    return check
+
+
+def is_int(value):
+    """A whole number as JSON and checkpoints hold it: an int, not a bool (which Python counts as one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_value(check, value, where):
+    """A value read from a file (--params, a checkpoint, a JSON), held to its flag's rules: the flag's
+    type exactly (no text for a number, no 2.5 for a whole number, no bool), then the flag's test."""
+    kind = getattr(check, "kind", None)
+    if not {int: is_int, float: is_number, str: lambda v: isinstance(v, str)}.get(kind, lambda v: True)(value):
+        raise UserError(f"{where} is {value!r}, not {check.__name__}")
+    try:
+        return check(value)
+    except argparse.ArgumentTypeError as err:
+        raise UserError(f"{where} {err}") from None
 
 
 LARGEST = 1e6  # a learning rate, decay or clip above this overflows the optimizer's arithmetic
@@ -241,8 +277,8 @@ def add_run_flags(parser, *names, precision="auto"):
                     help="checkpoint folder (default: %(default)s)"),
         "outputs": dict(default="outputs", type=path_value, metavar="DIR",
                         help="folder for JSON and plots (default: %(default)s)"),
-        "precision": dict(default=precision, choices=["auto", "fp32", "bf16"], metavar="NAME",
-                          help="fp32, bf16, or auto: bf16 where native (default: %(default)s)"),
+        "precision": dict(default=None, choices=["auto", "fp32", "bf16"], metavar="NAME",
+                          help=f"fp32, bf16, or auto: bf16 where native (default: {precision})"),
         "compile": dict(action="store_true", help="torch.compile the model (needs a C compiler)"),
         "dry-run": dict(action="store_true", help="one batch of each kind, then stop; writes nothing"),
     }
@@ -270,6 +306,9 @@ def resolve_settings(args, defaults, layers=(), log=print):
 # ----------------------------------------------------------------------------- seeds, devices, precision
 
 def set_seed(seed):
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
@@ -277,6 +316,8 @@ def set_seed(seed):
 
 def get_device(name="auto"):
     """A torch.device that exists on this machine: auto is cuda, then mps, then cpu."""
+    import torch
+
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
@@ -315,16 +356,21 @@ class Precision:
         return "bf16 + channels_last" if self.bf16 and self.channels_last else ("bf16" if self.bf16 else "fp32")
 
 
-def choose_precision(choice, device):
-    """--precision: auto picks bf16 autocast + channels_last only where bf16 is native and measured faster.
+def choose_precision(choice, device, default="auto"):
+    """--precision (None: the script's `default`): auto picks bf16 autocast + channels_last only where
+    bf16 is native and measured faster.
 
     Measured (benchmarks/throughput.py): on a CPU with AVX512-BF16, bf16 + channels_last trains
     1.1x (LeNet) to 2.2x (VGGNet) faster than fp32; without native bf16, bf16 is emulated and slower.
     """
+    import torch
+
+    how = "asked for with --precision" if choice else "this script's default"
+    choice = choice or default
     if choice == "fp32":
-        return Precision(False, False, "asked for with --precision fp32")
+        return Precision(False, False, f"{how} fp32")
     if choice == "bf16":
-        return Precision(True, device.type in ("cpu", "cuda"), "asked for with --precision bf16")
+        return Precision(True, device.type in ("cpu", "cuda"), f"{how} bf16")
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return Precision(True, True, f"auto: {torch.cuda.get_device_name(device)} does bf16 natively")
     if device.type == "cpu" and cpu_has_native_bf16():
@@ -336,6 +382,7 @@ def choose_precision(choice, device):
 
 def setup_distributed(device_name):
     """(rank, world_size, device): torchrun's environment if present, else a single process."""
+    import torch
     import torch.distributed as dist
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -10,37 +10,27 @@ Writes outputs/search/{model}.json after every trial (best_params, best_val_loss
 so an interrupted search resumes where it stopped. train.py uses best_params only when asked:
 `python train.py --model alexnet --params outputs/search/alexnet.json`.
 """
+import runs
+
+if __name__ == "__main__":
+    runs.interrupt_quietly()  # Ctrl-C while torch loads: one line and exit 130
+
 import argparse
 import json
-import os
-import sys
-
-if __name__ == "__main__":  # Ctrl-C while torch loads: one line and exit 130, not a traceback
-    import signal
-
-    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("interrupted\n"), os._exit(130)))
-
 import time
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 from sklearn.model_selection import ParameterSampler
 
 import train
-from data import CLASSES, add_data_flags
+from data import CLASSES, add_data_flags, load_training_data
 from models import MODELS, build_model
-from runs import (Parser, UserError, add_run_flags, check_outputs, choose_precision, is_terminal, log_for,
+from runs import (Parser, UserError, add_run_flags, check_outputs, choose_precision, is_number, is_terminal, log_for,
                   one_line_errors, output_lock, positive_int, read_json, resolve_settings, set_seed,
                   setup_distributed, write_json)
-from train import TrainingError, add_setting_flags, best_row, check_params, fit, load_training_data
+from train import GRID, TrainingError, add_setting_flags, best_row, check_params, fit  # GRID: train.SETTINGS' grid
 
-GRID = {  # the study's grid
-    "learning_rate": [1e-3, 1e-2, 1e-1],
-    "batch_size": [16, 32, 64],
-    "momentum": [0.0, 0.85, 0.9, 0.95],
-    "weight_decay": [0.0, 1e-2, 1e-3, 1e-4],
-}
 DEFAULTS = {  # the search's values, each written only here; the rest of a trial is train.DEFAULTS
     "dataset": "emnist-byclass",
     "subset": None,
@@ -97,11 +87,9 @@ def run_trial(name, params, data, settings, precision, device, dry_run):
     trial's score is its best epoch's validation loss (every epoch runs: no early stop)."""
     trial = {**train.DEFAULTS, **settings, **params, "patience": settings["epochs"]}
     set_seed(trial["seed"])
-    model = build_model(name, data["classes"]).to(device)
-    if precision.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=trial["learning_rate"], momentum=trial["momentum"],
-                                weight_decay=trial["weight_decay"])
+    model = build_model(name, data["classes"])
+    optimizer = train.build_optimizer(model, trial)
+    model = train.prepare_model(model, device, precision)
     started = time.time()
     try:
         history = fit(model, optimizer, data, trial, precision, dry_run=dry_run, log=lambda *_: None)
@@ -127,8 +115,7 @@ def load_previous(path, expected, log):
                         f"pass the same settings to resume it, or write this one elsewhere with --outputs")
     if not isinstance(previous.get("trials"), list) or not all(
             isinstance(trial, dict) and isinstance(trial.get("params"), dict) and
-            (trial.get("val_loss") is None or (isinstance(trial.get("val_loss"), (int, float)) and
-                                               not isinstance(trial.get("val_loss"), bool)))
+            (trial.get("val_loss") is None or is_number(trial.get("val_loss")))
             for trial in previous["trials"]):
         raise UserError(f"{path} has no readable list of trials: move it away and search again")
     log(f"resuming {path}: {len(previous['trials'])} trials already done")
@@ -204,7 +191,7 @@ def parse_args(argv=None):
                         help=f"configurations to try (default: {DEFAULTS['n_iter']})")
     parser.add_argument("--grid", type=parse_grid, default=GRID, metavar="JSON",
                         help="lists that replace the study's grid's, e.g. '{\"learning_rate\": [0.01, 0.05]}' "
-                             "(default: GRID in search.py)")
+                             "(default: the grid column of SETTINGS in train.py)")
     add_data_flags(parser, "data-dir", "no-download")
     add_run_flags(parser, "device", "outputs", "precision", "dry-run")
     return parser.parse_args(argv)

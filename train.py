@@ -14,70 +14,72 @@ with --resume --epochs N), outputs/train/{model}.json (history) and .png (curves
 finishes, its checkpoints are {model}_unfinished.pth and {model}_unfinished_last.pth, so a
 cancelled or failed run never replaces a finished one.
 """
-import os
-import sys
+import runs
 
-if __name__ == "__main__":  # Ctrl-C while torch loads: one line and exit 130, not a traceback
-    import signal
-
-    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("interrupted\n"), os._exit(130)))
+if __name__ == "__main__":
+    runs.interrupt_quietly()  # Ctrl-C while torch loads: one line and exit 130
 
 import math
+import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from data import (AUGMENTS, CLASSES, DATASETS, EVAL_BATCH, VAL_FRACTION, add_data_flags, augment, augment_recipe,
-                  batch_sizes, epoch_affines, iterate_batches, load_images, mean_std, mini_split, normalize,
-                  shard_length, stratified_split, stratified_subset)
-from models import MODELS, build_model, load_checkpoint, save_checkpoint, unwrap
-from runs import (Parser, UserError, add_run_flags, check_outputs, checked, choose_precision, fraction, is_terminal,
-                  log_for, momentum, non_negative_float, one_line_errors, output_lock, positive_float, positive_int,
-                  path_value, pyplot, read_json, resolve_settings, save_figure, seed_value, set_seed, setup_distributed,
-                  write_json)
-
-# Pre-training's values, each written only here. A flag, --params FILE or the run being resumed
-# overrides them; every run prints each value with its source before it starts.
-DEFAULTS = {
-    "dataset": "emnist-byclass",  # the study's
-    "subset": None,  # None: the whole training split
-    "seed": 0,
-    "learning_rate": 0.01,  # SGD; the study's grid: 1e-3, 1e-2, 1e-1
-    "batch_size": 64,  # the study's largest; smaller batches only cost time on a GPU
-    "momentum": 0.9,
-    "weight_decay": 1e-4,
-    "epochs": 20,
-    "patience": 10,  # epochs without a better validation loss before stopping (constant schedule)
-    "clip": 1.0,  # the study's gradient-norm clipping (0: off)
-    "augment": "study",  # the study's random affine; data.AUGMENTS holds the recipes
-    "schedule": "constant",  # the study's: one rate throughout; cosine anneals it to 0 over --epochs
-}
-SEARCHED = ("learning_rate", "batch_size", "momentum", "weight_decay")  # what search.py chooses, --params sets
-RUN_KEYS = ("dataset", "subset", "seed", "learning_rate", "batch_size", "momentum", "weight_decay", "clip",
-            "augment", "schedule", "val_fraction")  # what defines a run: --resume refuses flags that contradict them
-SCHEDULES = ("constant", "cosine")
-NAN_CHECK_EVERY = 100  # batches between checks for a diverged loss (each check syncs the GPU)
-DIVERGED = 10.0  # a mean training loss above DIVERGED x ln(classes) (chance is 1 x) means divergence
+from data import (AUGMENTS, CLASSES, DATASETS, EVAL_BATCH, VAL_FRACTION, add_data_flags, augment_recipe,
+                  iterate_batches, load_training_data, model_batch, training_batches)
+from models import MODELS, build_model, forward, load_checkpoint, save_checkpoint, unwrap
+from runs import (Parser, UserError, add_run_flags, check_outputs, check_value, checked, choose_precision, fraction,
+                  is_int, is_number, is_terminal, log_for, momentum, non_negative_float, one_line_errors, one_of,
+                  output_lock, path_value, positive_float, positive_int, pyplot, read_json, resolve_settings,
+                  save_figure, seed_value, set_seed, setup_distributed, write_json)
 
 batch_size = checked("a whole number", int, lambda v: v >= 2, "at least 2 (BatchNorm cannot train on one image)")
-FLAGS = {  # setting: (flag, argparse options, help); each stage's DEFAULTS decide which it has
-    "dataset": ("--dataset", dict(choices=sorted(DATASETS), metavar="NAME"),
-                f"dataset: {', '.join(sorted(DATASETS))}"),
-    "subset": ("--subset", dict(type=positive_int, metavar="N"), "train on N stratified training images"),
-    "seed": ("--seed", dict(type=seed_value, metavar="N"), "seed of splits, shuffling, augmentation"),
-    "learning_rate": ("--lr", dict(type=positive_float, metavar="X"), "learning rate"),
-    "batch_size": ("--batch-size", dict(type=batch_size, metavar="N"), "batch size"),
-    "momentum": ("--momentum", dict(type=momentum, metavar="X"), "SGD momentum"),
-    "weight_decay": ("--weight-decay", dict(type=non_negative_float, metavar="X"), "weight decay"),
-    "epochs": ("--epochs", dict(type=positive_int, metavar="N"), "epochs in all, resumed ones included"),
-    "patience": ("--patience", dict(type=positive_int, metavar="N"), "early stop after N epochs without progress"),
-    "clip": ("--clip", dict(type=non_negative_float, metavar="X"), "gradient-norm clip, 0: off"),
-    "augment": ("--augment", dict(choices=list(AUGMENTS), metavar="NAME"), f"{', '.join(AUGMENTS)} (data.AUGMENTS)"),
-    "schedule": ("--schedule", dict(choices=SCHEDULES, metavar="NAME"), "constant or cosine (to 0)"),
-    "val_fraction": ("--val-fraction", dict(type=fraction, metavar="X"), "hold out this fraction for validation"),
+SCHEDULES = ("constant", "cosine")
+OPTIMIZERS = ("sgd", "adam")  # build_optimizer below makes them
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of SETTINGS: everything the scripts derive about one setting."""
+    default: object
+    flag: str  # None: no flag (set by a stage's DEFAULTS only)
+    check: object  # argparse type and the check of the same value read from --params or a checkpoint
+    help: str
+    defines_run: bool = True  # --resume refuses a flag that contradicts the run's value
+    grid: list = None  # the study's search grid (search.py tries these values)
+
+
+# Pre-training's values, one row each and written only here: the defaults, the flags and their help, the
+# types, the --params and checkpoint checks, the resume check and the search grid all come from this table.
+# Fine-tuning, transfer and the search state only what they change. A flag, --params FILE or the run being
+# resumed overrides a default; every run prints each value with its source before it starts.
+SETTINGS = {
+    "dataset": Setting("emnist-byclass", "--dataset", one_of(sorted(DATASETS), "a dataset name"),
+                       f"dataset: {', '.join(sorted(DATASETS))}"),
+    "subset": Setting(None, "--subset", positive_int, "train on N stratified training images"),
+    "seed": Setting(0, "--seed", seed_value, "seed of splits, shuffling, augmentation"),
+    "optimizer": Setting("sgd", None, one_of(OPTIMIZERS, "an optimizer name"), "sgd (the study's pre-training) or adam"),
+    "learning_rate": Setting(0.01, "--lr", positive_float, "learning rate", grid=[1e-3, 1e-2, 1e-1]),
+    "batch_size": Setting(64, "--batch-size", batch_size, "batch size", grid=[16, 32, 64]),  # the study's largest
+    "momentum": Setting(0.9, "--momentum", momentum, "SGD momentum", grid=[0.0, 0.85, 0.9, 0.95]),
+    "weight_decay": Setting(1e-4, "--weight-decay", non_negative_float, "weight decay", grid=[0.0, 1e-2, 1e-3, 1e-4]),
+    "epochs": Setting(20, "--epochs", positive_int, "epochs in all, resumed ones included", defines_run=False),
+    "patience": Setting(10, "--patience", positive_int, "early stop after N epochs without a better validation "
+                                                        "loss (constant schedule)", defines_run=False),
+    "clip": Setting(1.0, "--clip", non_negative_float, "the study's gradient-norm clip, 0: off"),
+    "augment": Setting("study", "--augment", one_of(AUGMENTS, "a recipe name"),
+                       f"{', '.join(AUGMENTS)} (data.AUGMENTS; study: the study's random affine)"),
+    "schedule": Setting("constant", "--schedule", one_of(SCHEDULES, "a schedule name"),
+                        "constant (the study's) or cosine (to 0 over --epochs)"),
+    "val_fraction": Setting(VAL_FRACTION, "--val-fraction", fraction, "hold out this fraction for validation"),
 }
+DEFAULTS = {key: row.default for key, row in SETTINGS.items()}  # pre-training's values
+GRID = {key: row.grid for key, row in SETTINGS.items() if row.grid}  # the study's grid, searched by search.py
+NAN_CHECK_EVERY = 100  # batches between checks for a diverged loss (each check syncs the GPU)
+DIVERGED = 10.0  # a mean training loss above DIVERGED x ln(classes) (chance is 1 x) means divergence
 
 
 class TrainingError(UserError):
@@ -101,37 +103,19 @@ def train_one_epoch(model, optimizer, data, settings, precision, generator, epoc
     Stops early (loss inf) when the mean loss so far shows divergence, finite or not.
     """
     model.train()
-    images, labels = data["train"]
-    device = images.device
-    limit = DIVERGED * math.log(max(data["classes"], 2))
-    loss_sum = torch.zeros((), device=device)  # float32: MPS has no float64
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    seen = 0
-    batches = iterate_batches(images, labels, settings["batch_size"], shuffle=True, generator=generator,
-                              rank=rank, world_size=world_size)
-    sizes = batch_sizes(shard_length(len(labels), world_size), settings["batch_size"])
-    affines, recipe = None, AUGMENTS[settings["augment"]]
-    if progress:
-        from tqdm import tqdm
-
-        batches = tqdm(batches, total=len(sizes), leave=False, unit="batch")
-    for step, (batch, target) in enumerate(batches):
-        if max_batches is not None and step >= max_batches:
+    steps, batches = training_batches(data, settings["batch_size"], AUGMENTS[settings["augment"]], generator, rank,
+                                      world_size, precision.channels_last)
+    device = data["train"][1].device
+    loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), dtype=torch.int64, device=device), 0
+    bound = DIVERGED * math.log(max(data["classes"], 2))  # float32 sums: MPS has no float64
+    for step, (inputs, target) in enumerate(progress_bar(batches, steps) if progress else batches):
+        if max_batches is not None and step >= max_batches:  # --dry-run: one batch
             break
-        if len(target) < 2:  # BatchNorm cannot train on a single image (a last batch of one)
-            continue
-        if recipe and affines is None:  # drawn after the shuffle, as one draw per step would be
-            affines = epoch_affines(sizes, generator, device, recipe)
-        inputs = augment(batch, data["mean"], data["std"], theta=next(affines)) if recipe else \
-            normalize(batch, data["mean"], data["std"])
-        if precision.channels_last:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.bf16):
-            logits = model(inputs)
+        logits = forward(model, inputs, precision)
         loss = F.cross_entropy(logits.float(), target)
         if settings["schedule"] != "constant":  # constant: the optimizer keeps the rate it was built with
             for group in optimizer.param_groups:
-                group["lr"] = scheduled_lr(settings, epoch, step, len(sizes))
+                group["lr"] = scheduled_lr(settings, epoch, step, steps)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if settings["clip"]:
@@ -140,12 +124,18 @@ def train_one_epoch(model, optimizer, data, settings, precision, generator, epoc
         loss_sum += loss.detach() * len(target)
         correct += (logits.argmax(1) == target).sum()
         seen += len(target)
-        if (step + 1) % NAN_CHECK_EVERY == 0 and not loss_sum / seen < limit:
+        if (step + 1) % NAN_CHECK_EVERY == 0 and not loss_sum / seen < bound:  # diverged: stop the epoch
             break
     loss_total, correct_total, seen_total = reduce_sums([loss_sum, correct, seen], device, world_size)
     mean_loss = loss_total / max(seen_total, 1)
-    return {"loss": mean_loss if mean_loss < limit else math.inf, "raw_loss": mean_loss,
+    return {"loss": mean_loss if mean_loss < bound else math.inf, "raw_loss": mean_loss,
             "acc": correct_total / max(seen_total, 1), "images": seen_total}
+
+
+def progress_bar(batches, steps):
+    from tqdm import tqdm
+
+    return tqdm(batches, total=steps, leave=False, unit="batch")
 
 
 @torch.inference_mode()
@@ -154,18 +144,12 @@ def evaluate_loss_acc(model, images, labels, mean, std, precision, *, rank=0, wo
     model = unwrap(model) if world_size > 1 else model  # no DDP collectives in evaluation
     model.eval()
     device = images.device
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    seen = 0
+    loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), dtype=torch.int64, device=device), 0
     for step, (batch, target) in enumerate(iterate_batches(images, labels, EVAL_BATCH, rank=rank,
                                                            world_size=world_size)):
         if max_batches is not None and step >= max_batches:
             break
-        inputs = normalize(batch, mean, std)
-        if precision.channels_last:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.bf16):
-            logits = model(inputs)
+        logits = forward(model, model_batch(batch, mean, std, precision.channels_last), precision)
         loss_sum += F.cross_entropy(logits.float(), target, reduction="sum")
         correct += (logits.argmax(1) == target).sum()
         seen += len(target)
@@ -182,7 +166,7 @@ def fit(model, optimizer, data, settings, precision, *, history=(), files=None, 
     run repeats exactly what an uninterrupted one would have done.
     """
     history = list(history)
-    limit = dict(max_batches=1 if dry_run else None, rank=rank, world_size=world_size)
+    shard = dict(max_batches=1 if dry_run else None, rank=rank, world_size=world_size)
     generator = torch.Generator()
     started = time.time() - (history[-1]["elapsed"] if history else 0.0)
     validate = data["val"] is not None
@@ -192,15 +176,16 @@ def fit(model, optimizer, data, settings, precision, *, history=(), files=None, 
             torch.manual_seed(epoch_seed(settings["seed"], epoch))
             epoch_start = time.time()
             train = train_one_epoch(model, optimizer, data, settings, precision, generator, epoch,
-                                    progress=rank == 0 and is_terminal() and not dry_run, **limit)
+                                    progress=rank == 0 and is_terminal() and not dry_run, **shard)
             train_seconds = time.time() - epoch_start
             if not train["images"]:
-                raise TrainingError("no batch of two or more images to train on: use a larger --subset")
+                raise TrainingError("no batch of two or more images to train on: " + (
+                    "use a larger --subset" if settings.get("subset") else f"{settings['dataset']} is too small"))
             if not math.isfinite(train["loss"]):
                 raise TrainingError(f"the training loss diverged ({train['raw_loss']:.3g}) in epoch {epoch}: stopped "
                                     f"without saving it; try a lower --lr"
                                     + (" or --weight-decay" if settings["weight_decay"] else ""))
-            val = evaluate_loss_acc(model, *data["val"], data["mean"], data["std"], precision, **limit) \
+            val = evaluate_loss_acc(model, *data["val"], data["mean"], data["std"], precision, **shard) \
                 if validate else None
             history.append({"epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"],
                             "val_loss": val["loss"] if val else None, "val_acc": val["acc"] if val else None,
@@ -260,45 +245,13 @@ def epoch_line(row, epochs):
 
 # ----------------------------------------------------------------------------- data and model
 
-def load_training_data(settings, device, data_dir, download, val_fraction=VAL_FRACTION, stats=None, mini=False,
-                       dry_run=False):
-    """Training (and validation) images on the device as uint8, plus normalisation stats.
-
-    Validation is a stratified `val_fraction` of the training split (none for 0), or with `mini`
-    the search's mini subset (10 % of the split, 80/20). `stats` (mean, std) reuses a checkpoint's
-    normalisation; otherwise it is measured on the training part only, so nothing about the
-    validation or test images leaks in.
-    """
-    dataset, seed = settings["dataset"], settings["seed"]
-    images, labels = take_subset(*load_images(dataset, train=True, data_dir=data_dir, download=download and not
-                                              dry_run, cache=not dry_run), settings.get("subset"), seed, dataset)
-    classes = len(CLASSES[dataset])
-    val = None
-    if mini or val_fraction:
-        train_index, val_index = mini_split(labels, seed) if mini else stratified_split(labels, val_fraction, seed)
-        if len(val_index) < classes or len(train_index) < 2 * classes:
-            raise UserError(f"{len(labels):,} training images are too few to hold out a validation set "
-                            f"({len(train_index)} train / {len(val_index)} val for {classes} classes): "
-                            f"use a larger --subset")
-        val = (images[val_index].to(device), labels[val_index].to(device))
-        images, labels = images[train_index], labels[train_index]
-    mean, std = stats if stats is not None else mean_std(images)
-    return {"train": (images.to(device), labels.to(device)), "val": val, "mean": mean, "std": std,
-            "classes": classes}
-
-
-def take_subset(images, labels, subset, seed, dataset):
-    """--subset: a stratified sample of `subset` training images (None: all of them)."""
-    if not subset:
-        return images, labels
-    classes = len(CLASSES[dataset])
-    if subset > len(labels):
-        raise UserError(f"--subset {subset} is larger than the {len(labels):,} training images of {dataset}: "
-                        f"give a smaller one or leave it out")
-    if subset < 2 * classes:
-        raise UserError(f"--subset {subset} is too small to train on {classes} classes: give at least {2 * classes}")
-    chosen = stratified_subset(labels, subset, seed)
-    return images[chosen], labels[chosen]
+def build_optimizer(model, settings):
+    """The one place an optimizer is made (pre-training, the search, fine-tuning, transfer, the benchmarks):
+    settings["optimizer"] names it, the other settings give its values."""
+    if settings["optimizer"] == "adam":
+        return torch.optim.Adam(model.parameters(), lr=settings["learning_rate"])
+    return torch.optim.SGD(model.parameters(), lr=settings["learning_rate"], momentum=settings["momentum"],
+                           weight_decay=settings["weight_decay"])
 
 
 def prepare_model(model, device, precision, world_size=1, compile_model=False, optimizer=None):
@@ -323,10 +276,19 @@ def prepare_model(model, device, precision, world_size=1, compile_model=False, o
 
 def add_setting_flags(parser, defaults, skip=()):
     """One flag per setting of the stage, its help showing the stage's default; None means 'not given'."""
-    for key in (key for key in defaults if key not in skip):
-        flag, options, text = FLAGS[key]
-        shown = "all" if defaults[key] is None else defaults[key]
-        parser.add_argument(flag, dest=key, default=None, help=f"{text} (default: {shown})", **options)
+    for key in (key for key in defaults if key not in skip and SETTINGS[key].flag):
+        row, shown = SETTINGS[key], "all" if defaults[key] is None else defaults[key]
+        names = getattr(row.check, "names", None)  # argparse's own choices: "invalid choice" and the list
+        kind = dict(choices=names, metavar="NAME") if names else dict(type=row.check, metavar="N" if row.check.kind
+                                                                            is int else "X")
+        parser.add_argument(row.flag, dest=key, default=None, help=f"{row.help} (default: {shown})", **kind)
+
+
+def check_setting(key, value, where):
+    """A setting read from a file, held to its flag's rules (None only where the default is None)."""
+    if value is None and SETTINGS[key].default is None:
+        return value
+    return check_value(SETTINGS[key].check, value, f"{where}: {key}")
 
 
 def check_settings(settings, args):
@@ -340,19 +302,11 @@ def check_settings(settings, args):
 
 
 def check_params(params, where):
-    """Searched values (learning_rate, batch_size, momentum, weight_decay) as train.py takes them."""
-    if not isinstance(params, dict) or set(params) != set(SEARCHED):
-        raise UserError(f"{where}: best_params must hold exactly {', '.join(SEARCHED)}")
-    checks = {"learning_rate": positive_float, "batch_size": batch_size, "momentum": momentum,
-              "weight_decay": non_negative_float}
-    for key, check in checks.items():
-        value = params[key]
-        if isinstance(value, bool) or not isinstance(value, int if key == "batch_size" else (int, float)):
-            raise UserError(f"{where}: {key} {value!r} is not a {'whole ' if key == 'batch_size' else ''}number")
-        try:
-            check(value)
-        except Exception as err:  # argparse.ArgumentTypeError: the reason
-            raise UserError(f"{where}: {key} {err}") from None
+    """Searched values (GRID's keys) as train.py takes them."""
+    if not isinstance(params, dict) or set(params) != set(GRID):
+        raise UserError(f"{where}: best_params must hold exactly {', '.join(GRID)}")
+    for key, value in params.items():
+        check_setting(key, value, where)
     return params
 
 
@@ -397,17 +351,11 @@ def resumed_run(args, files, defaults, log):
     path = files["unfinished_last"] if files["unfinished_last"].is_file() else files["last"]
     state, model = load_checkpoint(path, args.model, datasets=DATASETS,
                                    hint="nothing to resume: start the run without --resume")
-    saved = state.get("args")
-    if not isinstance(saved, dict) or not isinstance(state.get("epoch"), int) or isinstance(state["epoch"], bool) \
-            or not isinstance(state.get("optimizer"), dict) or not isinstance(state.get("history"), list) \
-            or len(state["history"]) != state["epoch"]:
-        raise TrainingError(f"{path} cannot be resumed (it lacks the optimizer state, epoch or history of a "
-                            f"training run): start a new run without --resume")
-    saved = {**saved, "augment": augment_recipe(saved.get("augment", "study"))}  # older runs stored True/False
-    for key in RUN_KEYS:
+    saved = run_state(state, path, model)
+    for key, row in SETTINGS.items():
         given = getattr(args, key, None)
-        if given is not None and key in saved and given != saved[key]:
-            raise TrainingError(f"{FLAGS[key][0]} {given} contradicts the run in {path} ({saved[key]}): leave the "
+        if row.defines_run and given is not None and key in saved and given != saved[key]:
+            raise TrainingError(f"{row.flag} {given} contradicts the run in {path} ({saved[key]}): leave the "
                                 f"flag out to resume that run, or start a new run without --resume")
     done, wanted = state["epoch"], args.epochs if args.epochs is not None else saved.get("epochs")
     if saved.get("schedule") == "cosine" and wanted != saved.get("epochs"):
@@ -421,6 +369,52 @@ def resumed_run(args, files, defaults, log):
     log(f"resuming {path} after epoch {done}")
     state["path"] = path
     return state, model, (f"resumed run {path}", {key: saved[key] for key in defaults if key in saved})
+
+
+HISTORY_FIELDS = {"epoch": is_int, "train_loss": is_number, "train_acc": is_number, "seconds": is_number,
+                  "images": is_int, "images_per_sec": is_number, "elapsed": is_number, "lr": is_number,
+                  "val_loss": lambda v: v is None or is_number(v), "val_acc": lambda v: v is None or is_number(v)}
+
+
+def run_state(state, path, model):
+    """The settings of a checkpoint that --resume continues, after every field the resumed run uses
+    (settings, epoch, history, optimizer state) was checked; one line that names the field if not."""
+    def refuse(field, what):
+        raise TrainingError(f"{path} cannot be resumed: its {field} {what}; start a new run without --resume")
+
+    saved = state.get("args")
+    if not isinstance(saved, dict):
+        refuse("args", "are missing (it is not a training run's checkpoint)")
+    saved = {**saved, "augment": augment_recipe(saved.get("augment", "study"))}  # older runs stored True/False
+    for key in SETTINGS:
+        if key in saved:
+            try:
+                check_setting(key, saved[key], "its args")
+            except UserError as err:
+                raise TrainingError(f"{path} cannot be resumed: {err}; start a new run without --resume") from None
+    epoch, history = state.get("epoch"), state.get("history")
+    if not is_int(epoch) or epoch < 1:
+        refuse("epoch", f"is {epoch!r}, not a whole number of at least 1")
+    if not isinstance(history, list) or len(history) != epoch:
+        refuse("history", f"does not list its {epoch} epochs")
+    for number, row in enumerate(history, 1):
+        bad = [key for key, test in HISTORY_FIELDS.items() if not isinstance(row, dict) or not test(row.get(key))]
+        if bad or row["epoch"] != number:
+            refuse(f"history row {number}", f"holds no usable {', '.join(bad) or 'epoch number'}")
+    optimizer = state.get("optimizer")
+    shapes = [tuple(parameter.shape) for parameter in model.parameters()]
+    groups = optimizer.get("param_groups") if isinstance(optimizer, dict) else None
+    if not isinstance(groups, list) or len(groups) != 1 or not isinstance(groups[0], dict) or \
+            not isinstance(optimizer.get("state"), dict) or groups[0].get("params") != list(range(len(shapes))):
+        refuse("optimizer state", f"does not match the {len(shapes)} parameters of {state['model']}")
+    for index, values in optimizer["state"].items():
+        tensors = values.values() if isinstance(values, dict) else [None]
+        if index not in range(len(shapes)) or not all(
+                value is None or isinstance(value, torch.Tensor) and (value.dim() == 0 or
+                                                                      tuple(value.shape) == shapes[index])
+                for value in tensors):
+            refuse("optimizer state", f"of parameter {index!r} does not match {state['model']}'s parameters")
+    return saved
 
 
 def needs_finishing(path, files, done):
@@ -504,7 +498,7 @@ def parse_args(argv=None):
                         help=f"network: {', '.join(sorted(MODELS))} (default: alexnet)")
     parser.add_argument("--params", default=None, type=path_value, metavar="FILE",
                         help="lr, batch size, momentum, weight decay and dataset of a finished search")
-    add_setting_flags(parser, DEFAULTS)
+    add_setting_flags(parser, DEFAULTS, skip=("val_fraction",))  # pre-training holds out the study's 10 %
     add_data_flags(parser, "data-dir", "no-download")
     parser.add_argument("--resume", action="store_true", help="continue the unfinished run, or the finished one")
     add_run_flags(parser, "device", "hub", "outputs", "precision", "compile", "dry-run")
@@ -531,8 +525,7 @@ def main(argv=None):
             set_seed(settings["seed"])
             data = load_training_data(settings, device, args.data_dir, not args.no_download, dry_run=args.dry_run)
             model = model or build_model(args.model, data["classes"])
-            optimizer = torch.optim.SGD(model.parameters(), lr=settings["learning_rate"],
-                                        momentum=settings["momentum"], weight_decay=settings["weight_decay"])
+            optimizer = build_optimizer(model, settings)
             if resumed:
                 optimizer.load_state_dict(resumed["optimizer"])
             model = prepare_model(model, device, precision, world_size, args.compile, optimizer)

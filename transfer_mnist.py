@@ -12,30 +12,27 @@ files upright), which is what makes the transfer work. Writes model_hub/transfer
 outputs/transfer/{model}.json, {model}_history.json/.png and {model}_cm_test.png
 ({model}_scratch... with --from-scratch).
 """
-import os
-import sys
+import runs
 
-if __name__ == "__main__":  # Ctrl-C while torch loads: one line and exit 130, not a traceback
-    import signal
-
-    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("interrupted\n"), os._exit(130)))
+if __name__ == "__main__":
+    runs.interrupt_quietly()  # Ctrl-C while torch loads: one line and exit 130
 
 from pathlib import Path
 
-import torch
-
-import finetune
-from data import CLASSES, DATASETS, DIGITS, add_data_flags, load_images, mean_std
+import train
+from data import CLASSES, DATASETS, DIGITS, add_data_flags, load_images, mean_std, take_subset
 from evaluate import compute_metrics, find_checkpoint, metrics_table, plot_confusion, predict_probabilities
 from models import MODELS, build_model, load_checkpoint, replace_head, unwrap
 from runs import (Parser, UserError, add_run_flags, check_outputs, choose_precision, log_for, one_line_errors,
                   path_value, resolve_settings, set_seed, setup_distributed, write_json)
-from train import add_setting_flags, checkpoint_meta, finish, fit, locked, prepare_model, stage_files, take_subset
+from train import add_setting_flags, checkpoint_meta, finish, fit, locked, prepare_model, stage_files
 
 TARGET = "mnist"
-# Transfer fine-tunes on MNIST as finetune.py does on EMNIST (Adam, 5 epochs), with its values.
-DEFAULTS = {key: finetune.DEFAULTS[key] for key in ("subset", "seed", "learning_rate", "batch_size", "epochs", "clip",
-                                                     "augment", "schedule")}
+# What transfer changes in pre-training's values (train.SETTINGS): the study's Adam at 1e-3 for 5 epochs, on
+# every MNIST training image (no validation, so no early stop); the dataset is MNIST.
+DEFAULTS = {**{key: value for key, value in train.DEFAULTS.items()
+               if key not in ("dataset", "momentum", "weight_decay", "patience", "val_fraction")},
+            "optimizer": "adam", "learning_rate": 1e-3, "epochs": 5}
 
 
 def parse_args(argv=None):
@@ -116,7 +113,7 @@ def main(argv=None):
             if not args.from_scratch:
                 replace_head(model, 10, keep_rows=rows)
             set_seed(settings["seed"])
-            optimizer = torch.optim.Adam(model.parameters(), lr=settings["learning_rate"])
+            optimizer = train.build_optimizer(model, settings)
             model = prepare_model(model, device, precision, world_size, args.compile, optimizer)
             data = {"train": tuple(tensor.to(device) for tensor in splits["train"]), "val": None, "mean": mean,
                     "std": std, "classes": 10}

@@ -100,11 +100,9 @@ def endless(loader):
 
 def fresh_model(name, classes, device, precision):
     torch.manual_seed(0)
-    model = build_model(name, classes).to(device)
-    model = model.to(memory_format=torch.channels_last) if precision.channels_last else model
-    optimizer = torch.optim.SGD(model.parameters(), lr=train.DEFAULTS["learning_rate"],
-                                momentum=train.DEFAULTS["momentum"], weight_decay=train.DEFAULTS["weight_decay"])
-    return model, optimizer
+    model = build_model(name, classes)
+    optimizer = train.build_optimizer(model, train.DEFAULTS)
+    return train.prepare_model(model, device, precision), optimizer
 
 
 def measure(name, images, labels, mean, std, device, args, auto):

@@ -25,22 +25,21 @@ from data import DATASETS, load_images, mean_std  # noqa: E402
 from models import MODELS, build_model  # noqa: E402
 from runs import (Parser, check_outputs, choose_precision, fraction, get_device, one_line_errors, positive_float,  # noqa: E402
                   positive_int, seed_value, set_seed, write_json)
-from train import DEFAULTS, epoch_seed, evaluate_loss_acc, train_one_epoch  # noqa: E402
+from train import (DEFAULTS, build_optimizer, epoch_seed, evaluate_loss_acc, prepare_model,  # noqa: E402
+                   train_one_epoch)
 
 
 def race(pipeline, data, test_set, device, args):
     """Train until the test accuracy reaches the target: seconds, epochs and accuracy per epoch."""
     precision = args.precision if pipeline == "ours" else FP32
     set_seed(args.seed)
-    model = build_model(args.model, args.classes).to(device)
-    if precision.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=DEFAULTS["momentum"],
-                                weight_decay=DEFAULTS["weight_decay"])
+    settings = dict(DEFAULTS, learning_rate=args.lr, batch_size=args.batch_size, seed=args.seed)
+    model = build_model(args.model, args.classes)
+    optimizer = build_optimizer(model, settings)
+    model = prepare_model(model, device, precision)
     images, labels = data["train"]
     loader = original_loader(images.cpu(), labels.cpu(), data["mean"], data["std"], args.batch_size, args.workers,
                              args.seed) if pipeline == "study" else None
-    settings = dict(DEFAULTS, learning_rate=args.lr, batch_size=args.batch_size, seed=args.seed)
     seconds, accuracies = 0.0, []
     for epoch in range(1, args.max_epochs + 1):
         model.train()

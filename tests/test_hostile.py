@@ -30,11 +30,11 @@ def dirs(tmp_path):
 # ----------------------------------------------------------------------------- numbers and JSON
 
 @pytest.mark.parametrize("grid, wanted", [
-    ('{"batch_size": [16.0]}', "batch_size 16.0 is not a whole number"),
+    ('{"batch_size": [16.0]}', "batch_size is 16.0, not a whole number"),
     ('{"learning_rate": [1e300]}', "learning_rate must be a number above 0"),
     ('{"weight_decay": [1e300]}', "weight_decay must be a number from 0"),
     ('{"momentum": [1]}', "momentum must be at least 0 and below 1"),
-    ('{"learning_rate": [true]}', "learning_rate True is not a number"),
+    ('{"learning_rate": [true]}', "learning_rate is True, not a number"),
 ])
 def test_grid_values_that_cannot_work_are_refused_before_any_work(tmp_path, capsys, grid, wanted):
     line = refused(search.main, DIGITS + ["--grid", grid, "--outputs", str(tmp_path / "out")], capsys)

@@ -399,3 +399,40 @@ def test_curves_mark_the_kept_epoch_and_an_early_stop_on_whole_epochs(tmp_path, 
         assert all(float(tick).is_integer() for tick in axis.get_xticks())
     train.plot_history(history, tmp_path / "curves.png", "lenet", kept=7, planned=7)  # ran all its epochs
     assert not any("early stop" in text.get_text() for text in figures[1].axes[0].get_legend().get_texts())
+
+
+def test_a_new_setting_is_one_row(monkeypatch):
+    """The README's recipe: one row in SETTINGS gives a flag with its help and default, a type check for
+    the flag and for the same value read from a file, and a place in the settings a run prints."""
+    monkeypatch.setitem(train.SETTINGS, "label_smoothing",
+                        train.Setting(0.0, "--label-smoothing", train.non_negative_float, "label smoothing"))
+    defaults = {**train.DEFAULTS, "label_smoothing": 0.0}
+    parser = train.Parser()
+    train.add_setting_flags(parser, defaults)
+    assert "label smoothing (default: 0.0)" in parser.format_help().replace("\n", " ").replace("  ", " ")
+    args = parser.parse_args(["--label-smoothing", "0.1"])
+    lines = []
+    assert train.resolve_settings(args, defaults, [], lines.append)["label_smoothing"] == 0.1
+    assert any("label_smoothing" in line and "flag" in line for line in lines)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--label-smoothing", "-1"])
+    with pytest.raises(train.UserError, match="label_smoothing is '0.1', not a number"):
+        train.check_setting("label_smoothing", "0.1", "checkpoint")
+
+
+def test_every_stage_makes_its_optimizer_in_one_place(tmp_path, monkeypatch):
+    """Pre-training, the search, fine-tuning and transfer all call train.build_optimizer, so a forker who
+    changes it changes every stage."""
+    made = []
+    original = train.build_optimizer
+
+    def recording(model, settings):
+        made.append(settings["optimizer"])
+        return original(model, settings)
+
+    monkeypatch.setattr(train, "build_optimizer", recording)
+    search.main(DIGITS + ["--n-iter", "1", "--epochs", "1", "--dry-run"])
+    assert made == ["sgd"]
+    train.main(DIGITS + ["--epochs", "1"] + dirs(tmp_path))
+    finetune.main(DIGITS + ["--epochs", "1", "--no-download"] + dirs(tmp_path))
+    assert made == ["sgd", "sgd", "adam"]

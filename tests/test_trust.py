@@ -64,7 +64,8 @@ def test_a_search_result_on_disk_changes_nothing_unless_asked_for(tmp_path, caps
     search_file(tmp_path)
     train.main(DIGITS + ["--epochs", "1", "--dry-run"] + dirs(tmp_path))
     out = capsys.readouterr().out
-    assert "learning_rate  0.01             default" in out and "batch_size     64               default" in out
+    for key in ("learning_rate", "batch_size"):
+        assert f"{key:14} {train.DEFAULTS[key]!s:16} default" in out
 
 
 @pytest.mark.parametrize("fields, reason", [
@@ -188,8 +189,9 @@ def test_each_script_accepts_only_its_flags_and_help_shows_real_defaults(tmp_pat
     for flag in ["--epochs", "--subset", "--batch-size", "--lr", "--resume", "--compile"]:
         assert flag not in helps["evaluate.py"], flag
     assert "--hub" not in helps["search.py"] and "--resume" not in helps["search.py"]
-    assert "(default: 0.01)" not in helps["finetune.py"] and "(default: 0.001)" in helps["finetune.py"]
-    assert "(default: 0.01)" in helps["train.py"] and "--no-augment " not in helps["train.py"]
+    pre_training, fine_tuning = (f"(default: {module.DEFAULTS['learning_rate']})" for module in (train, finetune))
+    assert pre_training not in helps["finetune.py"] and fine_tuning in helps["finetune.py"]
+    assert pre_training in helps["train.py"] and "--no-augment " not in helps["train.py"]
     for flag in ["--resume", "--dataset", "--patience", "--momentum"]:
         assert flag not in helps["transfer_mnist.py"], flag
     assert "--patience" not in helps["search.py"] and "--val-fraction" not in helps["train.py"]
