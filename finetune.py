@@ -121,7 +121,7 @@ def main(argv=None):
                                       dry_run=args.dry_run)
             log(f"fine-tuning {source} on {settings['dataset']}: {len(data['train'][1]):,} train / "
                 f"{len(data['val'][1]) if data['val'] else 0:,} val images, device {device}, world size {world_size}")
-            meta = train.checkpoint_meta(args.model, settings, data, precision, pretrained=str(source))
+            meta = train.checkpoint_meta(args.model, settings, data, precision, resumed, pretrained=str(source))
             train.discard_unfinished(files, resumed and resumed["path"], args.dry_run)
             tried = {}
             for rate in args.rates if len(args.rates) > 1 else [settings["learning_rate"]]:
@@ -142,16 +142,18 @@ def main(argv=None):
                               dry_run=args.dry_run, log=log)
                 tried[rate] = (settings, history, rate_files)
             if rank == 0 and not args.dry_run:
-                settings, history = choose_rate(tried, files, args.model, log)
-                train.finish(files, settings, history, f"{args.model} fine-tuning on {settings['dataset']}", log)
+                settings, history, rates = choose_rate(tried, files, args.model, log)
+                train.finish(files, settings, history, f"{args.model} fine-tuning on {settings['dataset']}", log,
+                             extra=rates)
 
 
 def choose_rate(tried, files, model_name, log):
     """The rate whose best epoch validates most accurately (ties: lower loss) becomes the unfinished run;
-    with several rates, {model}_rates.json lists them all."""
+    with several rates, {model}_rates.json lists them all (returned as finish's `extra`, published with
+    the run)."""
     if len(tried) == 1:
         settings, history, _ = next(iter(tried.values()))
-        return settings, history
+        return settings, history, []
     table = [{"learning_rate": rate, "best_epoch": best_row(history)["epoch"], "val_acc": best_row(history)["val_acc"],
               "val_loss": best_row(history)["val_loss"]} for rate, (_, history, _) in tried.items()]
     chosen = max(table, key=lambda row: (row["val_acc"], -row["val_loss"]))["learning_rate"]
@@ -161,10 +163,11 @@ def choose_rate(tried, files, model_name, log):
                 os.replace(rate_files[key], files[key])
             else:
                 rate_files[key].unlink(missing_ok=True)
-    write_json(files["json"].with_name(f"{model_name}_rates.json"), {"chosen": chosen, "rates": table})
     log("validation accuracy by rate: " + ", ".join(f"{row['learning_rate']}: {100 * row['val_acc']:.2f}%"
                                                     for row in table) + f"; kept {chosen}")
-    return tried[chosen][0], tried[chosen][1]
+    rates = (files["json"].with_name(f"{model_name}_rates.json"),
+             lambda partial: write_json(partial, {"chosen": chosen, "rates": table}))
+    return tried[chosen][0], tried[chosen][1], [rates]
 
 
 if __name__ == "__main__":

@@ -44,6 +44,15 @@ def refuse_special(path, what="output"):
         raise UserError(f"{path} is {kind}, where the {what} file goes: move it away or choose another folder")
 
 
+def atomic_folder(path):
+    """Make the folder a file goes in, or say in one line what is in the way."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"cannot make the folder {Path(path).parent}: a file is in the way; move it or choose "
+                        f"another folder") from None
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a unique temporary path beside `path`; it replaces `path` only if the block succeeds.
@@ -53,11 +62,7 @@ def atomic_path(path):
     """
     path = Path(path)
     refuse_special(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise UserError(f"cannot make the folder {path.parent}: a file is in the way; move it or choose "
-                        f"another folder") from None
+    atomic_folder(path)
     handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     try:
@@ -67,6 +72,62 @@ def atomic_path(path):
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(partial)
+
+
+@contextlib.contextmanager
+def all_or_nothing(*paths, renames=()):
+    """Yield a temporary path for each of `paths`; once the block has written them all, each replaces
+    its path, and each existing source of `renames` ((source, destination) pairs) its destination,
+    with Ctrl-C and SIGTERM held back while the renames run.
+
+    A signal before the renames (while the block works) publishes nothing and ends the run as usual
+    (exit 130, every old file as it was); one that arrives during them is taken only afterwards and
+    discarded, with a line that says everything was published, so the run ends with exit 0. Either
+    way the published files are all the old run's or all the new run's.
+    """
+    with contextlib.ExitStack() as stack:
+        partials = [stack.enter_context(temporary_beside(path)) for path in paths]
+        yield partials
+        publish([(Path(source), Path(destination)) for source, destination in renames if Path(source).is_file()]
+                + list(zip(partials, map(Path, paths))))
+
+
+@contextlib.contextmanager
+def temporary_beside(path):
+    """A unique temporary path beside `path` (not created), removed afterwards if still there; it ends
+    in path's own suffix before .tmp, so that writers that go by the suffix (save_figure) still can."""
+    path = Path(path)
+    refuse_special(path)
+    atomic_folder(path)
+    partial = path.parent / f".{os.getpid()}-{os.urandom(4).hex()}.{path.name}.tmp"
+    try:
+        yield partial
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)
+
+
+def publish(renames):
+    """os.replace each (source, destination) with SIGINT and SIGTERM blocked; a signal that came
+    meanwhile is consumed afterwards, and said so in one line: everything was published."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
+        for source, destination in renames:
+            os.replace(source, destination)
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        for source, destination in renames:
+            with contextlib.suppress(OSError):
+                os.chmod(source, 0o644)  # mkstemp-like 0600 would hide results from the folder's other users
+            os.replace(source, destination)
+    finally:
+        pending = signal.sigpending() & held - set(previous)
+        for number in pending:
+            signal.sigwait({number})
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    if pending:
+        print("interrupted while publishing: every file of the finished run was written; it stands", flush=True)
 
 
 def write_json(path, payload):
@@ -110,7 +171,8 @@ def pyplot():
 def save_figure(figure, path, dpi=100):
     """Save a matplotlib figure atomically (never a half-written PNG) and close it."""
     with atomic_path(path) as partial:
-        figure.savefig(partial, dpi=dpi, format=Path(path).suffix.lstrip(".") or "png")
+        suffix = Path(path).suffix if Path(path).suffix != ".tmp" else Path(Path(path).stem).suffix
+        figure.savefig(partial, dpi=dpi, format=suffix.lstrip(".") or "png")
     pyplot().close(figure)
 
 

@@ -20,8 +20,8 @@ if __name__ == "__main__":
     runs.interrupt_quietly()  # Ctrl-C while torch loads: one line and exit 130
 
 import math
-import os
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 from data import (AUGMENTS, CLASSES, DATASETS, EVAL_BATCH, VAL_FRACTION, add_data_flags, augment_recipe,
                   iterate_batches, load_training_data, model_batch, training_batches)
-from models import MODELS, build_model, forward, load_checkpoint, save_checkpoint, unwrap
-from runs import (Parser, UserError, add_run_flags, check_outputs, check_value, checked, choose_precision, fraction,
+from models import MODELS, build_model, forward, load_checkpoint, read_checkpoint, save_checkpoint, unwrap
+from runs import (Parser, UserError, add_run_flags, all_or_nothing, check_outputs, check_value, checked, choose_precision, fraction,
                   is_int, is_number, is_terminal, log_for, momentum, non_negative_float, one_line_errors, one_of,
                   output_lock, path_value, positive_float, positive_int, pyplot, read_json, resolve_settings,
                   save_figure, seed_value, set_seed, setup_distributed, write_json)
@@ -170,6 +170,7 @@ def fit(model, optimizer, data, settings, precision, *, history=(), files=None, 
     generator = torch.Generator()
     started = time.time() - (history[-1]["elapsed"] if history else 0.0)
     validate = data["val"] is not None
+    saved_last = bool(history)  # whether files["unfinished_last"] holds this run (a resumed one: yes)
     try:
         for epoch in range(len(history) + 1, settings["epochs"] + 1):
             generator.manual_seed(epoch_seed(settings["seed"], epoch))
@@ -198,6 +199,7 @@ def fit(model, optimizer, data, settings, precision, *, history=(), files=None, 
                 if best["epoch"] == epoch:
                     save_checkpoint(files["unfinished"], model, optimizer, **state)
                 save_checkpoint(files["unfinished_last"], model, optimizer, **state)
+                saved_last = True
             log(epoch_line(history[-1], settings["epochs"]))
             if dry_run:
                 log("dry run finished: one training and one validation batch ran, nothing was written")
@@ -207,7 +209,7 @@ def fit(model, optimizer, data, settings, precision, *, history=(), files=None, 
                 log(f"early stop: no better validation loss for {patience} epochs (best: epoch {best['epoch']})")
                 break
     except KeyboardInterrupt:
-        if files and files["unfinished_last"].is_file():
+        if files and saved_last and files["unfinished_last"].is_file():
             log(f"\ninterrupted: the finished epochs are in {files['unfinished_last']}; continue with --resume "
                 f"({files['best']} is untouched)")
         raise
@@ -352,6 +354,11 @@ def resumed_run(args, files, defaults, log):
     state, model = load_checkpoint(path, args.model, datasets=DATASETS,
                                    hint="nothing to resume: start the run without --resume")
     saved = run_state(state, path, model)
+    if path == files["unfinished_last"] and files["unfinished"].is_file():
+        best = read_checkpoint(files["unfinished"], "")
+        if best.get("run") != state.get("run"):
+            raise TrainingError(f"{files['unfinished']} and {path} belong to two different runs (one was stopped "
+                                f"before it saved both): neither can be resumed; start a new run without --resume")
     for key, row in SETTINGS.items():
         given = getattr(args, key, None)
         if row.defines_run and given is not None and key in saved and given != saved[key]:
@@ -428,17 +435,20 @@ def needs_finishing(path, files, done):
     return not isinstance(history, list) or len(history) != done
 
 
-def finish(files, settings, history, title, log):
-    """Publish the unfinished run's checkpoints over the finished run's, then write its JSON and curves."""
-    if files["unfinished"].is_file():
-        os.replace(files["unfinished"], files["best"])
-    if files["unfinished_last"].is_file():
-        os.replace(files["unfinished_last"], files["last"])
+def finish(files, settings, history, title, log, extra=()):
+    """Publish the finished run all at once (runs.all_or_nothing): the unfinished run's checkpoints over
+    the finished run's, its JSON and curves, and each (path, write) of `extra` (write(temporary) makes it)."""
     best = best_row(history)
-    write_json(files["json"], {"args": settings, "history": history, "best_epoch": best["epoch"],
+    extra = list(extra)
+    with all_or_nothing(files["json"], files["png"], *(path for path, _ in extra),
+                        renames=[(files["unfinished"], files["best"]), (files["unfinished_last"], files["last"])]) \
+            as (json_path, png_path, *others):
+        write_json(json_path, {"args": settings, "history": history, "best_epoch": best["epoch"],
                                "best_val_loss": best["val_loss"], "best_val_acc": best["val_acc"],
                                "checkpoint": str(files["best"])})
-    plot_history(history, files["png"], title, kept=best["epoch"], planned=settings["epochs"])
+        plot_history(history, png_path, title, kept=best["epoch"], planned=settings["epochs"])
+        for (_, write), partial in zip(extra, others):
+            write(partial)
     log(f"wrote {files['best']}, {files['last']}, {files['json']} and {files['png']}")
 
 
@@ -472,12 +482,15 @@ def plot_history(history, path, title, kept=None, planned=None):
     save_figure(figure, path)
 
 
-def checkpoint_meta(model_name, settings, data, precision, **extra):
-    """What a checkpoint says of itself besides its weights: enough for any script to rebuild and use it."""
+def checkpoint_meta(model_name, settings, data, precision, resumed=None, **extra):
+    """What a checkpoint says of itself besides its weights: enough for any script to rebuild and use it,
+    and the id of its run (a resumed run's own), so that a best and a last of two runs are never taken
+    for one."""
     dataset = settings["dataset"]
     return {"model": model_name, "num_classes": len(CLASSES[dataset]), "dataset": dataset,
             "classes": CLASSES[dataset], "mean": data["mean"], "std": data["std"],
-            "args": dict(settings, precision=precision.name), **extra}
+            "args": dict(settings, precision=precision.name),
+            "run": resumed.get("run") if resumed else uuid.uuid4().hex, **extra}
 
 
 def discard_unfinished(files, resumed_path, dry_run):
@@ -533,8 +546,8 @@ def main(argv=None):
                 f"val images, device {device}, world size {world_size}")
             discard_unfinished(files, resumed and resumed["path"], args.dry_run)
             history = fit(model, optimizer, data, settings, precision, history=resumed["history"] if resumed else (),
-                          files=None if args.dry_run else files, meta=checkpoint_meta(args.model, settings, data,
-                                                                                       precision),
+                          files=None if args.dry_run else files,
+                          meta=checkpoint_meta(args.model, settings, data, precision, resumed),
                           rank=rank, world_size=world_size, dry_run=args.dry_run, log=log)
             if rank == 0 and not args.dry_run:
                 finish(files, settings, history, f"{args.model} pre-training on {settings['dataset']}", log)

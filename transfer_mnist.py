@@ -123,24 +123,26 @@ def main(argv=None):
                           meta=checkpoint_meta(args.model, settings, data, precision, source=source), rank=rank,
                           world_size=world_size, dry_run=args.dry_run, log=log)
             if rank == 0 and not args.dry_run:
-                finish(files, settings, history, f"{args.model} on {TARGET} ({source})", log)
-                report(unwrap(model), splits, mean, std, device, precision, before, history, args, settings,
-                       source, folder / name, files["best"], log)
+                finish(files, settings, history, f"{args.model} on {TARGET} ({source})", log,
+                       extra=report(unwrap(model), splits, mean, std, device, precision, before, history, args,
+                                    settings, source, folder / name, files["best"], log))
 
 
 def report(model, splits, mean, std, device, precision, before, history, args, settings, source, stem, checkpoint,
            log):
-    """Metrics after the transfer, the test confusion matrix and the transfer's JSON."""
+    """Metrics after the transfer; the test confusion matrix and the transfer's JSON as (path, write) pairs,
+    published with the run's checkpoints by finish()."""
     after = split_metrics(model, splits, mean, std, device, precision)
     log(f"after {len(history)} epochs:")
     log(metrics_table(list(after.items())))
-    plot_confusion(after["test"]["confusion_matrix"], CLASSES[TARGET], stem.with_name(f"{stem.name}_cm_test.png"),
-                   f"{args.model} on the {TARGET} test split after transfer")
-    write_json(stem.with_suffix(".json"), {
-        "model": args.model, "source": source, "from_scratch": args.from_scratch, "dataset": TARGET,
-        "settings": settings, "train_images": len(splits["train"][1]), "epochs": len(history),
-        "checkpoint": str(checkpoint), "before": before, "after": after})
-    log(f"wrote {stem.with_suffix('.json')} and {stem.with_name(f'{stem.name}_cm_test.png')}")
+    log(f"writing {stem.with_suffix('.json')} and {stem.with_name(f'{stem.name}_cm_test.png')}")
+    return [(stem.with_name(f"{stem.name}_cm_test.png"), lambda partial: plot_confusion(
+                after["test"]["confusion_matrix"], CLASSES[TARGET], partial,
+                f"{args.model} on the {TARGET} test split after transfer")),
+            (stem.with_suffix(".json"), lambda partial: write_json(partial, {
+                "model": args.model, "source": source, "from_scratch": args.from_scratch, "dataset": TARGET,
+                "settings": settings, "train_images": len(splits["train"][1]), "epochs": len(history),
+                "checkpoint": str(checkpoint), "before": before, "after": after}))]
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import torch
 import finetune
 import search
 import train
-from conftest import ROOT, signal_at_epoch
+from conftest import ROOT, refused, signal_at_epoch
 from models import CheckpointError, build_model, load_checkpoint
 
 DIGITS = ["--model", "lenet", "--dataset", "sklearn-digits"]
@@ -436,3 +437,49 @@ def test_every_stage_makes_its_optimizer_in_one_place(tmp_path, monkeypatch):
     train.main(DIGITS + ["--epochs", "1"] + dirs(tmp_path))
     finetune.main(DIGITS + ["--epochs", "1", "--no-download"] + dirs(tmp_path))
     assert made == ["sgd", "sgd", "adam"]
+
+
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory):
+    """A finished two-epoch LeNet run on sklearn-digits (copy it before changing it)."""
+    folder = tmp_path_factory.mktemp("two_epochs")
+    train.main(DIGITS + ["--epochs", "2"] + dirs(folder))
+    return folder
+
+
+def test_an_unfinished_pair_of_two_runs_is_never_resumed(tmp_path, capsys, two_epochs):
+    """Run A stops unfinished; run B stops between its two first saves, leaving its best beside A's last:
+    --resume refuses the pair in one line instead of publishing B's best as A's."""
+    shutil.copytree(two_epochs, tmp_path, dirs_exist_ok=True)
+    hub = tmp_path / "model_hub" / "pre_trained"
+    for name in ("lenet.pth", "lenet_last.pth"):  # A's checkpoints, as an unfinished run leaves them
+        (hub / name).rename(hub / name.replace("lenet", "lenet_unfinished"))
+    other = torch.load(hub / "lenet_unfinished.pth", weights_only=True)
+    torch.save(dict(other, run="another run"), hub / "lenet_unfinished.pth")  # B's first save
+    assert "belong to two different runs" in refused(train.main, DIGITS + ["--epochs", "3", "--resume"]
+                                                     + dirs(tmp_path), capsys)
+    assert not (hub / "lenet.pth").exists()
+    torch.save(dict(other), hub / "lenet_unfinished.pth")  # the pair of one run resumes
+    train.main(DIGITS + ["--epochs", "3", "--resume"] + dirs(tmp_path))
+    assert torch.load(hub / "lenet.pth", weights_only=True)["run"] == other["run"]
+
+
+@pytest.mark.parametrize("field, value, wanted", [
+    ("args", {"learning_rate": "0.1"}, "learning_rate is '0.1', not a number"),
+    ("args", {"augment": "sideways"}, "augment"),
+    ("args", {"schedule": "warm"}, "schedule"),
+    ("history", [{}, {}], "history row 1"),
+    ("history", [{"epoch": 1, "train_loss": "x"}, {}], "history row 1"),
+    ("optimizer", {}, "optimizer state"),
+    ("optimizer", {"state": {}, "param_groups": [{"params": [0, 1]}]}, "optimizer state"),
+    ("epoch", "2", "epoch"),
+])
+def test_a_damaged_checkpoint_is_refused_by_resume_in_one_line(tmp_path, capsys, two_epochs, field, value, wanted):
+    shutil.copytree(two_epochs, tmp_path, dirs_exist_ok=True)
+    hub = tmp_path / "model_hub" / "pre_trained"
+    state = torch.load(hub / "lenet_last.pth", weights_only=True)
+    state[field] = {**state[field], **value} if field == "args" else value
+    torch.save(state, hub / "lenet_last.pth")
+    capsys.readouterr()
+    error = refused(train.main, DIGITS + ["--epochs", "3", "--resume"] + dirs(tmp_path), capsys)
+    assert wanted in error and "cannot be resumed" in error, error

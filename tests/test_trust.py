@@ -2,6 +2,7 @@
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -593,3 +594,41 @@ def test_a_run_that_fails_before_writing_leaves_no_folder_and_no_lock(tmp_path, 
     line = refused(train.main, ["--model", "lenet", "--dataset", "emnist-digits", "--data-dir", str(tmp_path / "no"),
                                 "--no-download"] + dirs(tmp_path), capsys)
     assert "could not find" in line and list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- publication is all or nothing
+
+def published(folder, model="lenet"):
+    """The run id of each published file of a pre-training in `folder`."""
+    hub, outputs = folder / "model_hub" / "pre_trained", folder / "outputs" / "train"
+    ids = {name: torch.load(hub / name, weights_only=True).get("run") for name in (f"{model}.pth", f"{model}_last.pth")}
+    summary = json.loads((outputs / f"{model}.json").read_text())
+    ids["json"] = summary["history"][-1]["elapsed"]  # one number per run: the JSON of which run
+    return ids, (outputs / f"{model}.png").stat().st_mtime_ns
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not shutil.which("strace"), reason="needs strace to place a signal at a given rename")
+def test_a_signal_at_any_rename_publishes_all_of_the_run_or_none_of_it(tmp_path):
+    """strace sends SIGINT at the N-th rename of a run that replaces a finished one, for every N: exit 130
+    leaves every file of the old run, exit 0 every file of the new one; never a mixture."""
+    command = [sys.executable, "train.py", *DIGITS, "--epochs", "1", "--hub", str(tmp_path / "model_hub"),
+               "--outputs", str(tmp_path / "outputs")]
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
+    outcomes = set()
+    for n in range(1, 10):  # one epoch: 8 renames (2 checkpoints, JSON, curves, 4 published); 9: none hit
+        old = published(tmp_path)
+        result = subprocess.run(["strace", "-f", "-qq", "-o", os.devnull, "-e", "trace=rename",
+                                 "-e", f"inject=rename:signal=SIGINT:when={n}", *command],
+                                cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert result.returncode in (0, 130), result.stderr
+        now = published(tmp_path)
+        if result.returncode == 130:
+            assert now == old, n
+        else:
+            ids, _ = now
+            assert ids["lenet.pth"] == ids["lenet_last.pth"] != old[0]["lenet.pth"] and now[1] != old[1], n
+            assert ids["json"] != old[0]["json"], n
+        outcomes.add(result.returncode)
+        assert not [path for path in tmp_path.rglob("*") if path.name.endswith(".tmp")]
+    assert outcomes == {0, 130}  # the signal landed both before and during publication
