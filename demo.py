@@ -50,6 +50,11 @@ class Predictor:
 
     def __init__(self, checkpoints, device, precision):
         self.device, self.precision, self.lock = device, precision, threading.Lock()
+        try:
+            self.page = PAGE.read_bytes()  # read before serving: a missing page refuses to start
+        except OSError as err:
+            raise UserError(f"the drawing page {PAGE} cannot be read ({err.strerror}): restore it from the "
+                            f"repository (git checkout demo.html)") from None
         self.networks, self.sources = {}, {}
         for path, wanted in checkpoints:
             state, model = load_checkpoint(path, wanted, datasets=DATASETS)
@@ -131,7 +136,7 @@ def make_handler(predictor):
                 self.send_json(200, {"status": "ok", "models": list(predictor.networks),
                                      "checkpoints": predictor.sources})
             elif self.path in ("/", "/index.html"):
-                body = PAGE.read_bytes()
+                body = predictor.page
                 self.send_response(200)
                 self.send_header("Content-Type", "text/html; charset=utf-8")
                 self.send_header("Content-Length", str(len(body)))

@@ -35,7 +35,8 @@ from runs import (DataError, Parser, UserError, add_run_flags, atomic_path, chec
 
 CASE_ALIKE = "cijklmopsuvwxyz"  # letters whose upper and lower case look alike in handwriting
 MAX_PIXELS = 40_000_000  # a bigger picture is refused: decoding it could exhaust memory (PIL's bomb guard)
-MIN_SIDE = 8  # a picture narrower or lower than this cannot hold a readable character
+MIN_SIDE = 8  # a picture narrower or lower than this cannot hold a readable character (nor can ink of less)
+MIN_INK = 0.04  # ink spanning less than this fraction of the picture's longer side is a speck, not a character
 CONFUSED_PAIRS = 15  # most-confused pairs listed in the JSON
 GRID_SIDE = 10  # the prediction grid shows GRID_SIDE x GRID_SIDE test images
 
@@ -292,6 +293,10 @@ def prepare_user_image(source, name=None):
         raise DataError(f"{name} has no visible ink: give a picture of one handwritten character")
     rows, cols = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
     crop = pixels[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    if max(crop.shape) < max(MIN_SIDE, MIN_INK * max(pixels.shape)):  # a dot or a speck, scaled up, is no character
+        raise DataError(f"{name} holds only a speck of ink ({crop.shape[1]}x{crop.shape[0]} of "
+                        f"{pixels.shape[1]}x{pixels.shape[0]} pixels): give a picture of one handwritten character "
+                        f"that fills a good part of it")
     side = int(max(crop.shape) * 28 / 24)  # 2 pixels of border on each side after resizing
     square = np.zeros((side, side), dtype=np.float32)
     top, left = (side - crop.shape[0]) // 2, (side - crop.shape[1]) // 2
@@ -564,7 +569,7 @@ def parse_args(argv=None):
     parser.add_argument("--image", nargs="+", default=None, metavar="FILE",
                         help=f"classify your own pictures of handwritten characters (default network: "
                              f"--hub's, else the published ByClass {PUBLISHED_NETWORK})")
-    add_run_flags(parser, "device", "hub", "outputs", "precision", "dry-run", precision="fp32")
+    add_run_flags(parser, "device", "hub", "outputs", "precision", "dry-run", "update-results", precision="fp32")
     args = parser.parse_args(argv)
     if not args.model and not args.ckpt and not args.image:
         parser.error("give --model NAME (or all) or --ckpt PATH")

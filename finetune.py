@@ -49,7 +49,7 @@ def parse_args(argv=None):
     parser.add_argument("--replace-head", action="store_true", help="give a checkpoint of another dataset a new head")
     add_data_flags(parser, "data-dir", "no-download")
     parser.add_argument("--resume", action="store_true", help="continue the unfinished run")
-    add_run_flags(parser, "device", "hub", "outputs", "precision", "compile", "dry-run")
+    add_run_flags(parser, "device", "hub", "outputs", "precision", "compile", "dry-run", "update-results")
     args = parser.parse_args(argv)
     if not args.model and not args.ckpt:
         parser.error("give --model NAME (uses HUB/pre_trained/NAME.pth) or --ckpt PATH")

@@ -176,9 +176,23 @@ def save_figure(figure, path, dpi=100):
     pyplot().close(figure)
 
 
+RESULTS = Path(__file__).resolve().parent / "results"  # the studies' committed files
+UPDATE_RESULTS = {"given": False}  # --update-results of the script running now (Parser.parse_args sets it)
+
+
+def replaces_results(path):
+    """Whether writing `path` would replace a committed file of the studies under results/."""
+    path = Path(path)
+    return (path.is_file() or path.is_symlink()) and path.resolve().is_relative_to(RESULTS)
+
+
 def check_outputs(*paths):
-    """Fail before any work when an output file could not be written where it goes (creates nothing)."""
+    """Fail before any work when an output file could not be written where it goes, or would replace a
+    committed result without --update-results (creates nothing)."""
     for path in map(Path, paths):
+        if replaces_results(path) and not UPDATE_RESULTS["given"]:
+            raise UserError(f"{path} is a committed result of this repository's studies: give other "
+                            f"--hub/--outputs folders (results/*/run_study.sh passes --update-results to redo one)")
         refuse_special(path)
         folder = path.parent
         while not folder.exists() and not folder.is_symlink() and folder != folder.parent:
@@ -253,6 +267,11 @@ def lock_file(lock, path, fcntl):
 
 class Parser(argparse.ArgumentParser):
     """argparse whose errors are one line that says what to do."""
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        UPDATE_RESULTS["given"] = bool(getattr(parsed, "update_results", False))
+        return parsed
 
     def error(self, message):
         if rank_label() != 0:  # under torchrun one rank speaks for all
@@ -343,6 +362,8 @@ def add_run_flags(parser, *names, precision="auto"):
                           help=f"fp32, bf16, or auto: bf16 where native (default: {precision})"),
         "compile": dict(action="store_true", help="torch.compile the model (needs a C compiler)"),
         "dry-run": dict(action="store_true", help="one batch of each kind, then stop; writes nothing"),
+        "update-results": dict(action="store_true", help="let this run replace committed files under results/ "
+                                                         "(what the studies' run_study.sh scripts pass)"),
     }
     for name in names:
         parser.add_argument(f"--{name}", **flags[name])
@@ -526,6 +547,9 @@ def one_line_errors():
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` ends a run as Ctrl-C does
     if sys.stdout is None or sys.stdout.closed:
         sys.stdout = open(os.devnull, "w")  # stdout closed with >&-: print nowhere rather than crash
+    for stream in (sys.stdout, sys.stderr):  # a path an ASCII terminal cannot show is escaped, never fatal
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
     quiet = rank_label() != 0  # under torchrun one rank speaks for all
     try:
         yield

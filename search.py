@@ -193,7 +193,7 @@ def parse_args(argv=None):
                         help="lists that replace the study's grid's, e.g. '{\"learning_rate\": [0.01, 0.05]}' "
                              "(default: the grid column of SETTINGS in train.py)")
     add_data_flags(parser, "data-dir", "no-download")
-    add_run_flags(parser, "device", "outputs", "precision", "dry-run")
+    add_run_flags(parser, "device", "outputs", "precision", "dry-run", "update-results")
     return parser.parse_args(argv)
 
 

@@ -514,7 +514,7 @@ def parse_args(argv=None):
     add_setting_flags(parser, DEFAULTS, skip=("val_fraction",))  # pre-training holds out the study's 10 %
     add_data_flags(parser, "data-dir", "no-download")
     parser.add_argument("--resume", action="store_true", help="continue the unfinished run, or the finished one")
-    add_run_flags(parser, "device", "hub", "outputs", "precision", "compile", "dry-run")
+    add_run_flags(parser, "device", "hub", "outputs", "precision", "compile", "dry-run", "update-results")
     args = parser.parse_args(argv)
     if args.resume and args.params:
         parser.error("--resume continues a run with its own values: leave --params out")

@@ -45,7 +45,7 @@ def parse_args(argv=None):
     parser.add_argument("--from-scratch", action="store_true", help="train the same network from random weights")
     add_setting_flags(parser, DEFAULTS)
     add_data_flags(parser, "data-dir", "no-download")
-    add_run_flags(parser, "device", "hub", "outputs", "precision", "compile", "dry-run")
+    add_run_flags(parser, "device", "hub", "outputs", "precision", "compile", "dry-run", "update-results")
     args = parser.parse_args(argv)
     if not args.model and not args.ckpt:
         parser.error("give --model NAME or --ckpt PATH")

@@ -10,7 +10,6 @@ characters. Each measurement runs in a fresh process: the first load (gzip parse
 cache write), the cached load, and an epoch of batch gathering + augmentation without a model.
 Writes outputs/benchmarks/load_data.json (--out).
 """
-import argparse
 import gzip
 import json
 import platform
@@ -24,7 +23,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from runs import Parser, check_outputs, one_line_errors, positive_int, write_json  # noqa: E402
+from runs import (Parser, UserError, check_outputs, get_device, one_line_errors, path_value,  # noqa: E402
+                  write_json)
+from train import batch_size  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"train": 697_932, "test": 116_323}  # the official ByClass splits
@@ -61,8 +62,16 @@ def write_split(folder, split, rng, bank, chunk=50_000):
     labels_path.write_bytes(gzip.compress(struct.pack(">BBBBI", 0, 0, 8, 1, count) + labels.tobytes()))
 
 
+MARKER = "made-by-load_data.py"  # the folder holds this benchmark's synthetic files, and it may clear their caches
+
+
 def ensure_files(folder):
+    """The synthetic files in `folder`: a new or empty folder, or one this benchmark made before."""
+    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / MARKER).is_file())):
+        raise UserError(f"{folder} is not a folder this benchmark made (it holds other files): give --dir a new "
+                        f"or empty folder")
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / MARKER).touch()
     rng = np.random.default_rng(0)
     bank = stroke_bank(4000, rng)
     for split in SIZES:
@@ -100,18 +109,24 @@ print(json.dumps(result))
 
 def measure(folder, augment=False, device="auto", batch_size=64):
     code = CHILD.format(root=str(ROOT), folder=str(folder), augment=augment, device=device, batch_size=batch_size)
-    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    return json.loads(output.strip().splitlines()[-1])
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if result.returncode:  # the child's own last line says why
+        lines = [line for line in result.stderr.splitlines() if line.strip()] or [f"exit status {result.returncode}"]
+        raise UserError(f"the measuring process failed: {lines[-1].removeprefix('error: ')}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None):
-    parser = Parser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--dir", default=None, help="folder for the synthetic files (default: a temporary one)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=positive_int, default=64)
-    parser.add_argument("--out", default="outputs/benchmarks/load_data.json", help="result JSON")
+    parser = Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", default=None, type=path_value, metavar="DIR",
+                        help="new or empty folder for the synthetic files, or one this benchmark made "
+                             "(default: emnist-byclass-synthetic in the temporary folder)")
+    parser.add_argument("--device", default="auto", metavar="NAME", help="where the augmentation runs: auto, cpu, cuda, mps (default: %(default)s)")
+    parser.add_argument("--batch-size", type=batch_size, default=64, metavar="N", help="augmentation batch (default: %(default)s)")
+    parser.add_argument("--out", default="outputs/benchmarks/load_data.json", type=path_value, metavar="FILE", help="result JSON (default: %(default)s)")
     args = parser.parse_args(argv)
     with one_line_errors():
+        get_device(args.device)  # a device this machine lacks: one line now, not the child's traceback later
         check_outputs(args.out)
         run(args)
 
@@ -119,8 +134,9 @@ def main(argv=None):
 def run(args):
     folder = Path(args.dir) if args.dir else Path(tempfile.gettempdir()) / "emnist-byclass-synthetic"
     ensure_files(folder)
-    for cache in folder.glob("*.npy"):
-        cache.unlink()  # the first load must really parse
+    for split in SIZES:  # the first load must really parse: only the caches of this benchmark's own files go
+        for cache in folder.glob(f"emnist-byclass-{split}-*-ubyte.*.npy"):
+            cache.unlink()
     first = measure(folder)
     cached = measure(folder, augment=True, device=args.device, batch_size=args.batch_size)
     sizes = {path.name: path.stat().st_size for path in sorted(folder.glob("*.gz"))}

@@ -27,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
+from train import batch_size as train_batch_size  # noqa: E402
 from benchmarks.original_pipeline import original_loader, study_epoch  # noqa: E402
 from data import DATASETS, EVAL_BATCH, load_images, mean_std  # noqa: E402
 from models import build_model  # noqa: E402
@@ -145,7 +146,7 @@ def parse_args(argv=None):
                         help="real images to feed (speed only; default: sklearn-digits)")
     parser.add_argument("--data-dir", default="data", help="folder with the dataset files (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: auto)")
-    parser.add_argument("--batch-size", type=positive_int, default=train.DEFAULTS["batch_size"],
+    parser.add_argument("--batch-size", type=train_batch_size, default=train.DEFAULTS["batch_size"],
                         help="batch size (default: train.py's, %(default)s)")
     parser.add_argument("--workers", type=positive_int, default=os.cpu_count(),
                         help="DataLoader workers of the study's pipeline (default: one per core)")

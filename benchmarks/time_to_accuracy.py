@@ -25,6 +25,7 @@ from data import DATASETS, load_images, mean_std  # noqa: E402
 from models import MODELS, build_model  # noqa: E402
 from runs import (Parser, check_outputs, choose_precision, fraction, get_device, one_line_errors, positive_float,  # noqa: E402
                   positive_int, seed_value, set_seed, write_json)
+from train import batch_size as train_batch_size  # noqa: E402
 from train import (DEFAULTS, build_optimizer, epoch_seed, evaluate_loss_acc, prepare_model,  # noqa: E402
                    train_one_epoch)
 
@@ -69,7 +70,7 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: auto)")
     parser.add_argument("--target", type=fraction, default=0.97, help="test accuracy to reach (default: 0.97)")
     parser.add_argument("--max-epochs", type=positive_int, default=20, help="give up after (default: 20)")
-    parser.add_argument("--batch-size", type=positive_int, default=DEFAULTS["batch_size"],
+    parser.add_argument("--batch-size", type=train_batch_size, default=DEFAULTS["batch_size"],
                         help="batch size (default: train.py's, %(default)s)")
     parser.add_argument("--lr", type=positive_float, default=DEFAULTS["learning_rate"],
                         help="SGD learning rate (default: train.py's, %(default)s)")

@@ -6,8 +6,10 @@ against the current training code and writes the result it documents.
 import json
 
 import pytest
+import torch
 
-from benchmarks import demo_latency, precision_accuracy, throughput, time_to_accuracy
+from benchmarks import demo_latency, load_data, precision_accuracy, throughput, time_to_accuracy
+from conftest import refused
 
 @pytest.fixture
 def mnist(mnist_sample):
@@ -88,3 +90,16 @@ def test_benchmarks_refuse_bad_values_in_one_line(script, argv, capsys):
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "error:" in error and "--help" in error
+
+
+def test_benchmark_flags_are_checked_and_a_benchmark_removes_only_what_it_made(tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "my_array.npy").write_bytes(b"kept")
+    line = refused(load_data.main, ["--dir", str(mine), "--out", str(tmp_path / "out.json")], capsys)
+    assert "not a folder this benchmark made" in line and (mine / "my_array.npy").read_bytes() == b"kept"
+    if not torch.cuda.is_available():
+        assert "CUDA" in refused(load_data.main, ["--device", "cuda", "--out", str(tmp_path / "out.json")], capsys)
+    for module in (throughput, time_to_accuracy, load_data):
+        assert "at least 2" in refused(module.main, ["--batch-size", "1"], capsys)
+    assert not (tmp_path / "out.json").exists()

@@ -252,3 +252,23 @@ def test_an_empty_host_is_refused_and_any_other_than_loopback_is_announced(capsy
     assert demo.is_loopback("127.0.0.1") and demo.is_loopback("::1") and demo.is_loopback("localhost")
     assert not demo.is_loopback("0.0.0.0") and not demo.is_loopback("0") and not demo.is_loopback("192.168.1.5")
     assert demo.is_wildcard("0.0.0.0") and demo.is_wildcard("0") and demo.is_wildcard("::")
+
+
+def test_a_speck_of_ink_is_no_character_and_a_missing_page_stops_the_demo(tmp_path, monkeypatch, mnist_lenet):
+    from evaluate import prepare_user_image
+    from runs import DataError, UserError
+
+    for size, dot in [(200, 3), (64, 4), (1000, 30)]:
+        picture = np.full((size, size), 255, dtype=np.uint8)
+        picture[size // 2 : size // 2 + dot, size // 3 : size // 3 + dot] = 0
+        Image.fromarray(picture).save(tmp_path / "dot.png")
+        with pytest.raises(DataError, match="speck of ink"):
+            prepare_user_image(tmp_path / "dot.png")
+    picture = np.full((200, 200), 255, dtype=np.uint8)
+    picture[40:160, 95:105] = 0  # a stroke: a "1" or an "l"
+    Image.fromarray(picture).save(tmp_path / "one.png")
+    assert prepare_user_image(tmp_path / "one.png").max() == 255
+    monkeypatch.setattr(demo, "PAGE", tmp_path / "missing.html")
+    cpu = torch.device("cpu")
+    with pytest.raises(UserError, match="drawing page"):
+        demo.Predictor([(mnist_lenet, None)], cpu, demo.choose_precision("fp32", cpu))

@@ -362,3 +362,12 @@ def test_the_demo_never_sends_nan_as_json(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_path_the_terminal_cannot_show_never_fails_a_finished_run(tmp_path):
+    folder = tmp_path / "résultats ✓"
+    result = subprocess.run([sys.executable, "train.py", "--model", "lenet", "--dataset", "sklearn-digits", "--epochs",
+                             "1", "--hub", str(folder / "hub"), "--outputs", str(folder / "out")], cwd=ROOT,
+                            capture_output=True, env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert result.returncode == 0, result.stderr[-500:]
+    assert b"wrote" in result.stdout and (folder / "out" / "train" / "lenet.json").is_file()

@@ -20,6 +20,7 @@ import evaluate
 import finetune
 import search
 import train
+import runs
 import transfer_mnist
 from conftest import ROOT, exit_message, one_line_error, refused, run, signal_at_epoch, write_idx
 from data import DATASETS, load_images
@@ -632,3 +633,23 @@ def test_a_signal_at_any_rename_publishes_all_of_the_run_or_none_of_it(tmp_path)
         outcomes.add(result.returncode)
         assert not [path for path in tmp_path.rglob("*") if path.name.endswith(".tmp")]
     assert outcomes == {0, 130}  # the signal landed both before and during publication
+
+
+def test_committed_results_are_replaced_only_when_asked(trained_lenet, tmp_path, capsys):
+    """--hub or --outputs that would replace a committed file under results/ is refused before any work;
+    the studies' own scripts pass --update-results."""
+    _, checkpoint = trained_lenet
+    study = ROOT / "results" / "fashion-mnist" / "study"
+    before = subprocess.run(["git", "status", "--porcelain", "--ignored", "results"], cwd=ROOT, capture_output=True,
+                            text=True).stdout
+    line = refused(finetune.main, ["--ckpt", str(checkpoint), "--epochs", "1", "--hub", str(study / "model_hub"),
+                                   "--outputs", str(tmp_path)], capsys)
+    assert "is a committed result" in line and "--update-results" in line
+    line = refused(evaluate.main, ["--model", "lenet", "--ckpt", str(checkpoint), "--dataset", "sklearn-digits",
+                                   "--outputs", str(study / "outputs")], capsys)
+    assert "is a committed result" in line
+    after = subprocess.run(["git", "status", "--porcelain", "--ignored", "results"], cwd=ROOT, capture_output=True,
+                           text=True).stdout
+    assert after == before
+    train.main(DIGITS + ["--epochs", "1"] + dirs(tmp_path))  # anywhere else: as before
+    assert not runs.UPDATE_RESULTS["given"]

@@ -50,20 +50,20 @@ if ! [ -d "$carved" ]; then
 fi
 for m in ${@:-$all}; do
   if ! grep -q '"complete": true' "$outputs/search/$m.json" 2>/dev/null; then
-    step "search $m" "$logs/search_$m.log" python search.py --model "$m" "${data[@]}" --outputs "$outputs" || continue
+    step "search $m" "$logs/search_$m.log" python search.py --update-results --model "$m" "${data[@]}" --outputs "$outputs" || continue
   fi
   if ! [ -f "$outputs/train/$m.json" ]; then
     if [ -f "$work/pre_trained/${m}_unfinished_last.pth" ]; then
-      step "train $m" "$logs/train_$m.log" python train.py --model "$m" --resume --data-dir "$carved" --no-download \
+      step "train $m" "$logs/train_$m.log" python train.py --update-results --model "$m" --resume --data-dir "$carved" --no-download \
         --hub "$work" --outputs "$outputs" || continue
     else
-      step "train $m" "$logs/train_$m.log" python train.py --model "$m" --params "$outputs/search/$m.json" \
+      step "train $m" "$logs/train_$m.log" python train.py --update-results --model "$m" --params "$outputs/search/$m.json" \
         "${data[@]}" --hub "$work" --outputs "$outputs" || continue
     fi
   fi
   if ! [ -f "$outputs/finetune/$m.json" ]; then
     resume=(); [ -f "$work/fine_tuned/${m}_tuned_unfinished_last.pth" ] && resume=(--resume)
-    step "finetune $m" "$logs/finetune_$m.log" python finetune.py --model "$m" --data-dir "$carved" --no-download \
+    step "finetune $m" "$logs/finetune_$m.log" python finetune.py --update-results --model "$m" --data-dir "$carved" --no-download \
       --hub "$work" --outputs "$outputs" "${resume[@]}" || continue
   fi
   if ! [ -f "$here/model_hub/fine_tuned/${m}_tuned.pth" ]; then
@@ -84,7 +84,7 @@ if [ -n "$waiting" ]; then
   exit $failed
 fi
 if ! [ -f "$outputs/eval/comparison.json" ]; then
-  step "evaluate all" "$logs/evaluate.log" python evaluate.py --model all "${data[@]}" --hub "$here/model_hub" \
+  step "evaluate all" "$logs/evaluate.log" python evaluate.py --update-results --model all "${data[@]}" --hub "$here/model_hub" \
     --outputs "$outputs" || exit 1
 fi
 best=$(python - "$outputs" $all <<'PY'
@@ -94,7 +94,7 @@ print(max(accuracy, key=accuracy.get))
 PY
 ) || exit 1
 if ! [ -f "$outputs/transfer/$best.json" ]; then
-  step "transfer $best" "$logs/transfer_$best.log" python transfer_mnist.py --model "$best" \
+  step "transfer $best" "$logs/transfer_$best.log" python transfer_mnist.py --update-results --model "$best" \
     --ckpt "$here/model_hub/fine_tuned/${best}_tuned.pth" --data-dir "${MNIST_DIR:-data}" --no-download \
     --hub "$work" --outputs "$outputs" || exit 1
 fi

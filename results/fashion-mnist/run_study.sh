@@ -34,12 +34,15 @@ work=$here/work outputs=$here/outputs logs=$here/logs
 mkdir -p "$logs" "$here/model_hub/fine_tuned"
 data=(--dataset fashion-mnist --no-download)
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
-failed=0
+trap 'echo "interrupted"; exit 130' INT TERM
+failed=0 ran=0  # ran: a stage ran, so the tables are redone; a rerun with nothing to do changes no file
 step() {  # name, log, command...: the output to the log, one line on the terminal, the time to times.log
   local name=$1 log=$2; shift 2
   local start=$(date +%s); echo "$name: running (log: $log)"; "$@" >> "$log" 2>&1; local rc=$?
   echo "$name rc=$rc seconds=$(( $(date +%s) - start )) $(date -u +%FT%TZ) $(uname -m) $(nproc) cores${gpu:+ $gpu}" \
     >> "$logs/times.log"
+  ran=1
+  [ $rc -eq 130 ] && { echo "$name: interrupted"; exit 130; }
   [ $rc -eq 0 ] || { echo "$name: failed, exit status $rc: $(tail -n 1 "$log")"; failed=1; }
   return $rc
 }
@@ -52,22 +55,22 @@ for m in ${@:-lenet spinalnet alexnet resnet vggnet}; do
     case ${options[$i]} in --augment | --schedule) augment+=("${options[$i]}" "${options[$((i + 1))]}") ;; esac
   done
   if ! grep -q '"complete": true' "$study/outputs/search/$m.json" 2>/dev/null; then
-    step "search $m" "$study/logs/search_$m.log" python search.py --model "$m" "${data[@]}" \
+    step "search $m" "$study/logs/search_$m.log" python search.py --update-results --model "$m" "${data[@]}" \
       --outputs "$study/outputs" || continue
   fi
   if ! [ -f "$outputs/train/$m.json" ]; then
     if [ -f "$work/pre_trained/${m}_unfinished_last.pth" ]; then
-      step "train $m" "$logs/train_$m.log" python train.py --model "$m" --resume --hub "$work" --outputs "$outputs" \
+      step "train $m" "$logs/train_$m.log" python train.py --update-results --model "$m" --resume --hub "$work" --outputs "$outputs" \
         --no-download || continue
     else
-      step "train $m" "$logs/train_$m.log" python train.py --model "$m" --params "$study/outputs/search/$m.json" \
+      step "train $m" "$logs/train_$m.log" python train.py --update-results --model "$m" --params "$study/outputs/search/$m.json" \
         "${options[@]}" "${data[@]}" --hub "$work" --outputs "$outputs" || continue
     fi
   fi
   rate=()
   if [ "$recipe" = chosen ]; then
     if [ -z "$(chosen_rate "$m")" ]; then
-      step "choose the fine-tuning rate of $m" "$logs/finetune_rates_$m.log" python finetune.py \
+      step "choose the fine-tuning rate of $m" "$logs/finetune_rates_$m.log" python finetune.py --update-results \
         --ckpt "$work/pre_trained/$m.pth" --val-fraction 0.1 --lr 0.001 0.0001 "${augment[@]}" --no-download \
         --hub "$work/rates" --outputs "$outputs/rates" || continue
     fi
@@ -75,11 +78,12 @@ for m in ${@:-lenet spinalnet alexnet resnet vggnet}; do
   fi
   if ! [ -f "$outputs/finetune/$m.json" ]; then
     resume=(); [ -f "$work/fine_tuned/${m}_tuned_unfinished_last.pth" ] && resume=(--resume)
-    step "finetune $m" "$logs/finetune_$m.log" python finetune.py --model "$m" "${rate[@]}" "${augment[@]}" \
+    step "finetune $m" "$logs/finetune_$m.log" python finetune.py --update-results --model "$m" "${rate[@]}" "${augment[@]}" \
       --no-download --hub "$work" --outputs "$outputs" "${resume[@]}" || continue
   fi
-  step "publish $m" "$logs/publish_$m.log" python - "$work/fine_tuned/${m}_tuned.pth" \
-    "$here/model_hub/fine_tuned/${m}_tuned.pth" <<'PY' || continue
+  tuned=$work/fine_tuned/${m}_tuned.pth published=$here/model_hub/fine_tuned/${m}_tuned.pth
+  [ -f "$published" ] && ! [ "$tuned" -nt "$published" ] && continue  # published already (work/ is not committed)
+  step "publish $m" "$logs/publish_$m.log" python - "$tuned" "$published" <<'PY' || continue
 import os, sys, torch
 state = torch.load(sys.argv[1], map_location="cpu", weights_only=True)
 state.pop("optimizer", None)  # weights and metadata only: what evaluation needs
@@ -89,6 +93,7 @@ os.replace(temporary, sys.argv[2])
 PY
 done
 ensemble=(); [ "$recipe" = chosen ] && ensemble=(--ensemble-from-validation "$work")
-step "evaluate all" "$logs/evaluate.log" python evaluate.py --model all "${data[@]}" --hub "$here/model_hub" \
+[ $ran = 0 ] && [ -f "$outputs/eval/comparison.json" ] && { echo "nothing to redo: every stage's files are here"; exit 0; }
+step "evaluate all" "$logs/evaluate.log" python evaluate.py --update-results --model all "${data[@]}" --hub "$here/model_hub" \
   --outputs "$outputs" "${ensemble[@]}"
 exit $failed
