@@ -48,7 +48,7 @@ def sandbox(tmp_path, fail=None):
     rates = tmp_path / "results" / "fashion-mnist" / "chosen-on-validation" / "outputs" / "rates" / "finetune"
     return study_sandbox(tmp_path, "fashion-mnist", (
         (f'case "$1" in {fail}) echo "error: it broke"; exit 1 ;; esac\n' if fail else "")
-        + f'case "$*" in *--val-fraction*) mkdir -p {rates}; m=$(basename "$3" .pth); '
+        + f'case "$*" in *--val-fraction*) mkdir -p {rates}; m=$(echo "$*" | sed "s|.*--ckpt [^ ]*/\\([a-z]*\\)\\.pth.*|\\1|"); '
           f'printf \'{{\\n  "chosen": 0.0001,\\n  "rates": []\\n}}\\n\' > {rates}/${{m}}_rates.json ;; esac\n'))
 
 
@@ -153,8 +153,8 @@ def test_the_byclass_study_carves_then_runs_each_stage_and_evaluates_only_when_a
     subprocess.run(["bash", str(study / "run_study.sh"), "study"], capture_output=True, text=True, timeout=60,
                    env=env, check=True)
     calls = (tmp_path / "calls").read_text().splitlines()
-    assert calls[-3].startswith("evaluate.py --model all") and "--data-dir data/emnist-byclass-carved" in calls[-3]
-    assert calls[-1].startswith("transfer_mnist.py --model lenet --ckpt "
+    assert calls[-3].startswith("evaluate.py --update-results --model all") and "--data-dir data/emnist-byclass-carved" in calls[-3]
+    assert calls[-1].startswith("transfer_mnist.py --update-results --model lenet --ckpt "
                                 "results/emnist-byclass/study/model_hub/fine_tuned/lenet_tuned.pth")
 
 
