@@ -316,12 +316,12 @@ def search_params(path, model, dataset):
     """The settings layer of --params FILE: a finished search's best values (and its dataset)."""
     result = read_json(path, "search")
     where = f"--params {path}"
-    if result.get("model") != model:
+    if not isinstance(result.get("model"), str) or result["model"] != model:
         raise UserError(f"{where} is a search for {result.get('model')!r}, not {model}: give that network's file")
     if dataset is not None and result.get("dataset") != dataset:
         raise UserError(f"{where} was searched on {result.get('dataset')!r}, not --dataset {dataset}")
-    if result.get("dataset") not in DATASETS:
-        raise UserError(f"{where} names no known dataset: redo the search")
+    if not isinstance(result.get("dataset"), str) or result["dataset"] not in DATASETS:
+        raise UserError(f"{where} names no known dataset ({result.get('dataset')!r}): redo the search")
     if result.get("complete") is not True or result.get("dry_run") is not False:
         raise UserError(f"{where} is not a finished search: run search.py again to finish it")
     if result.get("best_params") is None:

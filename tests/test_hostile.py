@@ -2,6 +2,7 @@
 result), nothing wrong is reported as right, nothing stored is lost, nothing hangs."""
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -371,3 +372,32 @@ def test_a_path_the_terminal_cannot_show_never_fails_a_finished_run(tmp_path):
                             capture_output=True, env={**os.environ, "PYTHONIOENCODING": "ascii"})
     assert result.returncode == 0, result.stderr[-500:]
     assert b"wrote" in result.stdout and (folder / "out" / "train" / "lenet.json").is_file()
+
+
+@pytest.mark.parametrize("fields", [{"dataset": ["sklearn-digits"]}, {"dataset": {"a": 1}}, {"model": ["lenet"]},
+                                    {"best_params": [0.1]}, {"best_params": {"learning_rate": "0.1"}},
+                                    {"complete": "yes"}])
+def test_a_params_file_with_fields_of_the_wrong_type_is_one_line(tmp_path, capsys, fields):
+    params = {"learning_rate": 0.01, "batch_size": 16, "momentum": 0.9, "weight_decay": 0.0}
+    result = {"model": "lenet", "dataset": "sklearn-digits", "complete": True, "dry_run": False,
+              "best_params": {**params, **fields.pop("best_params", {})} if isinstance(fields.get("best_params"),
+                                                                                      (dict, type(None))) else
+              fields.pop("best_params"), **fields}
+    (tmp_path / "search.json").write_text(json.dumps(result))
+    line = refused(train.main, ["--model", "lenet", "--params", str(tmp_path / "search.json"), "--dry-run"], capsys)
+    assert "--params" in line and "Traceback" not in line
+
+
+def test_the_study_tables_say_in_one_line_which_file_is_damaged(tmp_path):
+    for study in ("emnist-byclass", "fashion-mnist"):
+        copy = tmp_path / study
+        shutil.copytree(ROOT / "results" / study, copy)
+        evaluated = next((copy / "study" / "outputs" / "eval").glob("*net.json"))
+        payload = json.loads(evaluated.read_text())
+        payload["test"]["accuracy"] = "high"
+        evaluated.write_text(json.dumps(payload))
+        result = subprocess.run([sys.executable, str(copy / "table.py")], capture_output=True, text=True)
+        assert one_line_error(result).startswith("error: ") and "git checkout" in result.stderr
+        evaluated.write_text("[1")
+        result = subprocess.run([sys.executable, str(copy / "table.py")], capture_output=True, text=True)
+        assert evaluated.name in one_line_error(result)

@@ -19,8 +19,20 @@ NAMES = {"lenet": "LeNet", "alexnet": "AlexNet", "vggnet": "VGGNet", "resnet": "
          "ensnet": "EnsNet", "ensemble": "ensemble"}
 
 
+class Damaged(Exception):
+    """A file of this folder that the tables cannot use: edited, truncated or of the wrong shape."""
+
+
 def load(path):
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise Damaged(f"{path} is not readable JSON ({type(err).__name__})") from None
+    if not isinstance(payload, dict):
+        raise Damaged(f"{path} does not hold a JSON object")
+    return payload
 
 
 def percent(value):
@@ -95,6 +107,11 @@ def main(argv=None):
         print("\n## Every run tried (percent)\n")
         print("\n".join(tried_table()))
         sys.stdout.flush()
+    except (Damaged, KeyError, TypeError, ValueError, IndexError, AttributeError) as err:  # fields of the wrong type
+        what = err if isinstance(err, Damaged) else f"a file of {HERE} lacks a field or holds one of the wrong type " \
+                                                    f"({type(err).__name__}: {err})"
+        sys.stderr.write(f"error: {what}; restore the folder with `git checkout {HERE.relative_to(HERE.parents[1])}`\n")
+        raise SystemExit(1)
     except OSError as err:  # a full disk behind stdout is one line; a closed pipe (`| head`) ends quietly
         if not isinstance(err, BrokenPipeError):
             sys.stderr.write(f"error: cannot write the tables ({err.strerror or err})\n")
