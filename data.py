@@ -221,16 +221,38 @@ def read_cache(stem):
     return None
 
 
+def decoded_size(source):
+    """The bytes of a source's uncompressed contents (its gzip trailer; the file's size when not gzipped)."""
+    path = Path(source[0] if isinstance(source, tuple) else source)
+    try:
+        if isinstance(source, tuple):
+            with zipfile.ZipFile(path) as archive:
+                return archive.getinfo(source[1]).file_size
+        if path.suffix == ".gz":
+            with open(path, "rb") as handle:
+                handle.seek(-4, os.SEEK_END)
+                return int.from_bytes(handle.read(4), "little")
+        return path.stat().st_size
+    except (OSError, KeyError, zipfile.BadZipFile):
+        return 0
+
+
 def load_idx(source, transpose=False, cache=True):
     """Decode an IDX source once; later calls read the cached .npy (well under a second for ByClass)."""
     stem = cache_file(source, transpose)
     array = read_cache(stem)
     if array is not None:
         return array
-    array = parse_idx(read_source(source), source_name(source))
-    if transpose:  # EMNIST stores every image transposed; make it upright like MNIST
-        array = array.transpose(0, 2, 1)
-    array = np.array(array, order="C")  # writable and contiguous (frombuffer's is neither)
+    try:
+        array = parse_idx(read_source(source), source_name(source))
+        if transpose:  # EMNIST stores every image transposed; make it upright like MNIST
+            array = array.transpose(0, 2, 1)
+        array = np.array(array, order="C")  # writable and contiguous (frombuffer's is neither)
+    except MemoryError:
+        raise DataError(f"out of memory decoding {source_name(source)}: decoding needs about "
+                        f"{3 * decoded_size(source) / 2 ** 30:.1f} GiB at once (the file, its array and an upright "
+                        f"copy), whatever --subset says (it is taken after the decode); free memory or raise the "
+                        f"limit (ulimit -v); once decoded, later loads read the cache beside the file") from None
     if not cache:  # a dry run writes nothing
         return array
     cache = stem.with_name(f"{stem.name}.{zlib.crc32(array):08x}.npy")

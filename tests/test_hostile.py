@@ -401,3 +401,14 @@ def test_the_study_tables_say_in_one_line_which_file_is_damaged(tmp_path):
         evaluated.write_text("[1")
         result = subprocess.run([sys.executable, str(copy / "table.py")], capture_output=True, text=True)
         assert evaluated.name in one_line_error(result)
+
+
+def test_running_out_of_memory_while_decoding_says_what_it_needs(tmp_path, monkeypatch, mnist_sample):
+    def exhausted(*_):
+        raise MemoryError
+
+    monkeypatch.setattr(data, "parse_idx", exhausted)
+    with pytest.raises(data.DataError) as error:
+        data.load_images("mnist", train=True, data_dir=mnist_sample, download=False, cache=False)
+    message = str(error.value)
+    assert "out of memory" in message and "GiB" in message and "--subset" in message and "\n" not in message
