@@ -298,8 +298,9 @@ def check_fields(state, path, datasets):
                               f"(known: {', '.join(sorted(datasets or []))})")
     classes = state["classes"]
     if not is_int(state["num_classes"]) or not isinstance(classes, (list, tuple, str)) or \
-            len(classes) != state["num_classes"]:
-        raise CheckpointError(f"{path} has {state['num_classes']!r} classes but a class list of another length")
+            len(classes) != state["num_classes"] or not all(isinstance(label, str) and label for label in classes):
+        raise CheckpointError(f"{path} has {state['num_classes']!r} classes but a class list of another length or "
+                              f"with labels that are not names: it is damaged or was edited; train it again")
     for key, low in (("mean", 0.0), ("std", NORMALISATION_STD_MIN)):  # of pixels scaled to [0, 1]
         value = state[key]
         if not is_number(value) or not math.isfinite(value) or not low <= value <= 1:

@@ -10,12 +10,13 @@
 4. The repository README's summary of the first table.
 Standard library only: it reads, it never trains or evaluates.
 """
-import json
 import os
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1]))
+from runs import UserError, read_json  # noqa: E402
 ORDER = ["lenet", "alexnet", "vggnet", "resnet", "spinalnet"]
 NAMES = {"lenet": "LeNet", "alexnet": "AlexNet", "vggnet": "VGGNet", "resnet": "ResNet", "spinalnet": "SpinalNet",
          "ensemble": "ensemble"}
@@ -25,20 +26,8 @@ PAPER = {"alexnet": (87.95, 87.62, 87.95, 86.59), "vggnet": (89.80, 90.01, 89.80
 PAPER_TRANSFER = ("vggnet", 95.27)
 
 
-class Damaged(Exception):
-    """A file of this folder that the tables cannot use: edited, truncated or of the wrong shape."""
-
-
 def load(path):
-    if not path.is_file():
-        return None
-    try:
-        payload = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise Damaged(f"{path} is not readable JSON ({type(err).__name__})") from None
-    if not isinstance(payload, dict):
-        raise Damaged(f"{path} does not hold a JSON object")
-    return payload
+    return read_json(path, "study") if path.is_file() else None  # runs.py: one-line errors, stdlib only
 
 
 def percent(value):
@@ -144,8 +133,8 @@ def main(argv=None):
         print("\n## The repository README's table (test accuracy / weighted F1, percent)\n")
         print("\n".join(headline_table(study)))
         sys.stdout.flush()
-    except (Damaged, KeyError, TypeError, ValueError, IndexError, AttributeError) as err:  # fields of the wrong type
-        what = err if isinstance(err, Damaged) else f"a file of {HERE} lacks a field or holds one of the wrong type " \
+    except (UserError, KeyError, TypeError, ValueError, IndexError, AttributeError) as err:  # fields of the wrong type
+        what = err if isinstance(err, UserError) else f"a file of {HERE} lacks a field or holds one of the wrong type " \
                                                     f"({type(err).__name__}: {err})"
         sys.stderr.write(f"error: {what}; restore the folder with `git checkout {HERE.relative_to(HERE.parents[1])}`\n")
         raise SystemExit(1)

@@ -8,31 +8,20 @@
    test accuracy and F1, and the hardware that trained it (from logs/times.log).
 Standard library only: it reads, it never trains or evaluates.
 """
-import json
 import os
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1]))
+from runs import UserError, read_json  # noqa: E402
 ORDER = ["lenet", "alexnet", "vggnet", "resnet", "spinalnet", "ensnet"]
 NAMES = {"lenet": "LeNet", "alexnet": "AlexNet", "vggnet": "VGGNet", "resnet": "ResNet", "spinalnet": "SpinalNet",
          "ensnet": "EnsNet", "ensemble": "ensemble"}
 
 
-class Damaged(Exception):
-    """A file of this folder that the tables cannot use: edited, truncated or of the wrong shape."""
-
-
 def load(path):
-    if not path.is_file():
-        return None
-    try:
-        payload = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise Damaged(f"{path} is not readable JSON ({type(err).__name__})") from None
-    if not isinstance(payload, dict):
-        raise Damaged(f"{path} does not hold a JSON object")
-    return payload
+    return read_json(path, "study") if path.is_file() else None  # runs.py: one-line errors, stdlib only
 
 
 def percent(value):
@@ -107,8 +96,8 @@ def main(argv=None):
         print("\n## Every run tried (percent)\n")
         print("\n".join(tried_table()))
         sys.stdout.flush()
-    except (Damaged, KeyError, TypeError, ValueError, IndexError, AttributeError) as err:  # fields of the wrong type
-        what = err if isinstance(err, Damaged) else f"a file of {HERE} lacks a field or holds one of the wrong type " \
+    except (UserError, KeyError, TypeError, ValueError, IndexError, AttributeError) as err:  # fields of the wrong type
+        what = err if isinstance(err, UserError) else f"a file of {HERE} lacks a field or holds one of the wrong type " \
                                                     f"({type(err).__name__}: {err})"
         sys.stderr.write(f"error: {what}; restore the folder with `git checkout {HERE.relative_to(HERE.parents[1])}`\n")
         raise SystemExit(1)
