@@ -22,7 +22,7 @@ import copy
 import os
 from pathlib import Path
 
-from data import CLASSES, DATASETS, add_data_flags, load_training_data
+from data import CLASSES, DATASETS, VAL_FRACTION, add_data_flags, load_training_data
 from models import MODELS, load_checkpoint, replace_head, training_args
 from runs import (Parser, UserError, add_run_flags, check_outputs, choose_precision, log_for, one_line_errors,
                   path_value, positive_float, resolve_settings, set_seed, setup_distributed, write_json)
@@ -67,6 +67,21 @@ def parse_args(argv=None):
     elif args.rates:  # several: the flag's value for the printout; each rate's run sets its own
         args.learning_rate = tuple(args.rates)
     return args
+
+
+def check_held_out(settings, pretraining, path):
+    """Validation while fine-tuning must be images the checkpoint never trained on: the split its own
+    pre-training held out, which the same seed, subset and fraction make again."""
+    if "seed" not in pretraining:
+        raise TrainingError(f"{path} does not say which images its pre-training held out: fine-tune it without "
+                            f"--val-fraction")
+    held = {"seed": pretraining["seed"], "subset": pretraining.get("subset"),
+            "val_fraction": pretraining.get("val_fraction", VAL_FRACTION)}  # older runs: always the 10 %
+    for key, value in held.items():
+        if settings[key] != value:
+            raise TrainingError(f"{train.SETTINGS[key].flag} {settings[key]} would validate on images {path} trained "
+                                f"on: its pre-training held out its images with {train.SETTINGS[key].flag} {value}; "
+                                f"give that")
 
 
 def checkpoint_batch_size(state, path):
@@ -114,6 +129,8 @@ def main(argv=None):
             layers = ([layer] if layer else []) + [(f"checkpoint {source}", pretrained)]
             settings = resolve_settings(args, DEFAULTS, layers, log)
             train.check_settings(settings, args)
+            if settings["val_fraction"] and state["dataset"] == settings["dataset"]:
+                check_held_out(settings, training_args(state), source)
             precision = choose_precision(args.precision, device)
             log(f"precision: {precision.name} ({precision.reason})")
             stats = adapt_head(state, source, settings, model, args.replace_head)

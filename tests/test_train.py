@@ -483,3 +483,11 @@ def test_a_damaged_checkpoint_is_refused_by_resume_in_one_line(tmp_path, capsys,
     capsys.readouterr()
     error = refused(train.main, DIGITS + ["--epochs", "3", "--resume"] + dirs(tmp_path), capsys)
     assert wanted in error and "cannot be resumed" in error, error
+
+
+@pytest.mark.parametrize("flags, wanted", [(["--seed", "1"], "--seed 1"), (["--val-fraction", "0.2"], "--val-fraction 0.2"),
+                                           (["--subset", "1000"], "--subset 1000")])
+def test_fine_tuning_validates_only_on_images_pre_training_held_out(two_epochs, capsys, flags, wanted):
+    line = refused(finetune.main, DIGITS + ["--val-fraction", "0.1", "--dry-run", *flags] + dirs(two_epochs), capsys)
+    assert wanted in line and "trained on" in line
+    finetune.main(DIGITS + ["--val-fraction", "0.1", "--dry-run"] + dirs(two_epochs))  # its own split: fine
