@@ -362,8 +362,7 @@ def add_run_flags(parser, *names, precision="auto"):
                           help=f"fp32, bf16, or auto: bf16 where native (default: {precision})"),
         "compile": dict(action="store_true", help="torch.compile the model (needs a C compiler)"),
         "dry-run": dict(action="store_true", help="one batch of each kind, then stop; writes nothing"),
-        "update-results": dict(action="store_true", help="let this run replace committed files under results/ "
-                                                         "(what the studies' run_study.sh scripts pass)"),
+        "update-results": dict(action="store_true", help="may replace committed results/ files (run_study.sh)"),
     }
     for name in names:
         parser.add_argument(f"--{name}", **flags[name])
