@@ -404,12 +404,14 @@ def test_the_study_tables_say_in_one_line_which_file_is_damaged(tmp_path):
         assert evaluated.name in one_line_error(result)
 
 
-def test_running_out_of_memory_while_decoding_says_what_it_needs(tmp_path, monkeypatch, mnist_sample):
+def test_running_out_of_memory_while_decoding_says_what_it_needs(tmp_path, monkeypatch):
     def exhausted(*_):
         raise MemoryError
 
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", np.zeros((50, 28, 28), dtype=np.uint8))  # never decoded
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.arange(50) % 10)
     monkeypatch.setattr(data, "parse_idx", exhausted)
     with pytest.raises(data.DataError) as error:
-        data.load_images("mnist", train=True, data_dir=mnist_sample, download=False, cache=False)
+        data.load_images("mnist", train=True, data_dir=tmp_path, download=False, cache=False)
     message = str(error.value)
     assert "out of memory" in message and "GiB" in message and "--subset" in message and "\n" not in message
