@@ -147,9 +147,15 @@ def read_json(path, what):
     path = Path(path)
     refuse_special(path, what)
     try:
-        text = path.read_text()
-        payload = json.loads(text)
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"no file {path}: check the path") from None
+    except OSError as err:  # the file may be fine: it cannot be read here
+        raise DataError(f"{path} cannot be read ({err.strerror or type(err).__name__}): fix its permissions, or "
+                        f"give another path") from None
+    try:
+        payload = json.loads(raw.decode())
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise DataError(f"{path} is not readable JSON ({type(err).__name__}): fix or delete it, or redo the {what}") \
             from None
     if not isinstance(payload, dict) or too_deep(payload):

@@ -17,6 +17,7 @@ def mnist(mnist_sample):
     return ["--dataset", "mnist", "--data-dir", str(mnist_sample)]
 
 
+@pytest.mark.slow
 def test_time_to_accuracy_races_both_pipelines_on_real_digits(tmp_path, mnist):
     out = tmp_path / "tta.json"
     time_to_accuracy.main([*mnist, "--max-epochs", "2", "--target", "0.999", "--workers", "0", "--lr", "0.05",
@@ -52,6 +53,7 @@ def test_throughput_reports_every_column_against_the_measured_peak(tmp_path, mni
         row["auto"]])
 
 
+@pytest.mark.slow
 def test_precision_accuracy_compares_both_precisions(tmp_path, mnist):
     out = tmp_path / "precision.json"
     precision_accuracy.main([*mnist, "--epochs", "1", "--seeds", "0", "--out", str(out)])

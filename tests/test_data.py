@@ -285,6 +285,7 @@ def test_without_the_real_samples_their_tests_skip_in_one_line_or_fail_when_requ
     assert required.returncode == 1 and "1 failed" in required.stdout and "real samples missing" in required.stdout
 
 
+@pytest.mark.slow
 def test_a_fifo_named_like_a_cache_is_never_opened_and_an_empty_xdg_cache_home_means_unset(tmp_path):
     import subprocess
     import sys

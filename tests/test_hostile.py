@@ -365,6 +365,7 @@ def test_the_demo_never_sends_nan_as_json(tmp_path):
         server.server_close()
 
 
+@pytest.mark.slow
 def test_a_path_the_terminal_cannot_show_never_fails_a_finished_run(tmp_path):
     folder = tmp_path / "résultats ✓"
     result = subprocess.run([sys.executable, "train.py", "--model", "lenet", "--dataset", "sklearn-digits", "--epochs",
@@ -415,3 +416,13 @@ def test_running_out_of_memory_while_decoding_says_what_it_needs(tmp_path, monke
         data.load_images("mnist", train=True, data_dir=tmp_path, download=False, cache=False)
     message = str(error.value)
     assert "out of memory" in message and "GiB" in message and "--subset" in message and "\n" not in message
+
+
+def test_a_missing_or_unreadable_params_file_is_not_called_broken(tmp_path, capsys):
+    line = refused(train.main, ["--model", "lenet", "--params", str(tmp_path / "none.json"), "--dry-run"], capsys)
+    assert "no file" in line and "delete" not in line
+    if os.geteuid() != 0:  # root reads any file
+        (tmp_path / "locked.json").write_text("{}")
+        (tmp_path / "locked.json").chmod(0)
+        line = refused(train.main, ["--model", "lenet", "--params", str(tmp_path / "locked.json"), "--dry-run"], capsys)
+        assert "cannot be read" in line and "delete" not in line

@@ -130,6 +130,7 @@ def test_dry_run_smoke_test(tmp_path):
     assert not (tmp_path / "model_hub").exists()
 
 
+@pytest.mark.slow
 def test_missing_emnist_gives_one_line_without_traceback(tmp_path):
     result = run_script(str(ROOT / "train.py"), "--model", "alexnet", "--data-dir", str(tmp_path / "data"),
                         "--no-download", "--dry-run", cwd=tmp_path)

@@ -360,6 +360,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, mon
     assert best.read_bytes() == before and not list(tmp_path.rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_unwritable_outputs_are_found_before_training(tmp_path):
     (tmp_path / "a_file").write_text("")
     line = one_line_error(run(ROOT / "train.py", *DIGITS, "--outputs", tmp_path / "a_file" / "out",
@@ -395,6 +396,7 @@ def test_a_checkpoint_that_cannot_be_used_is_one_line(tmp_path, trained_lenet, c
         load_checkpoint(damaged(tmp_path, trained_lenet, **changes), datasets=DATASETS)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_with_nan_weights_is_refused(tmp_path, trained_lenet):
     _, checkpoint = trained_lenet
     state = torch.load(checkpoint, weights_only=True)
@@ -441,6 +443,7 @@ def test_kill_ends_a_run_like_ctrl_c_with_nothing_partial_left(tmp_path):
                       weights_only=True)["epoch"] >= 2
 
 
+@pytest.mark.slow
 def test_output_piped_into_head_ends_quietly(tmp_path):
     result = subprocess.run(f"{sys.executable} {ROOT / 'train.py'} {' '.join(DIGITS)} --dry-run | head -1",
                             shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=120)
@@ -472,6 +475,7 @@ def test_evaluate_all_skips_a_network_it_cannot_evaluate_and_still_compares(trai
     assert list(comparison["models"]) == ["lenet", "spinalnet", "ensemble"]
 
 
+@pytest.mark.slow
 def test_evaluate_hints_fit_the_case(tmp_path, trained_lenet):
     _, checkpoint = trained_lenet
     path = damaged(tmp_path, trained_lenet, dataset="emnist-digits")
