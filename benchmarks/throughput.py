@@ -141,7 +141,8 @@ def measure(name, images, labels, mean, std, device, args, auto):
 
 def parse_args(argv=None):
     parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=FIVE, choices=FIVE + ["ensnet"])
+    parser.add_argument("--models", nargs="+", default=FIVE, choices=FIVE + ["ensnet"], metavar="NAME",
+                        help=f"networks to measure: {', '.join(FIVE)} or ensnet (default: all but ensnet)")
     parser.add_argument("--dataset", default="sklearn-digits", choices=sorted(DATASETS),
                         help="real images to feed (speed only; default: sklearn-digits)")
     parser.add_argument("--data-dir", default="data", help="folder with the dataset files (default: %(default)s)")
