@@ -543,6 +543,13 @@ def load_training_data(settings, device, data_dir, download, stats=None, mini=Fa
             "classes": classes}
 
 
+def held_out_by(pretraining):
+    """What made a pre-training's held-out split, from its checkpoint's args: seed, subset and fraction
+    (runs before val_fraction was saved always held out VAL_FRACTION)."""
+    return {"seed": pretraining.get("seed"), "subset": pretraining.get("subset"),
+            "val_fraction": pretraining.get("val_fraction", VAL_FRACTION)}
+
+
 def take_subset(images, labels, subset, seed, dataset):
     """--subset: a stratified sample of `subset` training images (None: all of them)."""
     if not subset:

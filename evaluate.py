@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 
-from data import (AUGMENTS, CLASSES, DATASETS, EVAL_BATCH, VAL_FRACTION, add_data_flags, augment, augment_recipe,
+from data import (AUGMENTS, CLASSES, DATASETS, EVAL_BATCH, add_data_flags, augment, augment_recipe, held_out_by,
                   iterate_batches, load_images, load_training_data, model_batch)
 from models import MODELS, count_parameters, forward, load_checkpoint, training_args
 from runs import (DataError, Parser, UserError, add_run_flags, atomic_path, check_outputs, choose_precision,
@@ -453,8 +453,7 @@ def choose_members(names, args, device, dataset):
             raise UserError(f"{path} was pre-trained on {state['dataset']}, not {dataset} like the networks "
                             f"evaluated: give --ensemble-from-validation the hub of their own pre-trainings")
         settings = training_args(state)
-        split = {"dataset": dataset, "subset": settings.get("subset"), "seed": settings.get("seed"),
-                 "val_fraction": settings.get("val_fraction", VAL_FRACTION)}
+        split = {"dataset": dataset, **held_out_by(settings)}
         if not (split["subset"] is None or is_int(split["subset"])) or not is_int(split["seed"]) or \
                 not is_number(split["val_fraction"]) or not 0 < split["val_fraction"] < 1:
             raise UserError(f"{path} does not say which subset, seed and validation fraction its pre-training "

@@ -22,7 +22,7 @@ import copy
 import os
 from pathlib import Path
 
-from data import CLASSES, DATASETS, VAL_FRACTION, add_data_flags, load_training_data
+from data import CLASSES, DATASETS, add_data_flags, held_out_by, load_training_data
 from models import MODELS, load_checkpoint, replace_head, training_args
 from runs import (Parser, UserError, add_run_flags, check_outputs, choose_precision, log_for, one_line_errors,
                   path_value, positive_float, resolve_settings, set_seed, setup_distributed, write_json)
@@ -75,9 +75,7 @@ def check_held_out(settings, pretraining, path):
     if "seed" not in pretraining:
         raise TrainingError(f"{path} does not say which images its pre-training held out: fine-tune it without "
                             f"--val-fraction")
-    held = {"seed": pretraining["seed"], "subset": pretraining.get("subset"),
-            "val_fraction": pretraining.get("val_fraction", VAL_FRACTION)}  # older runs: always the 10 %
-    for key, value in held.items():
+    for key, value in held_out_by(pretraining).items():
         if settings[key] != value:
             raise TrainingError(f"{train.SETTINGS[key].flag} {settings[key]} would validate on images {path} trained "
                                 f"on: its pre-training held out its images with {train.SETTINGS[key].flag} {value}; "
