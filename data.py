@@ -157,8 +157,11 @@ def read_source(source):
                 return zipped.read(member)
         return Path(source).read_bytes()
     except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as err:
-        raise DataError(f"{source_name(source)} cannot be read ({err}): check it, or delete it and download it "
-                        f"again") from None
+        raise unreadable(source, err) from None
+
+
+def unreadable(source, err):
+    return DataError(f"{source_name(source)} cannot be read ({err}): check it, or delete it and download it again")
 
 
 def source_name(source):
@@ -171,23 +174,29 @@ def writable(folder):
     return not system and os.access(folder, os.W_OK) and bool(folder.stat().st_mode & 0o222)
 
 
-SIGNATURE_SAMPLES = 64  # 4 KiB blocks spread over the file: about 1 ms, whatever its size
-
-
 def source_signature(source):
-    """Size, modification time and sampled content of a data file, as 16 hex digits.
+    """SHA-1 of the bytes a source is decoded from (the file; a zip member's compressed bytes), as 16 hex digits.
 
-    A changed file changes its signature even when its mtime went backwards (`cp -p`, an
-    extracted archive): a gzip file ends with the CRC and length of its whole content, and
-    the sampled blocks catch an uncompressed file rewritten in place.
+    Any change to those bytes changes the signature, whatever happened to the file's size and time.
+    Hashing runs at about 1.5 GB/s: 0.02 s for the 29 MB of ByClass's test images.
     """
     path = Path(source[0] if isinstance(source, tuple) else source)
-    stat = path.stat()
-    digest = hashlib.sha1(f"{stat.st_size}:{stat.st_mtime_ns}:{source_name(source)}".encode())
-    with open(path, "rb") as handle:
-        for block in range(SIGNATURE_SAMPLES + 1):
-            handle.seek(max(0, (stat.st_size - 4096) * block // SIGNATURE_SAMPLES))
-            digest.update(handle.read(4096))
+    digest = hashlib.sha1(source_name(source).encode())
+    try:
+        with open(path, "rb") as handle:
+            start, length = 0, os.fstat(handle.fileno()).st_size
+            if isinstance(source, tuple):
+                with zipfile.ZipFile(handle) as archive:
+                    member = archive.getinfo(source[1])
+                handle.seek(member.header_offset + 26)  # the local header: 30 bytes, then its name and extra field
+                names = int.from_bytes(handle.read(2), "little") + int.from_bytes(handle.read(2), "little")
+                start, length = member.header_offset + 30 + names, member.compress_size
+            handle.seek(start)
+            while length > 0 and (block := handle.read(min(length, 1 << 20))):
+                digest.update(block)
+                length -= len(block)
+    except (zipfile.BadZipFile, KeyError, OSError) as err:
+        raise unreadable(source, err) from None
     return digest.hexdigest()[:16]
 
 

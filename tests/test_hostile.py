@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import zipfile
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from PIL import Image
 import data
 import search
 import train
-from conftest import ROOT, exit_message, one_line_error, refused, run, real_data, write_idx
+from conftest import ROOT, exit_message, idx_bytes, one_line_error, refused, run, real_data, write_idx
 from runs import DataError, output_lock
 
 DIGITS = ["--model", "lenet", "--dataset", "sklearn-digits"]
@@ -213,6 +214,38 @@ def test_a_cache_damaged_in_place_is_decoded_again(tmp_path, damage):
         np.save(cached_labels, np.asarray((np.arange(50) + 1) % 10, dtype=np.uint8))
     again, again_labels = data.load_images("mnist", data_dir=tmp_path, download=False)
     assert np.array_equal(again.numpy(), images) and torch.equal(again_labels, labels)
+
+
+@pytest.mark.parametrize("where", ["raw_file", "zip_member"])
+def test_a_source_edited_in_place_with_its_size_and_time_kept_never_meets_its_old_cache(tmp_path, where):
+    first = np.random.default_rng(0).integers(0, 256, (400, 28, 28), dtype=np.uint8)
+    second = first.copy()
+    second[153, 7, 15] ^= 0xFF  # one pixel, between the blocks a sampled signature would read
+    if where == "raw_file":
+        source = write_idx(tmp_path / "train-images-idx3-ubyte", first, compress=False)
+        write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.arange(400) % 10)
+        load = lambda: data.load_images("mnist", data_dir=tmp_path, download=False)[0].numpy()  # noqa: E731
+    else:
+        source = tmp_path / data.EMNIST_ZIP
+        names = [f"gzip/emnist-digits-train-{kind}-ubyte" for kind in ("images-idx3", "labels-idx1")]
+        with zipfile.ZipFile(source, "w", zipfile.ZIP_STORED) as archive:
+            archive.writestr(names[0], idx_bytes(first.transpose(0, 2, 1)))
+            archive.writestr(names[1], idx_bytes(np.arange(400) % 10))
+        load = lambda: data.load_images("emnist-digits", data_dir=tmp_path, download=False)[0].numpy()  # noqa: E731
+    assert np.array_equal(load(), first)
+    stat, raw = source.stat(), source.read_bytes()
+    offset = raw.index(idx_bytes(first.transpose(0, 2, 1) if where == "zip_member" else first))
+    edited = second.transpose(0, 2, 1) if where == "zip_member" else second
+    with open(source, "r+b") as handle:  # in place: same inode, same size, then the old times put back
+        handle.seek(offset)
+        handle.write(idx_bytes(edited))
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert source.stat().st_size == stat.st_size and source.stat().st_mtime_ns == stat.st_mtime_ns
+    if where == "raw_file":
+        assert np.array_equal(load(), second)
+    else:  # the member no longer matches the CRC its archive holds: refused, never the old images
+        with pytest.raises(DataError, match="cannot be read"):
+            load()
 
 
 # ----------------------------------------------------------------------------- pictures
