@@ -111,7 +111,7 @@ def dataset_info(name):
     return DATASETS[name]
 
 
-def add_data_flags(parser, *names, dataset_help="dataset (default: emnist-byclass)"):
+def add_data_flags(parser, *names, dataset_help="dataset"):
     """The dataset flags a script uses: --dataset, --data-dir, --no-download (the training scripts'
     --dataset and --subset are settings: rows of train.SETTINGS)."""
     flags = {

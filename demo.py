@@ -256,9 +256,9 @@ def parse_args(argv=None):
                              f"else all the published ByClass networks)")
     parser.add_argument("--ckpt", nargs="+", default=None, type=path_value, metavar="FILE",
                         help="checkpoints to serve instead")
-    parser.add_argument("--host", default="127.0.0.1",
+    parser.add_argument("--host", default="127.0.0.1", metavar="HOST",
                         help="address to listen on; 0.0.0.0 opens it to the network (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8000, metavar="N", help="port (default: %(default)s)")
     add_run_flags(parser, "hub", "device", "precision")
     args = parser.parse_args(argv)
     if not args.model and not args.ckpt:  # the networks published with the repository, and their ensemble

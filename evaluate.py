@@ -560,9 +560,9 @@ def parse_args(argv=None):
     add_data_flags(parser, "dataset", "data-dir", "no-download", dataset_help="dataset (default: the checkpoint's)")
     parser.add_argument("--other-dataset", action="store_true", help="allow a --dataset other than the checkpoint's")
     parser.add_argument("--split", default="both", choices=["train", "test", "both"], metavar="NAME",
-                        help="train, test or both (default: both)")
+                        help="train, test or both (default: %(default)s)")
     parser.add_argument("--seed", type=seed_value, default=0, metavar="N",
-                        help="which test images the picture shows (default: 0)")
+                        help="which test images the picture shows (default: %(default)s)")
     parser.add_argument("--ensemble-from-validation", default=None, type=path_value, metavar="HUB",
                         help="choose the ensemble on what HUB/pre_trained held out (default: all networks)")
     parser.add_argument("--image", nargs="+", default=None, metavar="FILE",

@@ -359,7 +359,7 @@ path_value = checked("a path", str, lambda v: bool(v.strip()), "a file or folder
 def add_run_flags(parser, *names, precision="auto"):
     """The flags about where and how a script runs; each script names the ones it uses."""
     flags = {
-        "device": dict(default="auto", metavar="NAME", help="auto, cpu, cuda, cuda:N or mps (default: auto)"),
+        "device": dict(default="auto", metavar="NAME", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)"),
         "hub": dict(default="model_hub", type=path_value, metavar="DIR",
                     help="checkpoint folder (default: %(default)s)"),
         "outputs": dict(default="outputs", type=path_value, metavar="DIR",

@@ -508,7 +508,7 @@ def discard_unfinished(files, resumed_path, dry_run):
 def parse_args(argv=None):
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="alexnet", choices=sorted(MODELS), metavar="NAME",
-                        help=f"network: {', '.join(sorted(MODELS))} (default: alexnet)")
+                        help=f"network: {', '.join(sorted(MODELS))} (default: %(default)s)")
     parser.add_argument("--params", default=None, type=path_value, metavar="FILE",
                         help="lr, batch size, momentum, weight decay and dataset of a finished search")
     add_setting_flags(parser, DEFAULTS, skip=("val_fraction",))  # pre-training holds out the study's 10 %

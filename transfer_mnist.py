@@ -39,7 +39,7 @@ def parse_args(argv=None):
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, choices=sorted(MODELS), metavar="NAME",
                         help="network (default: the --ckpt's; checked against it when both are given)")
-    parser.add_argument("--ckpt", default=None, type=path_value,
+    parser.add_argument("--ckpt", default=None, type=path_value, metavar="FILE",
                         help="EMNIST checkpoint (default: HUB/fine_tuned/MODEL_tuned.pth, else "
                              "HUB/pre_trained/MODEL.pth)")
     parser.add_argument("--from-scratch", action="store_true", help="train the same network from random weights")

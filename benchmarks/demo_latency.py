@@ -37,10 +37,12 @@ def drawing():
 
 def parse_args(argv=None):
     parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=positive_int, default=50, help="timed requests per network (default: 50)")
-    parser.add_argument("--models", nargs="+", default=NETWORKS, choices=NETWORKS,
-                        help="networks (default: all five)")
-    parser.add_argument("--out", default="outputs/benchmarks/demo_latency.json", help="result JSON (default: %(default)s)")
+    parser.add_argument("--requests", type=positive_int, default=50, metavar="N",
+                        help="timed requests per network (default: %(default)s)")
+    parser.add_argument("--models", nargs="+", default=NETWORKS, choices=NETWORKS, metavar="NAME",
+                        help=f"networks: {', '.join(NETWORKS)} (default: all five)")
+    parser.add_argument("--out", default="outputs/benchmarks/demo_latency.json", metavar="FILE",
+                        help="result JSON (default: %(default)s)")
     return parser.parse_args(argv)
 
 

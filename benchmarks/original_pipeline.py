@@ -1,11 +1,15 @@
 """The study's original input pipeline and loop, kept only to measure ours against: PIL images,
 per-sample torchvision RandomAffine + ToTensor + Normalize, a DataLoader with worker processes."""
+import sys
+from pathlib import Path
+
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from data import AUGMENT
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from data import AUGMENT  # noqa: E402
 
 
 class PILDataset(Dataset):
@@ -45,3 +49,8 @@ def study_epoch(model, optimizer, loader, device, clip, max_batches=None):
         optimizer.step()
         seen += len(target)
     return seen
+
+
+if __name__ == "__main__":
+    sys.exit("original_pipeline.py is what throughput.py and time_to_accuracy.py measure ours against: "
+             "run python benchmarks/throughput.py --help")

@@ -42,14 +42,17 @@ def run_one(args, precision, seed, folder):
 
 def parse_args(argv=None):
     parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="lenet", choices=sorted(MODELS), help="network (default: lenet)")
-    parser.add_argument("--dataset", default="mnist", choices=sorted(DATASETS), help="dataset (default: mnist)")
-    parser.add_argument("--data-dir", default="data", help="folder with the dataset files (default: %(default)s)")
-    parser.add_argument("--epochs", type=positive_int, default=10, help="training epochs per run (default: 10)")
-    parser.add_argument("--lr", type=positive_float, default=train.DEFAULTS["learning_rate"],
+    parser.add_argument("--model", default="lenet", choices=sorted(MODELS), metavar="NAME",
+                        help=f"network: {', '.join(sorted(MODELS))} (default: %(default)s)")
+    parser.add_argument("--dataset", default="mnist", choices=sorted(DATASETS), metavar="NAME",
+                        help=f"dataset: {', '.join(sorted(DATASETS))} (default: %(default)s)")
+    parser.add_argument("--data-dir", default="data", metavar="DIR", help="folder with the dataset files (default: %(default)s)")
+    parser.add_argument("--epochs", type=positive_int, default=10, metavar="N",
+                        help="training epochs per run (default: %(default)s)")
+    parser.add_argument("--lr", type=positive_float, default=train.DEFAULTS["learning_rate"], metavar="X",
                         help="SGD learning rate (default: train.py's, %(default)s)")
-    parser.add_argument("--seeds", type=seed_value, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
-    parser.add_argument("--out", default=None,
+    parser.add_argument("--seeds", type=seed_value, nargs="+", default=[0, 1, 2], metavar="N", help="seeds (default: 0 1 2)")
+    parser.add_argument("--out", default=None, metavar="FILE",
                         help="result JSON (default: outputs/benchmarks/precision_accuracy_DATASET.json)")
     return parser.parse_args(argv)
 

@@ -143,21 +143,23 @@ def parse_args(argv=None):
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=FIVE, choices=FIVE + ["ensnet"], metavar="NAME",
                         help=f"networks to measure: {', '.join(FIVE)} or ensnet (default: all but ensnet)")
-    parser.add_argument("--dataset", default="sklearn-digits", choices=sorted(DATASETS),
-                        help="real images to feed (speed only; default: sklearn-digits)")
-    parser.add_argument("--data-dir", default="data", help="folder with the dataset files (default: %(default)s)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: auto)")
-    parser.add_argument("--batch-size", type=train_batch_size, default=train.DEFAULTS["batch_size"],
+    parser.add_argument("--dataset", default="sklearn-digits", choices=sorted(DATASETS), metavar="NAME",
+                        help=f"real images to feed, for speed only: {', '.join(sorted(DATASETS))} (default: %(default)s)")
+    parser.add_argument("--data-dir", default="data", metavar="DIR", help="folder with the dataset files (default: %(default)s)")
+    parser.add_argument("--device", default="auto", metavar="NAME", help="auto, cpu, cuda, mps (default: %(default)s)")
+    parser.add_argument("--batch-size", type=train_batch_size, default=train.DEFAULTS["batch_size"], metavar="N",
                         help="batch size (default: train.py's, %(default)s)")
-    parser.add_argument("--workers", type=positive_int, default=os.cpu_count(),
+    parser.add_argument("--workers", type=positive_int, default=os.cpu_count(), metavar="N",
                         help="DataLoader workers of the study's pipeline (default: one per core)")
-    parser.add_argument("--warmup", type=positive_int, default=3, help="untimed batches first (default: 3)")
-    parser.add_argument("--seconds", type=positive_float, default=6.0, help="time budget per measurement (default: 6)")
-    parser.add_argument("--peak-seconds", type=positive_float, default=1.0,
-                        help="the matmul peak stops growing the size once one product takes longer (default: 1)")
-    parser.add_argument("--max-batches", type=positive_int, default=200,
-                        help="most timed batches per measurement (default: 200)")
-    parser.add_argument("--out", default="outputs/benchmarks/throughput.json", help="result JSON (default: %(default)s)")
+    parser.add_argument("--warmup", type=positive_int, default=3, metavar="N", help="untimed batches first (default: %(default)s)")
+    parser.add_argument("--seconds", type=positive_float, default=6.0, metavar="X",
+                        help="time budget per measurement (default: %(default)s)")
+    parser.add_argument("--peak-seconds", type=positive_float, default=1.0, metavar="X",
+                        help="the matmul peak stops growing the size once one product takes longer (default: %(default)s)")
+    parser.add_argument("--max-batches", type=positive_int, default=200, metavar="N",
+                        help="most timed batches per measurement (default: %(default)s)")
+    parser.add_argument("--out", default="outputs/benchmarks/throughput.json", metavar="FILE",
+                        help="result JSON (default: %(default)s)")
     return parser.parse_args(argv)
 
 

@@ -64,22 +64,26 @@ def race(pipeline, data, test_set, device, args):
 
 def parse_args(argv=None):
     parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="lenet", choices=sorted(MODELS), help="network (default: lenet)")
-    parser.add_argument("--dataset", default="mnist", choices=sorted(DATASETS), help="dataset (default: mnist)")
-    parser.add_argument("--data-dir", default="data", help="folder with the dataset files (default: %(default)s)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: auto)")
-    parser.add_argument("--target", type=fraction, default=0.97, help="test accuracy to reach (default: 0.97)")
-    parser.add_argument("--max-epochs", type=positive_int, default=20, help="give up after (default: 20)")
-    parser.add_argument("--batch-size", type=train_batch_size, default=DEFAULTS["batch_size"],
+    parser.add_argument("--model", default="lenet", choices=sorted(MODELS), metavar="NAME",
+                        help=f"network: {', '.join(sorted(MODELS))} (default: %(default)s)")
+    parser.add_argument("--dataset", default="mnist", choices=sorted(DATASETS), metavar="NAME",
+                        help=f"dataset: {', '.join(sorted(DATASETS))} (default: %(default)s)")
+    parser.add_argument("--data-dir", default="data", metavar="DIR", help="folder with the dataset files (default: %(default)s)")
+    parser.add_argument("--device", default="auto", metavar="NAME", help="auto, cpu, cuda, mps (default: %(default)s)")
+    parser.add_argument("--target", type=fraction, default=0.97, metavar="X",
+                        help="test accuracy to reach (default: %(default)s)")
+    parser.add_argument("--max-epochs", type=positive_int, default=20, metavar="N",
+                        help="give up after N epochs (default: %(default)s)")
+    parser.add_argument("--batch-size", type=train_batch_size, default=DEFAULTS["batch_size"], metavar="N",
                         help="batch size (default: train.py's, %(default)s)")
-    parser.add_argument("--lr", type=positive_float, default=DEFAULTS["learning_rate"],
+    parser.add_argument("--lr", type=positive_float, default=DEFAULTS["learning_rate"], metavar="X",
                         help="SGD learning rate (default: train.py's, %(default)s)")
-    parser.add_argument("--workers", type=int, default=2,
-                        help="DataLoader workers of the study's pipeline (default: 2)")
-    parser.add_argument("--seed", type=seed_value, default=0, help="seed (default: 0)")
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                        help="arithmetic of our run (default: auto, as train.py; the study's runs fp32)")
-    parser.add_argument("--out", default="outputs/benchmarks/time_to_accuracy.json",
+    parser.add_argument("--workers", type=int, default=2, metavar="N",
+                        help="DataLoader workers of the study's pipeline (default: %(default)s)")
+    parser.add_argument("--seed", type=seed_value, default=0, metavar="N", help="seed (default: %(default)s)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], metavar="NAME",
+                        help="arithmetic of our run: auto, fp32, bf16 (default: %(default)s, as train.py; the study's runs fp32)")
+    parser.add_argument("--out", default="outputs/benchmarks/time_to_accuracy.json", metavar="FILE",
                         help="result JSON (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.workers < 0:

@@ -1,7 +1,9 @@
 """Every value has one visible source, every flag does what it says, bad input gets one line, nothing is lost."""
+import argparse
 import errno
 import json
 import os
+import runpy
 import shutil
 import signal
 import subprocess
@@ -201,6 +203,38 @@ def test_each_script_accepts_only_its_flags_and_help_shows_real_defaults(tmp_pat
         assert len(text.splitlines()) <= 45, (script, len(text.splitlines()))
     line = one_line_error(run(ROOT / "search.py", *DIGITS, "--hub", "x", cwd=tmp_path))
     assert "unrecognized arguments: --hub" in line
+
+
+SCRIPTS = ["train.py", "search.py", "finetune.py", "evaluate.py", "transfer_mnist.py", "demo.py",
+           "results/emnist-byclass/carve.py", "benchmarks/throughput.py", "benchmarks/time_to_accuracy.py",
+           "benchmarks/load_data.py", "benchmarks/demo_latency.py", "benchmarks/precision_accuracy.py"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_flag_has_a_help_line_a_metavar_and_its_default_once_from_one_source(script, monkeypatch):
+    class Captured(Exception):
+        pass
+
+    def capture(parser, *args, **kwargs):
+        raise Captured(parser)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", capture)
+    monkeypatch.setattr(sys, "argv", [script])
+    with pytest.raises(Captured) as captured:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    parser = captured.value.args[0]
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction) or not action.option_strings:
+            continue
+        flag, raw = action.option_strings[0], action.help or ""
+        assert raw.strip(), f"{script} {flag}: no help line"
+        shown = formatter._expand_help(action)
+        assert shown.count("default") <= 1, f"{script} {flag}: {shown}"
+        if action.nargs != 0:  # a flag that takes a value names it: NAME, N, X, DIR, FILE
+            assert action.metavar and action.metavar.isupper(), f"{script} {flag}: no metavar"
+        if isinstance(action.default, (str, int, float)) and not isinstance(action.default, bool):
+            assert f"(default: {action.default})" not in raw, f"{script} {flag}: write %(default)s, not the value again"
+    assert "{" not in parser.format_usage(), f"{script}: choices belong in the help line, not the usage"
 
 
 def test_evaluate_dry_run_writes_nothing(trained_lenet, tmp_path, capsys):
