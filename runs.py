@@ -13,7 +13,6 @@ import os
 import random
 import signal
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,18 +59,9 @@ def atomic_path(path):
     Whatever stops the block (an error, Ctrl-C, a full disk), the temporary file is removed
     and the previous `path` stays as it was.
     """
-    path = Path(path)
-    refuse_special(path)
-    atomic_folder(path)
-    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        yield Path(partial)
-        os.chmod(partial, 0o644)  # mkstemp's 0600 would hide results from the other users of a folder
+    with temporary_beside(path) as partial:
+        yield partial
         os.replace(partial, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(partial)
 
 
 @contextlib.contextmanager
