@@ -5,7 +5,8 @@
 1. The study's recipe (study/) on the carve's 20,000 test images, beside the published study's
    subset table (its own 20,000 test images, not these).
 2. Every network of the recipe, stage by stage: the search's winner, pre-training's best
-   validation accuracy, the test metrics, and the time and threads of each stage (logs/times.log).
+   validation accuracy, the test metrics, and the time and threads of each stage (logs/times.log;
+   pre-training and fine-tuning: the runs' own clocks, which count the epochs of every resumed part).
 3. Transfer to MNIST, beside the study's 95.27 %.
 4. The repository README's summary of the first table.
 Standard library only: it reads, it never trains or evaluates.
@@ -98,7 +99,10 @@ def stages_table(folder):
             winner = f"({len(search['trials'])} of 28 trials so far)"
         val = f"{percent(trained['best_val_acc'])} ({trained['best_epoch']})" if trained else "-"
         test = percent(result["test"]["accuracy"]) if result else "-"
-        spent = " / ".join(times.get((stage, name), "-").split(",")[0] for stage in ("search", "train", "finetune"))
+        tuned = load(folder / "outputs" / "finetune" / f"{name}.json")
+        clocks = [times.get(("search", name), "-").split(",")[0]] + [  # a run's own clock counts its resumed epochs
+            f"{run['history'][-1]['elapsed'] / 60:.0f} min" if run else "-" for run in (trained, tuned)]
+        spent = " / ".join(clocks)
         threads = {times[key].split(", ")[1] for key in times if key[1] == name}
         lines.append(f"| {NAMES[name]} | {winner} | {val} | {test} | {spent} ({', '.join(sorted(threads)) or '-'}) |")
     return lines
