@@ -128,10 +128,16 @@ def test_the_byclass_study_answers_bad_arguments_in_one_line_before_any_work(arg
 
 
 def byclass_sandbox(tmp_path):
-    """The ByClass study's sandbox: the published checkpoint of a network appears when its publish step runs."""
+    """The ByClass study's sandbox: a choice among label=JSON pairs takes the tried option set `cosine` when
+    there is one, else the first label; a publish step makes the published checkpoint; a rate choice
+    writes 1e-4."""
+    rates = tmp_path / "results" / "emnist-byclass" / "chosen-on-validation" / "outputs" / "rates" / "finetune"
     study, env = study_sandbox(tmp_path, "emnist-byclass", (
-        'case "$*" in "- results/emnist-byclass/study/outputs "*) cat > /dev/null; echo lenet ;;\n'
-        '  "- "*) cat > /dev/null; touch "$3" ;; esac\n'))  # the network to transfer; a publish step
+        'case "$*" in "- "*cosine=*) cat > /dev/null; echo cosine ;;\n'
+        '  "- "*=*) cat > /dev/null; echo "${2%%=*}" ;;\n'
+        '  "- "*) cat > /dev/null; touch "$3" ;;\n'
+        f'  *--val-fraction*) mkdir -p {rates}; printf \'{{\\n  "chosen": 0.0001\\n}}\\n\' > {rates}/$4_rates.json ;;'
+        '\nesac\n'))
     return study, {**env, "EMNIST_DIR": str(tmp_path / "official")}
 
 
@@ -175,3 +181,44 @@ def test_the_byclass_readme_tables_are_what_the_committed_files_hold():
         assert "trained on 96,323 images of the official test split, tested on the other 20,000; not the " \
                "official train/test protocol" in " ".join(text.split())
     assert sum(path.stat().st_size for path in BYCLASS.rglob("*") if path.is_file()) < 30e6
+
+
+def test_the_byclass_chosen_recipe_picks_on_validation_then_runs_the_best_network_over_three_seeds(tmp_path):
+    study, env = byclass_sandbox(tmp_path)
+    (tmp_path / "data" / "emnist-byclass-carved").mkdir(parents=True)
+    for stage in ("search", "train"):
+        if stage == "train":
+            result = subprocess.run(["bash", str(study / "run_study.sh"), "chosen", "lenet"], capture_output=True,
+                                    text=True, timeout=60, env=env)
+            assert "chosen lenet waits for the study's pre-training of lenet" in result.stdout  # nothing to compare
+            assert not (tmp_path / "calls").exists()
+        (study / "study" / "outputs" / stage).mkdir(parents=True, exist_ok=True)
+        for name in ("lenet", "spinalnet", "alexnet", "resnet", "vggnet"):
+            (study / "study" / "outputs" / stage / f"{name}.json").write_text('{"complete": true}')
+    result = subprocess.run(["bash", str(study / "run_study.sh"), "chosen", "lenet"], capture_output=True,
+                            text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    chosen = "results/emnist-byclass/chosen-on-validation"
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert [call.split()[0] for call in calls] == ["train.py", "-", "finetune.py", "finetune.py", "-"]
+    assert "--params results/emnist-byclass/study/outputs/search/lenet.json --schedule cosine" in calls[0]
+    assert f"--hub {chosen}/work/tried/cosine --outputs {chosen}/outputs/tried/cosine" in calls[0]
+    assert calls[1].startswith("- study=results/emnist-byclass/study/outputs/train/lenet.json cosine=")
+    assert f"--ckpt {chosen}/work/tried/cosine/pre_trained/lenet.pth --val-fraction 0.1 --lr 0.001 0.0001 " \
+           f"--schedule cosine" in calls[2]
+    assert "--lr 0.0001 --schedule cosine" in calls[3] and "--val-fraction" not in calls[3]
+    assert (study / "chosen-on-validation" / "work" / "chosen" / "pre_trained" / "lenet.pth").is_symlink()
+    for name in ("spinalnet", "alexnet", "resnet", "vggnet"):  # the others published: evaluate, then seeds
+        (study / "chosen-on-validation" / "model_hub" / "fine_tuned" / f"{name}_tuned.pth").touch()
+    (tmp_path / "calls").unlink()
+    subprocess.run(["bash", str(study / "run_study.sh"), "chosen"], capture_output=True, text=True, timeout=60,
+                   env=env, check=True)
+    calls = (tmp_path / "calls").read_text().splitlines()
+    evaluate = next(call for call in calls if call.startswith("evaluate.py --update-results --model all"))
+    assert f"--ensemble-from-validation {chosen}/work/chosen" in evaluate
+    seeds = [call for call in calls if "/seeds/seed-" in call]
+    assert [call.split()[0] for call in seeds] == ["train.py", "finetune.py", "evaluate.py"] * 2
+    assert "--schedule cosine --seed 1" in seeds[0] and f"--hub {chosen}/seeds/seed-1/work" in seeds[0]
+    assert f"--ckpt {chosen}/seeds/seed-1/work/pre_trained/lenet.pth --lr 0.0001 --schedule cosine --seed 1" in seeds[1]
+    assert "--split test" in seeds[2] and f"--hub {chosen}/seeds/seed-1/work" in seeds[2] and "--seed 2" in seeds[3]
+    assert not any(call.startswith("transfer_mnist.py") for call in calls)  # transfer is the study's stage

@@ -2,35 +2,45 @@
 # The study on real EMNIST ByClass at the study's scale, from the repository root; resumable: run it
 # again after any interruption, and each stage continues where it stopped.
 #
-#   EMNIST_DIR=DIR bash results/emnist-byclass/run_study.sh study [networks]   # the study's recipe -> study/
-#
+#   EMNIST_DIR=DIR bash results/emnist-byclass/run_study.sh study  [networks]  # the study's recipe -> study/
+#   EMNIST_DIR=DIR bash results/emnist-byclass/run_study.sh chosen [networks]  # chosen on validation
+#                                                                              #   -> chosen-on-validation/
 # DIR holds the official ByClass test files (default: data). carve.py splits them into 96,323 training
 # and 20,000 test images in data/emnist-byclass-carved/ (stratified, seed 0); every stage then reads
 # that folder with --dataset emnist-byclass. This is not the official protocol (697,932 training images).
-# study: search.py (28 draws x 5 epochs on the mini subset) -> train.py --params (SGD, the study's random
-#        affine, 20 epochs, 90 %) -> finetune.py (Adam 1e-3, 5 epochs, 100 %); once every network of the
-#        recipe is fine-tuned: evaluate.py --model all (test: the 20,000) and transfer_mnist.py of the
-#        network with the best validation accuracy to MNIST (MNIST_DIR, default data: DIR/MNIST/raw/).
+# study:  search.py (28 draws x 5 epochs on the mini subset) -> train.py --params (SGD, the study's random
+#         affine, 20 epochs, 90 %) -> finetune.py (Adam 1e-3, 5 epochs, 100 %); once every network of the
+#         recipe is fine-tuned: evaluate.py --model all (test: the 20,000) and transfer_mnist.py of the
+#         network with the best validation accuracy to MNIST (MNIST_DIR, default data: DIR/MNIST/raw/).
+# chosen: the study's search winners, pre-trained again with each option set of TRIED below; of those and
+#         the study's own pre-training, the one with the best validation accuracy on the 9,632 images that
+#         pre-training held out (the study's wins ties; it is pre-trained again here only if it wins); the
+#         fine-tuning rate chosen on the same images (finetune.py --val-fraction 0.1 --lr 0.001 0.0001);
+#         fine-tuning on 100 % at that rate; evaluate.py --ensemble-from-validation (members chosen on the
+#         same images); then seeds 1 and 2 of the network that validated best, for its mean +- std.
 # THREADS=N sets each stage's threads (default: all cores); two copies of this script on different
 # networks can run side by side with THREADS=1 each. Pre-trained checkpoints stay in the ignored work/
-# folder; the fine-tuned ones are published in model_hub/ without their optimizer state. Each stage's
+# folders; the fine-tuned ones are published in model_hub/ without their optimizer state. Each stage's
 # output goes to logs/, its time to logs/times.log.
 set -uo pipefail
-usage="usage: EMNIST_DIR=DIR bash results/emnist-byclass/run_study.sh study [lenet alexnet vggnet resnet spinalnet]"
+usage="usage: EMNIST_DIR=DIR bash results/emnist-byclass/run_study.sh study|chosen [lenet alexnet vggnet resnet spinalnet]"
 all="lenet spinalnet alexnet resnet vggnet"
+declare -A TRIED=(  # option sets tried against the study's pre-training: name -> train.py options
+  [cosine]="--schedule cosine")
 case ${1:-} in
   -h | --help) echo "$usage"; exit 0 ;;
-  study) recipe=$1; shift ;;
+  study | chosen) recipe=$1; shift ;;
   *) echo "${1:+unknown recipe ${1}: }$usage"; exit 2 ;;
 esac
 for m in "$@"; do
   [[ " $all " == *" $m "* ]] || { echo "unknown network $m: $usage"; exit 2; }
 done
 cd "$(dirname "$0")/../.."
-here=results/emnist-byclass/$recipe
+study=results/emnist-byclass/study
+here=$study; [ "$recipe" = chosen ] && here=results/emnist-byclass/chosen-on-validation
 work=$here/work outputs=$here/outputs logs=$here/logs
 carved=data/emnist-byclass-carved
-mkdir -p "$logs" "$here/model_hub/fine_tuned"
+mkdir -p "$logs" "$study/logs" "$here/model_hub/fine_tuned"
 data=(--dataset emnist-byclass --data-dir "$carved" --no-download)
 [ -n "${THREADS:-}" ] && export OMP_NUM_THREADS=$THREADS
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
@@ -45,26 +55,90 @@ step() {  # name, log, command...: the output to the log, one line on the termin
   [ $rc -eq 0 ] || { echo "$name: failed, exit status $rc: $(tail -n 1 "$log")"; failed=1; }
   return $rc
 }
+pretrain() {  # network, label, hub, outputs, options...: the search winners' SGD pre-training, resumed if unfinished
+  local m=$1 label=$2 hub=$3 out=$4; shift 4
+  [ -f "$out/train/$m.json" ] && return 0
+  if [ -f "$hub/pre_trained/${m}_unfinished_last.pth" ]; then
+    step "$label" "$logs/${label// /_}.log" python train.py --update-results --model "$m" --resume --data-dir "$carved" \
+      --no-download --hub "$hub" --outputs "$out"
+  else
+    step "$label" "$logs/${label// /_}.log" python train.py --update-results --model "$m" \
+      --params "$study/outputs/search/$m.json" "$@" "${data[@]}" --hub "$hub" --outputs "$out"
+  fi
+}
+finetune() {  # network, label, checkpoint, hub, outputs, options...: Adam on 100 %, resumed if unfinished
+  local m=$1 label=$2 ckpt=$3 hub=$4 out=$5; shift 5
+  [ -f "$out/finetune/$m.json" ] && return 0
+  local resume=(); [ -f "$hub/fine_tuned/${m}_tuned_unfinished_last.pth" ] && resume=(--resume)
+  step "$label" "$logs/${label// /_}.log" python finetune.py --update-results --model "$m" --ckpt "$ckpt" "$@" \
+    --data-dir "$carved" --no-download --hub "$hub" --outputs "$out" "${resume[@]}"
+}
+best_of() {  # label=train JSON pairs: the label whose pre-training validated best (the first wins ties)
+  python - "$@" <<'PY'
+import json, sys  # validation accuracy only: the test split chooses nothing
+pairs = [pair.split("=", 1) for pair in sys.argv[1:]]
+accuracy = {label: json.load(open(path))["best_val_acc"] for label, path in pairs}
+print(max(accuracy, key=lambda label: (accuracy[label], -list(accuracy).index(label))))
+PY
+}
+train_json() {  # network, label: the JSON of that pre-training (the study's own: study/, unless run here again)
+  if [ "$2" != study ]; then echo "$outputs/tried/$2/train/$1.json"
+  elif [ -f "$outputs/tried/study/train/$1.json" ]; then echo "$outputs/tried/study/train/$1.json"
+  else echo "$study/outputs/train/$1.json"; fi
+}
+winner_of() {  # network: the label of its chosen pre-training, the study's or one of TRIED
+  local pairs=("study=$study/outputs/train/$1.json") name
+  for name in "${!TRIED[@]}"; do pairs+=("$name=$outputs/tried/$name/train/$1.json"); done
+  best_of "${pairs[@]}"
+}
+fine_tuning_options() {  # label: what fine-tuning keeps of its pre-training's options (augmentation, schedule)
+  local options=() kept=() i; [ "$1" != study ] && read -ra options <<< "${TRIED[$1]}"
+  for i in "${!options[@]}"; do
+    case ${options[$i]} in --augment | --schedule) kept+=("${options[$i]}" "${options[$((i + 1))]}") ;; esac
+  done
+  echo "${kept[*]}"
+}
+chosen_rate() {  # the rate finetune.py chose on validation, from its {model}_rates.json
+  sed -n 's/^ *"chosen": *\([0-9.e-]*\),*$/\1/p' "$outputs/rates/finetune/$1_rates.json" 2>/dev/null
+}
 if ! [ -d "$carved" ]; then
   step "carve" "$logs/carve.log" python results/emnist-byclass/carve.py "${EMNIST_DIR:-data}" "$carved" || exit 1
 fi
 for m in ${@:-$all}; do
-  if ! grep -q '"complete": true' "$outputs/search/$m.json" 2>/dev/null; then
-    step "search $m" "$logs/search_$m.log" python search.py --update-results --model "$m" "${data[@]}" --outputs "$outputs" || continue
+  if ! grep -q '"complete": true' "$study/outputs/search/$m.json" 2>/dev/null; then
+    step "search $m" "$study/logs/search_$m.log" python search.py --update-results --model "$m" "${data[@]}" \
+      --outputs "$study/outputs" || continue
   fi
-  if ! [ -f "$outputs/train/$m.json" ]; then
-    if [ -f "$work/pre_trained/${m}_unfinished_last.pth" ]; then
-      step "train $m" "$logs/train_$m.log" python train.py --update-results --model "$m" --resume --data-dir "$carved" --no-download \
-        --hub "$work" --outputs "$outputs" || continue
-    else
-      step "train $m" "$logs/train_$m.log" python train.py --update-results --model "$m" --params "$outputs/search/$m.json" \
-        "${data[@]}" --hub "$work" --outputs "$outputs" || continue
+  if [ "$recipe" = study ]; then
+    pretrain "$m" "train $m" "$work" "$outputs" || continue
+    finetune "$m" "finetune $m" "$work/pre_trained/$m.pth" "$work" "$outputs" || continue
+  else
+    if ! [ -f "$study/outputs/train/$m.json" ]; then
+      echo "chosen $m waits for the study's pre-training of $m: run_study.sh study $m"; continue
     fi
-  fi
-  if ! [ -f "$outputs/finetune/$m.json" ]; then
-    resume=(); [ -f "$work/fine_tuned/${m}_tuned_unfinished_last.pth" ] && resume=(--resume)
-    step "finetune $m" "$logs/finetune_$m.log" python finetune.py --update-results --model "$m" --data-dir "$carved" --no-download \
-      --hub "$work" --outputs "$outputs" "${resume[@]}" || continue
+    ok=1
+    for name in "${!TRIED[@]}"; do
+      read -ra options <<< "${TRIED[$name]}"
+      pretrain "$m" "train $name $m" "$work/tried/$name" "$outputs/tried/$name" "${options[@]}" || { ok=0; break; }
+    done
+    [ $ok = 1 ] || continue
+    winner=$(winner_of "$m") || continue
+    read -ra augment <<< "$(fine_tuning_options "$winner")"
+    pretrained=$work/tried/$winner/pre_trained/$m.pth
+    if [ "$winner" = study ]; then  # the study's checkpoint, if this clone has it; else the same run again
+      if [ -f "$study/work/pre_trained/$m.pth" ]; then pretrained=$study/work/pre_trained/$m.pth
+      else pretrain "$m" "train study $m" "$work/tried/study" "$outputs/tried/study" || continue; fi
+    fi
+    mkdir -p "$work/chosen/pre_trained"  # the chosen pre-trainings side by side: the ensemble's validation hub
+    ln -sfn "$(realpath -m "$pretrained")" "$work/chosen/pre_trained/$m.pth"
+    if [ -z "$(chosen_rate "$m")" ]; then
+      step "choose the fine-tuning rate of $m" "$logs/finetune_rates_$m.log" python finetune.py --update-results \
+        --model "$m" --ckpt "$pretrained" --val-fraction 0.1 --lr 0.001 0.0001 "${augment[@]}" --data-dir "$carved" \
+        --no-download --hub "$work/rates" --outputs "$outputs/rates" || continue
+    fi
+    rate=$(chosen_rate "$m")
+    [ -n "$rate" ] || { echo "finetune $m: no chosen rate in $outputs/rates/finetune/${m}_rates.json"; failed=1; continue; }
+    finetune "$m" "finetune $m" "$pretrained" "$work" "$outputs" --lr "$rate" "${augment[@]}" || continue
   fi
   if ! [ -f "$here/model_hub/fine_tuned/${m}_tuned.pth" ]; then
     step "publish $m" "$logs/publish_$m.log" python - "$work/fine_tuned/${m}_tuned.pth" \
@@ -83,19 +157,35 @@ if [ -n "$waiting" ]; then
   echo "evaluation and transfer wait for:$waiting"
   exit $failed
 fi
+ensemble=(); [ "$recipe" = chosen ] && ensemble=(--ensemble-from-validation "$work/chosen")
 if ! [ -f "$outputs/eval/comparison.json" ]; then
   step "evaluate all" "$logs/evaluate.log" python evaluate.py --update-results --model all "${data[@]}" --hub "$here/model_hub" \
-    --outputs "$outputs" || exit 1
+    --outputs "$outputs" "${ensemble[@]}" || exit 1
 fi
-best=$(python - "$outputs" $all <<'PY'
-import json, sys  # the network whose pre-training validated best: the test split chooses nothing
-accuracy = {m: json.load(open(f"{sys.argv[1]}/train/{m}.json"))["best_val_acc"] for m in sys.argv[2:]}
-print(max(accuracy, key=accuracy.get))
-PY
-) || exit 1
-if ! [ -f "$outputs/transfer/$best.json" ]; then
-  step "transfer $best" "$logs/transfer_$best.log" python transfer_mnist.py --update-results --model "$best" \
-    --ckpt "$here/model_hub/fine_tuned/${best}_tuned.pth" --data-dir "${MNIST_DIR:-data}" --no-download \
-    --hub "$work" --outputs "$outputs" || exit 1
+pairs=(); for m in $all; do  # the network whose pre-training validated best: the test split chooses nothing
+  if [ "$recipe" = study ]; then pairs+=("$m=$outputs/train/$m.json")
+  else pairs+=("$m=$(train_json "$m" "$(winner_of "$m")")"); fi
+done
+best=$(best_of "${pairs[@]}") || exit 1
+if [ "$recipe" = study ]; then
+  if ! [ -f "$outputs/transfer/$best.json" ]; then
+    step "transfer $best" "$logs/transfer_$best.log" python transfer_mnist.py --update-results --model "$best" \
+      --ckpt "$here/model_hub/fine_tuned/${best}_tuned.pth" --data-dir "${MNIST_DIR:-data}" --no-download \
+      --hub "$work" --outputs "$outputs" || exit 1
+  fi
+  exit $failed
 fi
+winner=$(winner_of "$best") || exit 1
+options=(); [ "$winner" != study ] && read -ra options <<< "${TRIED[$winner]}"
+read -ra augment <<< "$(fine_tuning_options "$winner")"
+for seed in 1 2; do  # the same recipe, the same rate, other seeds: the best network's mean +- std
+  s=$here/seeds/seed-$seed
+  pretrain "$best" "train $best seed $seed" "$s/work" "$s/outputs" "${options[@]}" --seed "$seed" || exit 1
+  finetune "$best" "finetune $best seed $seed" "$s/work/pre_trained/$best.pth" "$s/work" "$s/outputs" \
+    --lr "$(chosen_rate "$best")" "${augment[@]}" --seed "$seed" || exit 1
+  if ! [ -f "$s/outputs/eval/$best.json" ]; then
+    step "evaluate $best seed $seed" "$logs/evaluate_seed_$seed.log" python evaluate.py --update-results --model "$best" \
+      "${data[@]}" --hub "$s/work" --outputs "$s/outputs" --split test || exit 1
+  fi
+done
 exit $failed
