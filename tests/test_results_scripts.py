@@ -141,6 +141,18 @@ def byclass_sandbox(tmp_path):
     return study, {**env, "EMNIST_DIR": str(tmp_path / "official")}
 
 
+def rerun_with_the_others_published(study, recipe, env):
+    """Publish the four networks other than lenet, run the recipe again on all five, and return its calls."""
+    folder = study / ("study" if recipe == "study" else "chosen-on-validation")
+    for name in ("spinalnet", "alexnet", "resnet", "vggnet"):
+        (folder / "model_hub" / "fine_tuned" / f"{name}_tuned.pth").touch()
+    calls = study.parents[1] / "calls"
+    calls.unlink()
+    subprocess.run(["bash", str(study / "run_study.sh"), recipe], capture_output=True, text=True, timeout=60,
+                   env=env, check=True)
+    return calls.read_text().splitlines()
+
+
 def test_the_byclass_study_carves_then_runs_each_stage_and_evaluates_only_when_all_are_done(tmp_path):
     study, env = byclass_sandbox(tmp_path)
     result = subprocess.run(["bash", str(study / "run_study.sh"), "study", "lenet"], capture_output=True, text=True,
@@ -153,12 +165,7 @@ def test_the_byclass_study_carves_then_runs_each_stage_and_evaluates_only_when_a
     assert "--dataset emnist-byclass --data-dir data/emnist-byclass-carved" in calls[1]
     assert "--params results/emnist-byclass/study/outputs/search/lenet.json" in calls[2]
     assert "evaluation and transfer wait for: spinalnet alexnet resnet vggnet" in result.stdout
-    for name in ("spinalnet", "alexnet", "resnet", "vggnet"):  # the others published: evaluate, then transfer
-        (study / "study" / "model_hub" / "fine_tuned" / f"{name}_tuned.pth").touch()
-    (tmp_path / "calls").unlink()
-    subprocess.run(["bash", str(study / "run_study.sh"), "study"], capture_output=True, text=True, timeout=60,
-                   env=env, check=True)
-    calls = (tmp_path / "calls").read_text().splitlines()
+    calls = rerun_with_the_others_published(study, "study", env)  # evaluate, then transfer
     assert calls[-3].startswith("evaluate.py --update-results --model all") and "--data-dir data/emnist-byclass-carved" in calls[-3]
     assert calls[-1].startswith("transfer_mnist.py --update-results --model lenet --ckpt "
                                 "results/emnist-byclass/study/model_hub/fine_tuned/lenet_tuned.pth")
@@ -208,12 +215,7 @@ def test_the_byclass_chosen_recipe_picks_on_validation_then_runs_the_best_networ
            f"--schedule cosine" in calls[2]
     assert "--lr 0.0001 --schedule cosine" in calls[3] and "--val-fraction" not in calls[3]
     assert (study / "chosen-on-validation" / "work" / "chosen" / "pre_trained" / "lenet.pth").is_symlink()
-    for name in ("spinalnet", "alexnet", "resnet", "vggnet"):  # the others published: evaluate, then seeds
-        (study / "chosen-on-validation" / "model_hub" / "fine_tuned" / f"{name}_tuned.pth").touch()
-    (tmp_path / "calls").unlink()
-    subprocess.run(["bash", str(study / "run_study.sh"), "chosen"], capture_output=True, text=True, timeout=60,
-                   env=env, check=True)
-    calls = (tmp_path / "calls").read_text().splitlines()
+    calls = rerun_with_the_others_published(study, "chosen", env)  # evaluate, then the seeds
     evaluate = next(call for call in calls if call.startswith("evaluate.py --update-results --model all"))
     assert f"--ensemble-from-validation {chosen}/work/chosen" in evaluate
     seeds = [call for call in calls if "/seeds/seed-" in call]
