@@ -56,22 +56,22 @@ step() {  # name, log, command...: the output to the log, one line on the termin
   return $rc
 }
 pretrain() {  # network, label, hub, outputs, options...: the search winners' SGD pre-training, resumed if unfinished
-  local m=$1 label=$2 hub=$3 out=$4; shift 4
-  [ -f "$out/train/$m.json" ] && return 0
+  local m=$1 label=$2 hub=$3 folder=$4; shift 4
+  [ -f "$folder/train/$m.json" ] && return 0
   if [ -f "$hub/pre_trained/${m}_unfinished_last.pth" ]; then
     step "$label" "$logs/${label// /_}.log" python train.py --update-results --model "$m" --resume --data-dir "$carved" \
-      --no-download --hub "$hub" --outputs "$out"
+      --no-download --hub "$hub" --outputs "$folder"
   else
     step "$label" "$logs/${label// /_}.log" python train.py --update-results --model "$m" \
-      --params "$study/outputs/search/$m.json" "$@" "${data[@]}" --hub "$hub" --outputs "$out"
+      --params "$study/outputs/search/$m.json" "$@" "${data[@]}" --hub "$hub" --outputs "$folder"
   fi
 }
 finetune() {  # network, label, checkpoint, hub, outputs, options...: Adam on 100 %, resumed if unfinished
-  local m=$1 label=$2 ckpt=$3 hub=$4 out=$5; shift 5
-  [ -f "$out/finetune/$m.json" ] && return 0
+  local m=$1 label=$2 ckpt=$3 hub=$4 folder=$5; shift 5
+  [ -f "$folder/finetune/$m.json" ] && return 0
   local resume=(); [ -f "$hub/fine_tuned/${m}_tuned_unfinished_last.pth" ] && resume=(--resume)
   step "$label" "$logs/${label// /_}.log" python finetune.py --update-results --model "$m" --ckpt "$ckpt" "$@" \
-    --data-dir "$carved" --no-download --hub "$hub" --outputs "$out" "${resume[@]}"
+    --data-dir "$carved" --no-download --hub "$hub" --outputs "$folder" "${resume[@]}"
 }
 best_of() {  # label=train JSON pairs: the label whose pre-training validated best (the first wins ties)
   python - "$@" <<'PY'
@@ -91,8 +91,11 @@ winner_of() {  # network: the label of its chosen pre-training, the study's or o
   for name in "${!TRIED[@]}"; do pairs+=("$name=$outputs/tried/$name/train/$1.json"); done
   best_of "${pairs[@]}"
 }
+tried_options() {  # label: its train.py options (the study's own: none)
+  [ "$1" = study ] || echo "${TRIED[$1]}"
+}
 fine_tuning_options() {  # label: what fine-tuning keeps of its pre-training's options (augmentation, schedule)
-  local options=() kept=() i; [ "$1" != study ] && read -ra options <<< "${TRIED[$1]}"
+  local options=() kept=() i; read -ra options <<< "$(tried_options "$1")"
   for i in "${!options[@]}"; do
     case ${options[$i]} in --augment | --schedule) kept+=("${options[$i]}" "${options[$((i + 1))]}") ;; esac
   done
@@ -118,7 +121,7 @@ for m in ${@:-$all}; do
     fi
     ok=1
     for name in "${!TRIED[@]}"; do
-      read -ra options <<< "${TRIED[$name]}"
+      read -ra options <<< "$(tried_options "$name")"
       pretrain "$m" "train $name $m" "$work/tried/$name" "$outputs/tried/$name" "${options[@]}" || { ok=0; break; }
     done
     [ $ok = 1 ] || continue
@@ -176,7 +179,7 @@ if [ "$recipe" = study ]; then
   exit $failed
 fi
 winner=$(winner_of "$best") || exit 1
-options=(); [ "$winner" != study ] && read -ra options <<< "${TRIED[$winner]}"
+read -ra options <<< "$(tried_options "$winner")"
 read -ra augment <<< "$(fine_tuning_options "$winner")"
 for seed in 1 2; do  # the same recipe, the same rate, other seeds: the best network's mean +- std
   s=$here/seeds/seed-$seed
