@@ -43,6 +43,8 @@ carved=data/emnist-byclass-carved
 mkdir -p "$logs" "$study/logs" "$here/model_hub/fine_tuned"
 data=(--dataset emnist-byclass --data-dir "$carved" --no-download)
 [ -n "${THREADS:-}" ] && export OMP_NUM_THREADS=$THREADS
+fp32=()  # chosen: fp32 on AVX2 kernels, the same numbers on any x86-64 CPU, so its runs resume on any of them
+if [ "$recipe" = chosen ]; then export ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2; fp32=(--precision fp32); fi
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
 trap 'echo "interrupted"; exit 130' INT TERM
 failed=0
@@ -60,10 +62,10 @@ pretrain() {  # network, label, hub, outputs, options...: the search winners' SG
   [ -f "$folder/train/$m.json" ] && return 0
   if [ -f "$hub/pre_trained/${m}_unfinished_last.pth" ]; then
     step "$label" "$logs/${label// /_}.log" python train.py --update-results --model "$m" --resume --data-dir "$carved" \
-      --no-download --hub "$hub" --outputs "$folder"
+      --no-download --hub "$hub" --outputs "$folder" "${fp32[@]}"
   else
     step "$label" "$logs/${label// /_}.log" python train.py --update-results --model "$m" \
-      --params "$study/outputs/search/$m.json" "$@" "${data[@]}" --hub "$hub" --outputs "$folder"
+      --params "$study/outputs/search/$m.json" "$@" "${data[@]}" --hub "$hub" --outputs "$folder" "${fp32[@]}"
   fi
 }
 finetune() {  # network, label, checkpoint, hub, outputs, options...: Adam on 100 %, resumed if unfinished
@@ -71,7 +73,7 @@ finetune() {  # network, label, checkpoint, hub, outputs, options...: Adam on 10
   [ -f "$folder/finetune/$m.json" ] && return 0
   local resume=(); [ -f "$hub/fine_tuned/${m}_tuned_unfinished_last.pth" ] && resume=(--resume)
   step "$label" "$logs/${label// /_}.log" python finetune.py --update-results --model "$m" --ckpt "$ckpt" "$@" \
-    --data-dir "$carved" --no-download --hub "$hub" --outputs "$folder" "${resume[@]}"
+    --data-dir "$carved" --no-download --hub "$hub" --outputs "$folder" "${resume[@]}" "${fp32[@]}"
 }
 best_of() {  # label=train JSON pairs: the label whose pre-training validated best (the first wins ties)
   python - "$@" <<'PY'
@@ -137,7 +139,7 @@ for m in ${@:-$all}; do
     if [ -z "$(chosen_rate "$m")" ]; then
       step "choose the fine-tuning rate of $m" "$logs/finetune_rates_$m.log" python finetune.py --update-results \
         --model "$m" --ckpt "$pretrained" --val-fraction 0.1 --lr 0.001 0.0001 "${augment[@]}" --data-dir "$carved" \
-        --no-download --hub "$work/rates" --outputs "$outputs/rates" || continue
+        --no-download --hub "$work/rates" --outputs "$outputs/rates" "${fp32[@]}" || continue
     fi
     rate=$(chosen_rate "$m")
     [ -n "$rate" ] || { echo "finetune $m: no chosen rate in $outputs/rates/finetune/${m}_rates.json"; failed=1; continue; }
