@@ -11,6 +11,15 @@ from conftest import ROOT
 STUDY = ROOT / "results" / "fashion-mnist"
 
 
+def committed_bytes(folder):
+    """The size of what the repository holds under folder: its tracked files (a run's work/ checkpoints
+    and other untracked files in a clone do not count), or every file outside work/ without git."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--", str(folder)], cwd=ROOT, capture_output=True)
+    paths = [ROOT / name for name in listed.stdout.decode().split("\0") if name] if listed.returncode == 0 else [
+        path for path in folder.rglob("*") if "work" not in path.relative_to(folder).parts]
+    return sum(path.stat().st_size for path in paths if path.is_file())
+
+
 @pytest.mark.parametrize("arguments, wanted, code", [
     ([], "usage:", 2),
     (["fast"], "unknown recipe fast", 2),
@@ -108,7 +117,7 @@ def test_the_committed_checkpoints_are_the_networks_of_the_two_headline_tables()
                            for name in ("resnet", "spinalnet")] + [
         f"study/model_hub/fine_tuned/{name}_tuned.pth" for name in ("alexnet", "lenet", "resnet", "spinalnet",
                                                                     "vggnet")]
-    assert sum(path.stat().st_size for path in STUDY.rglob("*") if path.is_file()) < 30e6
+    assert committed_bytes(STUDY) < 30e6
 
 
 # ----------------------------------------------------------------------------- the ByClass study
@@ -130,9 +139,10 @@ def test_the_byclass_study_answers_bad_arguments_in_one_line_before_any_work(arg
 def byclass_sandbox(tmp_path):
     """The ByClass study's sandbox: a choice among label=JSON pairs takes the tried option set `cosine` when
     there is one, else the first label; a publish step makes the published checkpoint; a rate choice
-    writes 1e-4."""
+    writes 1e-4; every call's CPU kernel limits go to `isa`."""
     rates = tmp_path / "results" / "emnist-byclass" / "chosen-on-validation" / "outputs" / "rates" / "finetune"
     study, env = study_sandbox(tmp_path, "emnist-byclass", (
+        f'echo "$1 ${{ONEDNN_MAX_CPU_ISA:-any}} ${{ATEN_CPU_CAPABILITY:-any}}" >> {tmp_path}/isa\n'
         'case "$*" in "- "*cosine=*) cat > /dev/null; echo cosine ;;\n'
         '  "- "*=*) cat > /dev/null; echo "${2%%=*}" ;;\n'
         '  "- "*) cat > /dev/null; touch "$3" ;;\n'
@@ -165,6 +175,7 @@ def test_the_byclass_study_carves_then_runs_each_stage_and_evaluates_only_when_a
     assert "--dataset emnist-byclass --data-dir data/emnist-byclass-carved" in calls[1]
     assert "--params results/emnist-byclass/study/outputs/search/lenet.json" in calls[2]
     assert "evaluation and transfer wait for: spinalnet alexnet resnet vggnet" in result.stdout
+    assert "--precision" not in " ".join(calls) and "AVX2" not in (tmp_path / "isa").read_text()  # the CPU's own
     calls = rerun_with_the_others_published(study, "study", env)  # evaluate, then transfer
     assert calls[-3].startswith("evaluate.py --update-results --model all") and "--data-dir data/emnist-byclass-carved" in calls[-3]
     assert calls[-1].startswith("transfer_mnist.py --update-results --model lenet --ckpt "
@@ -180,14 +191,15 @@ def test_the_byclass_readme_tables_are_what_the_committed_files_hold():
         rows = [line for line in table.splitlines() if line.startswith("| ")]
         assert all(row in readme for row in rows), table.splitlines()[0]
     rows = [line for line in headline.splitlines() if line.startswith("| ")]
-    assert len(rows) == 4 and all(row in (ROOT / "README.md").read_text() for row in rows)
-    for path in sorted(BYCLASS.glob("study/outputs/eval/*.json")):
+    chosen = any(BYCLASS.glob("chosen-on-validation/outputs/eval/*.json"))  # its row once a network is evaluated
+    assert len(rows) == 4 + chosen and all(row in (ROOT / "README.md").read_text() for row in rows)
+    for path in sorted(BYCLASS.glob("study/outputs/eval/*.json")) + sorted(BYCLASS.glob("chosen-*/**/eval/*.json")):
         if path.name != "comparison.json":
             assert f"| {100 * json.loads(path.read_text())['test']['accuracy']:.2f} |" in printed, path
     for text in (readme, (ROOT / "README.md").read_text()):  # every table that uses the carve says what it is
         assert "trained on 96,323 images of the official test split, tested on the other 20,000; not the " \
                "official train/test protocol" in " ".join(text.split())
-    assert sum(path.stat().st_size for path in BYCLASS.rglob("*") if path.is_file()) < 30e6
+    assert committed_bytes(BYCLASS) < 30e6
 
 
 def test_the_byclass_chosen_recipe_picks_on_validation_then_runs_the_best_network_over_three_seeds(tmp_path):
@@ -214,6 +226,9 @@ def test_the_byclass_chosen_recipe_picks_on_validation_then_runs_the_best_networ
     assert f"--ckpt {chosen}/work/tried/cosine/pre_trained/lenet.pth --val-fraction 0.1 --lr 0.001 0.0001 " \
            f"--schedule cosine" in calls[2]
     assert "--lr 0.0001 --schedule cosine" in calls[3] and "--val-fraction" not in calls[3]
+    assert all(calls[i].endswith("--precision fp32") for i in (0, 2, 3))  # the same numbers on any x86-64 CPU
+    assert set((tmp_path / "isa").read_text().split("\n")[:-1]) == {"train.py AVX2 avx2", "- AVX2 avx2",
+                                                                       "finetune.py AVX2 avx2"}
     assert (study / "chosen-on-validation" / "work" / "chosen" / "pre_trained" / "lenet.pth").is_symlink()
     calls = rerun_with_the_others_published(study, "chosen", env)  # evaluate, then the seeds
     evaluate = next(call for call in calls if call.startswith("evaluate.py --update-results --model all"))
@@ -221,6 +236,7 @@ def test_the_byclass_chosen_recipe_picks_on_validation_then_runs_the_best_networ
     seeds = [call for call in calls if "/seeds/seed-" in call]
     assert [call.split()[0] for call in seeds] == ["train.py", "finetune.py", "evaluate.py"] * 2
     assert "--schedule cosine --seed 1" in seeds[0] and f"--hub {chosen}/seeds/seed-1/work" in seeds[0]
+    assert seeds[0].endswith("--precision fp32") and seeds[1].endswith("--precision fp32")
     assert f"--ckpt {chosen}/seeds/seed-1/work/pre_trained/lenet.pth --lr 0.0001 --schedule cosine --seed 1" in seeds[1]
     assert "--split test" in seeds[2] and f"--hub {chosen}/seeds/seed-1/work" in seeds[2] and "--seed 2" in seeds[3]
     assert not any(call.startswith("transfer_mnist.py") for call in calls)  # transfer is the study's stage
