@@ -8,10 +8,15 @@
    validation accuracy, the test metrics, and the time and threads of each stage (logs/times.log;
    pre-training and fine-tuning: the runs' own clocks, which count the epochs of every resumed part).
 3. Transfer to MNIST, beside the study's 95.27 %.
-4. The repository README's summary of the first table.
+4. The recipe chosen on validation (chosen-on-validation/): its test metrics, once all five are evaluated;
+   what validation chose for each network (pre-training, fine-tuning rate, ensemble members), with the
+   accuracies it chose on; its best network over three seeds, mean +- std.
+5. The repository README's summary of the test tables.
 Standard library only: it reads, it never trains or evaluates.
 """
 import os
+import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -58,27 +63,29 @@ def metrics_table(folder):
     return lines
 
 
-def headline_table(folder):
+def headline_table(study, chosen):
     """The repository README's table: test accuracy / weighted F1 of every network, ours and the study's."""
-    results = evaluated(folder)
-    cell = lambda name: (f"{percent(results[name]['test']['accuracy'])} / {percent(results[name]['test']['f1'])}"
-                         if name in results else "waits")
+    def row(title, results):
+        cell = lambda name: (f"{percent(results[name]['test']['accuracy'])} / {percent(results[name]['test']['f1'])}"
+                             if name in results else "waits")
+        return f"| {title} | " + " | ".join(cell(name) for name in ORDER) + " |"
     paper = lambda name: f"{PAPER[name][0]:.2f} / {PAPER[name][3]:.2f}" if name in PAPER else "-"
+    chosen = [row("the recipe chosen on validation, here", evaluated(chosen))] if evaluated(chosen) else []
     return ["| | " + " | ".join(NAMES[name] for name in ORDER) + " |", "| --- |" + " ---: |" * len(ORDER),
-            "| the study's recipe, here | " + " | ".join(cell(name) for name in ORDER) + " |",
+            row("the study's recipe, here", evaluated(study)), *chosen,
             "| the published study | " + " | ".join(paper(name) for name in ORDER) + " |"]
 
 
 def stage_times(folder):
-    """{(stage, network): 'minutes min, N thread(s)'} from the last successful line of each stage."""
+    """{(stage, network): 'minutes min, N thread(s)'} from the last successful line of each stage
+    ("choose the fine-tuning rate of lenet rc=0 seconds=300 ... 1 threads": stage, then its network)."""
     times = {}
     log = folder / "logs" / "times.log"
     for line in log.read_text().splitlines() if log.is_file() else ():
-        words = line.split()
-        if len(words) > 4 and words[2] == "rc=0" and words[3].startswith("seconds="):
-            minutes = int(words[3].removeprefix("seconds=")) / 60
-            threads = next((words[i - 1] for i, word in enumerate(words) if word == "threads"), "?")
-            times[(words[0], words[1])] = f"{minutes:.0f} min, {threads}"
+        found = re.fullmatch(r"(.+) (\w+) rc=0 seconds=(\d+) .* (\d+) threads.*", line)
+        if found:
+            stage, name, seconds, threads = found.groups()
+            times[(stage, name)] = f"{int(seconds) / 60:.0f} min, {threads}"
     return times
 
 
@@ -108,6 +115,70 @@ def stages_table(folder):
     return lines
 
 
+def choices_table(study, chosen):
+    """What validation chose for each network, with the accuracies it chose on, then the test accuracy."""
+    tried = sorted(folder.name for folder in (chosen / "outputs" / "tried").glob("*/") if folder.name != "study")
+    lines = [f"| network | pre-training, best val. acc.: the study's / {' / '.join(tried) or '-'} (kept) | "
+             "fine-tuning rate: best val. acc. | test acc. | pre-training / rate choice / fine-tuning time (threads) |",
+             "| --- | --- | --- | ---: | --- |"]
+    bold = lambda text, kept: f"**{text}**" if kept else text
+    times = stage_times(chosen)
+    for name in ORDER:
+        runs = {"study": load(study / "outputs" / "train" / f"{name}.json")} | {
+            label: load(chosen / "outputs" / "tried" / label / "train" / f"{name}.json") for label in tried}
+        if not tried or not all(runs.values()):
+            continue
+        kept = max(runs, key=lambda label: (runs[label]["best_val_acc"], label == "study"))  # the study's wins ties
+        pre = " / ".join(bold(percent(run["best_val_acc"]), label == kept) for label, run in runs.items())
+        rerun = load(chosen / "outputs" / "tried" / "study" / "train" / f"{name}.json")  # its checkpoint not kept
+        if kept == "study" and rerun:
+            pre += f", run again here: {percent(rerun['best_val_acc'])}"
+        kept_run = rerun if kept == "study" and rerun else runs[kept]
+        rates = load(chosen / "outputs" / "rates" / "finetune" / f"{name}_rates.json")
+        rate = ", ".join(bold(f"{row['learning_rate']:g}: {percent(row['val_acc'])}",
+                              row["learning_rate"] == rates["chosen"]) for row in rates["rates"]) if rates else "-"
+        result = load(chosen / "outputs" / "eval" / f"{name}.json")
+        tuned = load(chosen / "outputs" / "finetune" / f"{name}.json")
+        clocks = [f"{kept_run['history'][-1]['elapsed'] / 60:.0f} min" if kept != "study" or rerun else "-",
+                  times.get(("choose the fine-tuning rate of", name), "-").split(",")[0],
+                  f"{tuned['history'][-1]['elapsed'] / 60:.0f} min" if tuned else "-"]
+        threads = {times[key].split(", ")[1] for key in times if key[1] == name}
+        lines.append(f"| {NAMES[name]} | {pre} ({kept}) | {rate} | "
+                     f"{percent(result['test']['accuracy']) if result else '-'} | "
+                     f"{' / '.join(clocks)} ({', '.join(sorted(threads)) or '-'}) |")
+    comparison = load(chosen / "outputs" / "eval" / "comparison.json")
+    if comparison and comparison.get("ensemble_choice"):
+        choice, members = comparison["ensemble_choice"], comparison["ensemble_members"]
+        score = choice["validation_accuracy"].get(" + ".join(members))
+        lines.append(f"| ensemble | {' + '.join(NAMES[member] for member in members)}"
+                     f"{f': {percent(score)}' if score else ''} (the best of every subset of two or more, on the same "
+                     f"{choice['validation_images']:,} images) | | "
+                     f"{percent(comparison['models']['ensemble']['test']['accuracy'])} | |")
+    return lines
+
+
+def seeds_table(chosen):
+    """The best network of the chosen recipe over its seeds (seed 0: the chosen run itself), and their mean +- std
+    (sample standard deviation)."""
+    folders = [chosen] + sorted((chosen / "seeds").glob("seed-*"), key=lambda path: int(path.name[5:]))
+    best = {path.stem for folder in folders[1:] for path in (folder / "outputs" / "eval").glob("*.json")}
+    if len(best) != 1:
+        return []
+    best = best.pop()
+    results = [(folder.name if folder != chosen else "seed-0", load(folder / "outputs" / "eval" / f"{best}.json"))
+               for folder in folders]
+    results = [(seed, result) for seed, result in results if result]
+    keys = ("accuracy", "f1", "macro_f1", "case_merged_accuracy")
+    lines = [f"| {NAMES[best]} | accuracy | F1 | macro F1 | case-merged acc. |", "| --- | ---: | ---: | ---: | ---: |"]
+    for seed, result in results:
+        lines.append(f"| {seed.replace('-', ' ')} | " + " | ".join(percent(result["test"][key]) for key in keys) + " |")
+    if len(results) > 1:
+        values = lambda key: [100 * result["test"][key] for _, result in results]
+        lines.append(f"| mean +- std, {len(results)} seeds | " + " | ".join(
+            f"{statistics.mean(values(key)):.2f} +- {statistics.stdev(values(key)):.2f}" for key in keys) + " |")
+    return lines
+
+
 def transfer_table(folder):
     lines = ["| network | MNIST test: zero-shot | after transfer | the study |", "| --- | ---: | ---: | ---: |"]
     for name in ORDER:
@@ -122,7 +193,7 @@ def transfer_table(folder):
 def main(argv=None):
     if argv is None:
         argv = sys.argv[1:]
-    study = HERE / "study"
+    study, chosen = HERE / "study", HERE / "chosen-on-validation"
     try:
         if argv:
             print("usage: python results/emnist-byclass/table.py  (prints this folder's README tables)")
@@ -134,8 +205,14 @@ def main(argv=None):
         print("\n".join(stages_table(study)))
         print("\n## Transfer to MNIST (the official 10,000 test images, percent)\n")
         print("\n".join(transfer_table(study)))
+        print("\n## The recipe chosen on validation, seed 0 (the carve's 20,000 test images, percent)\n")
+        print("\n".join(metrics_table(chosen) if evaluated(chosen) else ["(waits for all five networks)"]))
+        print("\n## What validation chose (bold: kept)\n")
+        print("\n".join(choices_table(study, chosen)))
+        print("\n## The best network of the chosen recipe over three seeds (test, percent)\n")
+        print("\n".join(seeds_table(chosen) or ["(waits for its seeds)"]))
         print("\n## The repository README's table (test accuracy / weighted F1, percent)\n")
-        print("\n".join(headline_table(study)))
+        print("\n".join(headline_table(study, chosen)))
         sys.stdout.flush()
     except (UserError, KeyError, TypeError, ValueError, IndexError, AttributeError) as err:  # fields of the wrong type
         what = err if isinstance(err, UserError) else f"a file of {HERE} lacks a field or holds one of the wrong type " \
