@@ -27,7 +27,6 @@ from models import MODELS, load_checkpoint, replace_head, training_args
 from runs import (Parser, UserError, add_run_flags, check_outputs, choose_precision, log_for, one_line_errors,
                   path_value, positive_float, resolve_settings, set_seed, setup_distributed, write_json)
 import train
-from train import TrainingError, add_setting_flags, best_row, fit, stage_files
 
 # What fine-tuning changes in pre-training's values (train.SETTINGS); dataset and batch size: the checkpoint's.
 DEFAULTS = {**{key: value for key, value in train.DEFAULTS.items() if key not in ("momentum", "weight_decay")},
@@ -43,7 +42,7 @@ def parse_args(argv=None):
                         help="network (default: the checkpoint's)")
     parser.add_argument("--ckpt", default=None, type=path_value, metavar="FILE",
                         help="checkpoint (default: HUB/pre_trained/MODEL.pth)")
-    add_setting_flags(parser, DEFAULTS, skip=("learning_rate",))
+    train.add_setting_flags(parser, DEFAULTS, skip=("learning_rate",))
     parser.add_argument("--lr", dest="learning_rate", nargs="+", type=positive_float, default=None, metavar="X",
                         help=f"Adam rate; several: chosen on validation (default: {DEFAULTS['learning_rate']})")
     parser.add_argument("--replace-head", action="store_true", help="give a checkpoint of another dataset a new head")
@@ -73,13 +72,13 @@ def check_held_out(settings, pretraining, path):
     """Validation while fine-tuning must be images the checkpoint never trained on: the split its own
     pre-training held out, which the same seed, subset and fraction make again."""
     if "seed" not in pretraining:
-        raise TrainingError(f"{path} does not say which images its pre-training held out: fine-tune it without "
+        raise train.TrainingError(f"{path} does not say which images its pre-training held out: fine-tune it without "
                             f"--val-fraction")
     for key, value in held_out_by(pretraining).items():
         if settings[key] != value:
-            raise TrainingError(f"{train.SETTINGS[key].flag} {settings[key]} would validate on images {path} trained "
-                                f"on: its pre-training held out its images with {train.SETTINGS[key].flag} {value}; "
-                                f"give that")
+            raise train.TrainingError(f"{train.SETTINGS[key].flag} {settings[key]} would validate on images {path} "
+                                      f"trained on: its pre-training held out its images with "
+                                      f"{train.SETTINGS[key].flag} {value}; give that")
 
 
 def checkpoint_batch_size(state, path):
@@ -90,7 +89,7 @@ def checkpoint_batch_size(state, path):
     try:
         return {"batch_size": train.check_setting("batch_size", batch, f"{path}: args")}
     except UserError as err:
-        raise TrainingError(f"{err}: it is damaged or was edited; give --batch-size N") from None
+        raise train.TrainingError(f"{err}: it is damaged or was edited; give --batch-size N") from None
 
 
 def adapt_head(state, path, settings, model, replace):
@@ -98,7 +97,7 @@ def adapt_head(state, path, settings, model, replace):
     if state["dataset"] == settings["dataset"]:
         return (state["mean"], state["std"])
     if not replace:
-        raise TrainingError(f"{path} was trained on {state['dataset']} ({state['num_classes']} classes), not "
+        raise train.TrainingError(f"{path} was trained on {state['dataset']} ({state['num_classes']} classes), not "
                             f"{settings['dataset']} ({len(CLASSES[settings['dataset']])}): pass --replace-head to "
                             f"give it a new classifier, or leave --dataset out")
     replace_head(model, len(CLASSES[settings["dataset"]]))
@@ -115,8 +114,8 @@ def main(argv=None):
                                                                 f"` or pass --ckpt PATH",
                                        datasets=DATASETS)
         args.model = state["model"]
-        files = stage_files(Path(args.hub) / "fine_tuned" / f"{args.model}_tuned.pth",
-                            Path(args.outputs) / "finetune" / f"{args.model}.json")
+        files = train.stage_files(Path(args.hub) / "fine_tuned" / f"{args.model}_tuned.pth",
+                                  Path(args.outputs) / "finetune" / f"{args.model}.json")
         if len(args.rates) > 1 and not args.dry_run and rank == 0:
             check_outputs(files["json"].with_name(f"{args.model}_rates.json"))
         with train.locked(files, args.dry_run, rank):
@@ -151,10 +150,11 @@ def main(argv=None):
                 tuned = train.prepare_model(tuned, device, precision, world_size, args.compile, optimizer)
                 if len(args.rates) > 1:
                     log(f"fine-tuning at lr {rate}:")
-                history = fit(tuned, optimizer, data, settings, precision,
-                              history=resumed["history"] if resumed else (), files=None if args.dry_run else
-                              rate_files, meta=dict(meta, args=dict(settings, precision=precision.name)), rank=rank, world_size=world_size,
-                              dry_run=args.dry_run, log=log)
+                history = train.fit(tuned, optimizer, data, settings, precision,
+                                    history=resumed["history"] if resumed else (),
+                                    files=None if args.dry_run else rate_files,
+                                    meta=dict(meta, args=dict(settings, precision=precision.name)), rank=rank,
+                                    world_size=world_size, dry_run=args.dry_run, log=log)
                 tried[rate] = (settings, history, rate_files)
             if rank == 0 and not args.dry_run:
                 settings, history, rates = choose_rate(tried, files, args.model, log)
@@ -169,8 +169,9 @@ def choose_rate(tried, files, model_name, log):
     if len(tried) == 1:
         settings, history, _ = next(iter(tried.values()))
         return settings, history, []
-    table = [{"learning_rate": rate, "best_epoch": best_row(history)["epoch"], "val_acc": best_row(history)["val_acc"],
-              "val_loss": best_row(history)["val_loss"]} for rate, (_, history, _) in tried.items()]
+    best = {rate: train.best_row(history) for rate, (_, history, _) in tried.items()}
+    table = [{"learning_rate": rate, "best_epoch": row["epoch"], "val_acc": row["val_acc"], "val_loss": row["val_loss"]}
+             for rate, row in best.items()]
     chosen = max(table, key=lambda row: (row["val_acc"], -row["val_loss"]))["learning_rate"]
     for rate, (_, _, rate_files) in tried.items():
         for key in UNFINISHED:

@@ -25,7 +25,6 @@ from evaluate import compute_metrics, find_checkpoint, metrics_table, plot_confu
 from models import MODELS, build_model, load_checkpoint, replace_head, unwrap
 from runs import (Parser, UserError, add_run_flags, check_outputs, choose_precision, log_for, one_line_errors,
                   path_value, resolve_settings, set_seed, setup_distributed, write_json)
-from train import add_setting_flags, checkpoint_meta, finish, fit, locked, prepare_model, stage_files
 
 TARGET = "mnist"
 # What transfer changes in pre-training's values (train.SETTINGS): the study's Adam at 1e-3 for 5 epochs, on
@@ -43,7 +42,7 @@ def parse_args(argv=None):
                         help="EMNIST checkpoint (default: HUB/fine_tuned/MODEL_tuned.pth, else "
                              "HUB/pre_trained/MODEL.pth)")
     parser.add_argument("--from-scratch", action="store_true", help="train the same network from random weights")
-    add_setting_flags(parser, DEFAULTS)
+    train.add_setting_flags(parser, DEFAULTS)
     add_data_flags(parser, "data-dir", "no-download")
     add_run_flags(parser, "device", "hub", "outputs", "precision", "compile", "dry-run", "update-results")
     args = parser.parse_args(argv)
@@ -95,9 +94,9 @@ def main(argv=None):
         model, mean, std, source, rows = starting_model(args)
         name = f"{args.model}{'_scratch' if args.from_scratch else ''}"
         folder = Path(args.outputs) / "transfer"
-        files = stage_files(Path(args.hub) / "transfer" / f"{args.model}_mnist{name[len(args.model):]}.pth",
-                            folder / f"{name}_history.json")
-        with locked(files, args.dry_run, rank):
+        files = train.stage_files(Path(args.hub) / "transfer" / f"{args.model}_mnist{name[len(args.model):]}.pth",
+                                  folder / f"{name}_history.json")
+        with train.locked(files, args.dry_run, rank):
             if not args.dry_run:
                 check_outputs(folder / f"{name}.json", folder / f"{name}_cm_test.png")
             splits = {split: load_images(TARGET, train=split == "train", data_dir=args.data_dir,
@@ -114,24 +113,24 @@ def main(argv=None):
                 replace_head(model, 10, keep_rows=rows)
             set_seed(settings["seed"])
             optimizer = train.build_optimizer(model, settings)
-            model = prepare_model(model, device, precision, world_size, args.compile, optimizer)
+            model = train.prepare_model(model, device, precision, world_size, args.compile, optimizer)
             data = {"train": tuple(tensor.to(device) for tensor in splits["train"]), "val": None, "mean": mean,
                     "std": std, "classes": 10}
             log(f"{'training' if args.from_scratch else 'transferring'} {args.model} ({source}) on {TARGET}: "
                 f"{len(splits['train'][1]):,} images, {settings['epochs']} epochs, device {device}")
-            history = fit(model, optimizer, data, settings, precision, files=None if args.dry_run else files,
-                          meta=checkpoint_meta(args.model, settings, data, precision, source=source), rank=rank,
-                          world_size=world_size, dry_run=args.dry_run, log=log)
+            history = train.fit(model, optimizer, data, settings, precision, files=None if args.dry_run else files,
+                                meta=train.checkpoint_meta(args.model, settings, data, precision, source=source),
+                                rank=rank, world_size=world_size, dry_run=args.dry_run, log=log)
             if rank == 0 and not args.dry_run:
-                finish(files, settings, history, f"{args.model} on {TARGET} ({source})", log,
-                       extra=report(unwrap(model), splits, mean, std, device, precision, before, history, args,
-                                    settings, source, folder / name, files["best"], log))
+                train.finish(files, settings, history, f"{args.model} on {TARGET} ({source})", log,
+                             extra=report(unwrap(model), splits, mean, std, device, precision, before, history, args,
+                                          settings, source, folder / name, files["best"], log))
 
 
 def report(model, splits, mean, std, device, precision, before, history, args, settings, source, stem, checkpoint,
            log):
     """Metrics after the transfer; the test confusion matrix and the transfer's JSON as (path, write) pairs,
-    published with the run's checkpoints by finish()."""
+    published with the run's checkpoints by train.finish()."""
     after = split_metrics(model, splits, mean, std, device, precision)
     log(f"after {len(history)} epochs:")
     log(metrics_table(list(after.items())))
