@@ -84,8 +84,7 @@ def all_or_nothing(*paths, renames=()):
 
 @contextlib.contextmanager
 def temporary_beside(path):
-    """A unique temporary path beside `path` (not created), removed afterwards if still there; it ends
-    in path's own suffix before .tmp, so that writers that go by the suffix (save_figure) still can."""
+    """A unique temporary path beside `path` (not created), removed afterwards if still there."""
     path = Path(path)
     refuse_special(path)
     atomic_folder(path)
@@ -165,10 +164,9 @@ def pyplot():
 
 
 def save_figure(figure, path, dpi=100):
-    """Save a matplotlib figure atomically (never a half-written PNG) and close it."""
+    """Save a matplotlib figure as a PNG atomically (never a half-written one) and close it."""
     with atomic_path(path) as partial:
-        suffix = Path(path).suffix if Path(path).suffix != ".tmp" else Path(Path(path).stem).suffix
-        figure.savefig(partial, dpi=dpi, format=suffix.lstrip(".") or "png")
+        figure.savefig(partial, dpi=dpi, format="png")
     pyplot().close(figure)
 
 
