@@ -70,14 +70,15 @@ def headline_table(study, chosen):
                              if name in results else "waits")
         return f"| {title} | " + " | ".join(cell(name) for name in ORDER) + " |"
     paper = lambda name: f"{PAPER[name][0]:.2f} / {PAPER[name][3]:.2f}" if name in PAPER else "-"
-    chosen = [row("the recipe chosen on validation, here", evaluated(chosen))] if evaluated(chosen) else []
+    chosen = evaluated(chosen)
+    chosen = [row("the recipe chosen on validation, here", chosen)] if chosen else []
     return ["| | " + " | ".join(NAMES[name] for name in ORDER) + " |", "| --- |" + " ---: |" * len(ORDER),
             row("the study's recipe, here", evaluated(study)), *chosen,
             "| the published study | " + " | ".join(paper(name) for name in ORDER) + " |"]
 
 
 def stage_times(folder):
-    """{(stage, network): 'minutes min, N thread(s)'} from the last successful line of each stage
+    """{(stage, network): (seconds, threads)} from the last successful line of each stage
     ("choose the fine-tuning rate of lenet rc=0 seconds=300 ... 1 threads": stage, then its network)."""
     times = {}
     log = folder / "logs" / "times.log"
@@ -85,8 +86,22 @@ def stage_times(folder):
         found = re.fullmatch(r"(.+) (\w+) rc=0 seconds=(\d+) .* (\d+) threads.*", line)
         if found:
             stage, name, seconds, threads = found.groups()
-            times[(stage, name)] = f"{int(seconds) / 60:.0f} min, {threads}"
+            times[(stage, name)] = (int(seconds), threads)
     return times
+
+
+def minutes(seconds):
+    return f"{seconds / 60:.0f} min"
+
+
+def clock(run):
+    """A run's own clock, which counts the epochs of every resumed part."""
+    return minutes(run["history"][-1]["elapsed"]) if run else "-"
+
+
+def threads_of(times, name):
+    """The thread counts of a network's stages, as the table shows them."""
+    return ", ".join(sorted({threads for (_, network), (_, threads) in times.items() if network == name})) or "-"
 
 
 def stages_table(folder):
@@ -107,11 +122,9 @@ def stages_table(folder):
         val = f"{percent(trained['best_val_acc'])} ({trained['best_epoch']})" if trained else "-"
         test = percent(result["test"]["accuracy"]) if result else "-"
         tuned = load(folder / "outputs" / "finetune" / f"{name}.json")
-        clocks = [times.get(("search", name), "-").split(",")[0]] + [  # a run's own clock counts its resumed epochs
-            f"{run['history'][-1]['elapsed'] / 60:.0f} min" if run else "-" for run in (trained, tuned)]
-        spent = " / ".join(clocks)
-        threads = {times[key].split(", ")[1] for key in times if key[1] == name}
-        lines.append(f"| {NAMES[name]} | {winner} | {val} | {test} | {spent} ({', '.join(sorted(threads)) or '-'}) |")
+        search_time = minutes(times[("search", name)][0]) if ("search", name) in times else "-"
+        spent = " / ".join([search_time, clock(trained), clock(tuned)])
+        lines.append(f"| {NAMES[name]} | {winner} | {val} | {test} | {spent} ({threads_of(times, name)}) |")
     return lines
 
 
@@ -139,13 +152,12 @@ def choices_table(study, chosen):
                               row["learning_rate"] == rates["chosen"]) for row in rates["rates"]) if rates else "-"
         result = load(chosen / "outputs" / "eval" / f"{name}.json")
         tuned = load(chosen / "outputs" / "finetune" / f"{name}.json")
-        clocks = [f"{kept_run['history'][-1]['elapsed'] / 60:.0f} min" if kept != "study" or rerun else "-",
-                  times.get(("choose the fine-tuning rate of", name), "-").split(",")[0],
-                  f"{tuned['history'][-1]['elapsed'] / 60:.0f} min" if tuned else "-"]
-        threads = {times[key].split(", ")[1] for key in times if key[1] == name}
+        choosing = times.get(("choose the fine-tuning rate of", name))
+        clocks = [clock(kept_run) if kept != "study" or rerun else "-", minutes(choosing[0]) if choosing else "-",
+                  clock(tuned)]
         lines.append(f"| {NAMES[name]} | {pre} ({kept}) | {rate} | "
                      f"{percent(result['test']['accuracy']) if result else '-'} | "
-                     f"{' / '.join(clocks)} ({', '.join(sorted(threads)) or '-'}) |")
+                     f"{' / '.join(clocks)} ({threads_of(times, name)}) |")
     comparison = load(chosen / "outputs" / "eval" / "comparison.json")
     if comparison and comparison.get("ensemble_choice"):
         choice, members = comparison["ensemble_choice"], comparison["ensemble_members"]
