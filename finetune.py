@@ -72,8 +72,8 @@ def check_held_out(settings, pretraining, path):
     """Validation while fine-tuning must be images the checkpoint never trained on: the split its own
     pre-training held out, which the same seed, subset and fraction make again."""
     if "seed" not in pretraining:
-        raise train.TrainingError(f"{path} does not say which images its pre-training held out: fine-tune it without "
-                            f"--val-fraction")
+        raise train.TrainingError(f"{path} does not say which images its pre-training held out: fine-tune it "
+                                  f"without --val-fraction")
     for key, value in held_out_by(pretraining).items():
         if settings[key] != value:
             raise train.TrainingError(f"{train.SETTINGS[key].flag} {settings[key]} would validate on images {path} "
@@ -98,8 +98,8 @@ def adapt_head(state, path, settings, model, replace):
         return (state["mean"], state["std"])
     if not replace:
         raise train.TrainingError(f"{path} was trained on {state['dataset']} ({state['num_classes']} classes), not "
-                            f"{settings['dataset']} ({len(CLASSES[settings['dataset']])}): pass --replace-head to "
-                            f"give it a new classifier, or leave --dataset out")
+                                  f"{settings['dataset']} ({len(CLASSES[settings['dataset']])}): pass --replace-head "
+                                  f"to give it a new classifier, or leave --dataset out")
     replace_head(model, len(CLASSES[settings["dataset"]]))
     return None
 
