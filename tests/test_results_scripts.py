@@ -176,8 +176,11 @@ def test_the_byclass_study_carves_then_runs_each_stage_and_evaluates_only_when_a
     assert "--params results/emnist-byclass/study/outputs/search/lenet.json" in calls[2]
     assert "evaluation and transfer wait for: spinalnet alexnet resnet vggnet" in result.stdout
     assert "--precision" not in " ".join(calls) and "AVX2" not in (tmp_path / "isa").read_text()  # the CPU's own
+    (study / "study" / "outputs" / "train").mkdir(parents=True)
+    for name in ("lenet", "spinalnet", "alexnet", "resnet", "vggnet"):  # what the five pre-trainings wrote
+        (study / "study" / "outputs" / "train" / f"{name}.json").write_text("{}")
     calls = rerun_with_the_others_published(study, "study", env)  # evaluate, then transfer
-    assert calls[-3].startswith("evaluate.py --update-results --model all") and "--data-dir data/emnist-byclass-carved" in calls[-3]
+    assert calls[-2].startswith("evaluate.py --update-results --model all") and "--data-dir data/emnist-byclass-carved" in calls[-2]
     assert calls[-1].startswith("transfer_mnist.py --update-results --model lenet --ckpt "
                                 "results/emnist-byclass/study/model_hub/fine_tuned/lenet_tuned.pth")
 
@@ -230,7 +233,20 @@ def test_the_byclass_chosen_recipe_picks_on_validation_then_runs_the_best_networ
     assert set((tmp_path / "isa").read_text().split("\n")[:-1]) == {"train.py AVX2 avx2", "- AVX2 avx2",
                                                                        "finetune.py AVX2 avx2"}
     assert (study / "chosen-on-validation" / "work" / "chosen" / "pre_trained" / "lenet.pth").is_symlink()
-    calls = rerun_with_the_others_published(study, "chosen", env)  # evaluate, then the seeds
+    assert "the seeds wait for the pre-training of all five networks" in result.stdout
+    tried = study / "chosen-on-validation" / "outputs" / "tried" / "cosine" / "train"
+    tried.mkdir(parents=True)
+    for name in ("lenet", "spinalnet", "alexnet", "resnet", "vggnet"):  # all five pre-trained, lenet the best
+        (tried / f"{name}.json").write_text("{}")
+    (study / "chosen-on-validation" / "outputs" / "rates" / "finetune" / "lenet_rates.json").unlink()
+    (tmp_path / "calls").unlink()
+    result = subprocess.run(["bash", str(study / "run_study.sh"), "chosen", "spinalnet"], capture_output=True,
+                            text=True, timeout=60, env=env)  # the seeds need not wait for the others' fine-tuning
+    seeds = [call for call in (tmp_path / "calls").read_text().splitlines() if "/seeds/seed-" in call]
+    assert [call.split()[0] for call in seeds] == ["train.py"] and "--seed 1" in seeds[0]
+    assert "the seeds of lenet fine-tune once its rate is chosen" in result.stdout
+    assert "evaluation waits for: alexnet resnet vggnet" in result.stdout
+    calls = rerun_with_the_others_published(study, "chosen", env)  # lenet's rate chosen again, the seeds, evaluate
     evaluate = next(call for call in calls if call.startswith("evaluate.py --update-results --model all"))
     assert f"--ensemble-from-validation {chosen}/work/chosen" in evaluate
     seeds = [call for call in calls if "/seeds/seed-" in call]

@@ -17,7 +17,8 @@
 #         pre-training held out (the study's wins ties; it is pre-trained again here only if it wins); the
 #         fine-tuning rate chosen on the same images (finetune.py --val-fraction 0.1 --lr 0.001 0.0001);
 #         fine-tuning on 100 % at that rate; evaluate.py --ensemble-from-validation (members chosen on the
-#         same images); then seeds 1 and 2 of the network that validated best, for its mean +- std.
+#         same images); seeds 1 and 2 of the network whose pre-training validated best, for its mean +- std,
+#         as soon as all five are pre-trained (their fine-tuning once its rate is chosen).
 # THREADS=N sets each stage's threads (default: all cores); two copies of this script on different
 # networks can run side by side with THREADS=1 each. Pre-trained checkpoints stay in the ignored work/
 # folders; the fine-tuned ones are published in model_hub/ without their optimizer state. Each stage's
@@ -93,6 +94,20 @@ winner_of() {  # network: the label of its chosen pre-training, the study's or o
   for name in "${!TRIED[@]}"; do pairs+=("$name=$outputs/tried/$name/train/$1.json"); done
   best_of "${pairs[@]}"
 }
+best_pretrained() {  # the network whose chosen pre-training validated best, once all five are pre-trained
+  local pairs=() m json name
+  for m in $all; do
+    json=$outputs/train/$m.json
+    if [ "$recipe" = chosen ]; then
+      [ -f "$study/outputs/train/$m.json" ] || return 1
+      for name in "${!TRIED[@]}"; do [ -f "$outputs/tried/$name/train/$m.json" ] || return 1; done
+      json=$(train_json "$m" "$(winner_of "$m")") || return 1
+    fi
+    [ -f "$json" ] || return 1
+    pairs+=("$m=$json")
+  done
+  best_of "${pairs[@]}"
+}
 tried_options() {  # label: its train.py options (the study's own: none)
   [ "$1" = study ] || echo "${TRIED[$1]}"
 }
@@ -157,9 +172,28 @@ os.replace(temporary, sys.argv[2])
 PY
   fi
 done
+best=$(best_pretrained) || best=""  # the test split chooses nothing: validation on the pre-trainings' held-out images
+if [ "$recipe" = chosen ] && [ -z "$best" ]; then echo "the seeds wait for the pre-training of all five networks"
+elif [ "$recipe" = chosen ]; then  # the best network's recipe and rate with seeds 1 and 2, for its mean +- std
+  winner=$(winner_of "$best") || exit 1
+  read -ra options <<< "$(tried_options "$winner")"
+  read -ra augment <<< "$(fine_tuning_options "$winner")"
+  for seed in 1 2; do
+    s=$here/seeds/seed-$seed
+    pretrain "$best" "train $best seed $seed" "$s/work" "$s/outputs" "${options[@]}" --seed "$seed" || break
+    rate=$(chosen_rate "$best")
+    [ -n "$rate" ] || { echo "the seeds of $best fine-tune once its rate is chosen"; break; }
+    finetune "$best" "finetune $best seed $seed" "$s/work/pre_trained/$best.pth" "$s/work" "$s/outputs" \
+      --lr "$rate" "${augment[@]}" --seed "$seed" || break
+    if ! [ -f "$s/outputs/eval/$best.json" ]; then
+      step "evaluate $best seed $seed" "$logs/evaluate_seed_$seed.log" python evaluate.py --update-results --model "$best" \
+        "${data[@]}" --hub "$s/work" --outputs "$s/outputs" --split test || break
+    fi
+  done
+fi
 waiting=""; for m in $all; do [ -f "$here/model_hub/fine_tuned/${m}_tuned.pth" ] || waiting+=" $m"; done
 if [ -n "$waiting" ]; then
-  echo "evaluation and transfer wait for:$waiting"
+  if [ "$recipe" = study ]; then echo "evaluation and transfer wait for:$waiting"; else echo "evaluation waits for:$waiting"; fi
   exit $failed
 fi
 ensemble=(); [ "$recipe" = chosen ] && ensemble=(--ensemble-from-validation "$work/chosen")
@@ -167,30 +201,9 @@ if ! [ -f "$outputs/eval/comparison.json" ]; then
   step "evaluate all" "$logs/evaluate.log" python evaluate.py --update-results --model all "${data[@]}" --hub "$here/model_hub" \
     --outputs "$outputs" "${ensemble[@]}" || exit 1
 fi
-pairs=(); for m in $all; do  # the network whose pre-training validated best: the test split chooses nothing
-  if [ "$recipe" = study ]; then pairs+=("$m=$outputs/train/$m.json")
-  else pairs+=("$m=$(train_json "$m" "$(winner_of "$m")")"); fi
-done
-best=$(best_of "${pairs[@]}") || exit 1
-if [ "$recipe" = study ]; then
-  if ! [ -f "$outputs/transfer/$best.json" ]; then
-    step "transfer $best" "$logs/transfer_$best.log" python transfer_mnist.py --update-results --model "$best" \
-      --ckpt "$here/model_hub/fine_tuned/${best}_tuned.pth" --data-dir "${MNIST_DIR:-data}" --no-download \
-      --hub "$work" --outputs "$outputs" || exit 1
-  fi
-  exit $failed
+if [ "$recipe" = study ] && [ -n "$best" ] && ! [ -f "$outputs/transfer/$best.json" ]; then
+  step "transfer $best" "$logs/transfer_$best.log" python transfer_mnist.py --update-results --model "$best" \
+    --ckpt "$here/model_hub/fine_tuned/${best}_tuned.pth" --data-dir "${MNIST_DIR:-data}" --no-download \
+    --hub "$work" --outputs "$outputs" || exit 1
 fi
-winner=$(winner_of "$best") || exit 1
-read -ra options <<< "$(tried_options "$winner")"
-read -ra augment <<< "$(fine_tuning_options "$winner")"
-for seed in 1 2; do  # the same recipe, the same rate, other seeds: the best network's mean +- std
-  s=$here/seeds/seed-$seed
-  pretrain "$best" "train $best seed $seed" "$s/work" "$s/outputs" "${options[@]}" --seed "$seed" || exit 1
-  finetune "$best" "finetune $best seed $seed" "$s/work/pre_trained/$best.pth" "$s/work" "$s/outputs" \
-    --lr "$(chosen_rate "$best")" "${augment[@]}" --seed "$seed" || exit 1
-  if ! [ -f "$s/outputs/eval/$best.json" ]; then
-    step "evaluate $best seed $seed" "$logs/evaluate_seed_$seed.log" python evaluate.py --update-results --model "$best" \
-      "${data[@]}" --hub "$s/work" --outputs "$s/outputs" --split test || exit 1
-  fi
-done
 exit $failed
