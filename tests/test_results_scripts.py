@@ -1,5 +1,6 @@
 """The Fashion-MNIST study (results/fashion-mnist/): run_study.sh refuses bad arguments before any
 work and runs the stages in order, and the README's tables are what the committed JSONs hold."""
+import fcntl
 import json
 import subprocess
 import sys
@@ -246,9 +247,21 @@ def test_the_byclass_chosen_recipe_picks_on_validation_then_runs_the_best_networ
     assert [call.split()[0] for call in seeds] == ["train.py"] and "--seed 1" in seeds[0]
     assert "the seeds of lenet fine-tune once its rate is chosen" in result.stdout
     assert "evaluation waits for: alexnet resnet vggnet" in result.stdout
+    lock = study / "chosen-on-validation" / "seeds" / "seed-1" / "outputs" / "train" / "lenet.json.lock"
+    lock.parent.mkdir(parents=True)
+    with open(lock, "w") as handle:  # a second copy of the script runs seed 1: this one takes seed 2
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        (tmp_path / "calls").unlink()
+        result = subprocess.run(["bash", str(study / "run_study.sh"), "chosen", "spinalnet"], capture_output=True,
+                                text=True, timeout=60, env=env)
+    seeds = [call for call in (tmp_path / "calls").read_text().splitlines() if "/seeds/seed-" in call]
+    assert [call.split()[0] for call in seeds] == ["train.py"] and "--seed 2" in seeds[0]
+    assert "seed 1 of lenet: another run holds it, so this one goes on to the next" in result.stdout
+    lock.unlink()
     calls = rerun_with_the_others_published(study, "chosen", env)  # lenet's rate chosen again, the seeds, evaluate
     evaluate = next(call for call in calls if call.startswith("evaluate.py --update-results --model all"))
     assert f"--ensemble-from-validation {chosen}/work/chosen" in evaluate
+    assert calls.index(evaluate) < min(i for i, call in enumerate(calls) if "/seeds/seed-" in call)  # hours before
     seeds = [call for call in calls if "/seeds/seed-" in call]
     assert [call.split()[0] for call in seeds] == ["train.py", "finetune.py", "evaluate.py"] * 2
     assert "--schedule cosine --seed 1" in seeds[0] and f"--hub {chosen}/seeds/seed-1/work" in seeds[0]

@@ -18,7 +18,8 @@
 #         fine-tuning rate chosen on the same images (finetune.py --val-fraction 0.1 --lr 0.001 0.0001);
 #         fine-tuning on 100 % at that rate; evaluate.py --ensemble-from-validation (members chosen on the
 #         same images); seeds 1 and 2 of the network whose pre-training validated best, for its mean +- std,
-#         as soon as all five are pre-trained (their fine-tuning once its rate is chosen).
+#         as soon as all five are pre-trained (their fine-tuning once its rate is chosen); a seed another copy
+#         of this script is running is left to it.
 # THREADS=N sets each stage's threads (default: all cores); two copies of this script on different
 # networks can run side by side with THREADS=1 each. Pre-trained checkpoints stay in the ignored work/
 # folders; the fine-tuned ones are published in model_hub/ without their optimizer state. Each stage's
@@ -108,6 +109,9 @@ best_pretrained() {  # the network whose chosen pre-training validated best, onc
   done
   best_of "${pairs[@]}"
 }
+busy() {  # outputs...: whether another run (a second copy of this script) holds the lock of one of them
+  local path; for path; do [ -e "$path.lock" ] && ! flock -n "$path.lock" true && return 0; done; return 1
+}
 tried_options() {  # label: its train.py options (the study's own: none)
   [ "$1" = study ] || echo "${TRIED[$1]}"
 }
@@ -172,7 +176,20 @@ os.replace(temporary, sys.argv[2])
 PY
   fi
 done
+waiting=""; for m in $all; do [ -f "$here/model_hub/fine_tuned/${m}_tuned.pth" ] || waiting+=" $m"; done
 best=$(best_pretrained) || best=""  # the test split chooses nothing: validation on the pre-trainings' held-out images
+ensemble=(); [ "$recipe" = chosen ] && ensemble=(--ensemble-from-validation "$work/chosen")
+if [ -n "$waiting" ]; then
+  if [ "$recipe" = study ]; then echo "evaluation and transfer wait for:$waiting"; else echo "evaluation waits for:$waiting"; fi
+elif ! [ -f "$outputs/eval/comparison.json" ]; then
+  step "evaluate all" "$logs/evaluate.log" python evaluate.py --update-results --model all "${data[@]}" --hub "$here/model_hub" \
+    --outputs "$outputs" "${ensemble[@]}" || failed=1
+fi
+if [ "$recipe" = study ] && [ -z "$waiting" ] && [ -n "$best" ] && ! [ -f "$outputs/transfer/$best.json" ]; then
+  step "transfer $best" "$logs/transfer_$best.log" python transfer_mnist.py --update-results --model "$best" \
+    --ckpt "$here/model_hub/fine_tuned/${best}_tuned.pth" --data-dir "${MNIST_DIR:-data}" --no-download \
+    --hub "$work" --outputs "$outputs" || failed=1
+fi
 if [ "$recipe" = chosen ] && [ -z "$best" ]; then echo "the seeds wait for the pre-training of all five networks"
 elif [ "$recipe" = chosen ]; then  # the best network's recipe and rate with seeds 1 and 2, for its mean +- std
   winner=$(winner_of "$best") || exit 1
@@ -180,6 +197,9 @@ elif [ "$recipe" = chosen ]; then  # the best network's recipe and rate with see
   read -ra augment <<< "$(fine_tuning_options "$winner")"
   for seed in 1 2; do
     s=$here/seeds/seed-$seed
+    if busy "$s/outputs/train/$best.json" "$s/outputs/finetune/$best.json" "$s/outputs/eval/$best.json"; then
+      echo "seed $seed of $best: another run holds it, so this one goes on to the next"; continue
+    fi
     pretrain "$best" "train $best seed $seed" "$s/work" "$s/outputs" "${options[@]}" --seed "$seed" || break
     rate=$(chosen_rate "$best")
     [ -n "$rate" ] || { echo "the seeds of $best fine-tune once its rate is chosen"; break; }
@@ -190,20 +210,5 @@ elif [ "$recipe" = chosen ]; then  # the best network's recipe and rate with see
         "${data[@]}" --hub "$s/work" --outputs "$s/outputs" --split test || break
     fi
   done
-fi
-waiting=""; for m in $all; do [ -f "$here/model_hub/fine_tuned/${m}_tuned.pth" ] || waiting+=" $m"; done
-if [ -n "$waiting" ]; then
-  if [ "$recipe" = study ]; then echo "evaluation and transfer wait for:$waiting"; else echo "evaluation waits for:$waiting"; fi
-  exit $failed
-fi
-ensemble=(); [ "$recipe" = chosen ] && ensemble=(--ensemble-from-validation "$work/chosen")
-if ! [ -f "$outputs/eval/comparison.json" ]; then
-  step "evaluate all" "$logs/evaluate.log" python evaluate.py --update-results --model all "${data[@]}" --hub "$here/model_hub" \
-    --outputs "$outputs" "${ensemble[@]}" || exit 1
-fi
-if [ "$recipe" = study ] && [ -n "$best" ] && ! [ -f "$outputs/transfer/$best.json" ]; then
-  step "transfer $best" "$logs/transfer_$best.log" python transfer_mnist.py --update-results --model "$best" \
-    --ckpt "$here/model_hub/fine_tuned/${best}_tuned.pth" --data-dir "${MNIST_DIR:-data}" --no-download \
-    --hub "$work" --outputs "$outputs" || exit 1
 fi
 exit $failed
