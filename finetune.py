@@ -11,19 +11,20 @@ Without --val-fraction every training image is used and the last epoch is kept: 
 stopping needs a validation set, and the test set is never one. With several --lr values
 (and --val-fraction) each rate is fine-tuned from the same checkpoint, the one with the best
 validation accuracy (ties: lower loss) is kept, and outputs/finetune/{model}_rates.json
-lists them all.
+lists them all. --resume continues a stopped rate choice too: each rate where it stopped.
 """
 import runs
 
 if __name__ == "__main__":
     runs.interrupt_quietly()  # Ctrl-C while torch loads: one line and exit 130
 
+import argparse
 import copy
-import os
+import math
 from pathlib import Path
 
 from data import CLASSES, DATASETS, add_data_flags, held_out_by, load_training_data
-from models import MODELS, load_checkpoint, replace_head, training_args
+from models import MODELS, load_checkpoint, read_checkpoint, replace_head, training_args
 from runs import (Parser, UserError, add_run_flags, check_outputs, choose_precision, log_for, one_line_errors,
                   path_value, positive_float, resolve_settings, set_seed, setup_distributed, write_json)
 import train
@@ -57,8 +58,6 @@ def parse_args(argv=None):
     args.rates = args.learning_rate or []
     if len(args.rates) > 1 and not args.val_fraction:
         parser.error("choosing among several --lr values needs a validation set: add --val-fraction 0.1")
-    if len(args.rates) > 1 and args.resume:
-        parser.error("--resume continues one run: give one --lr")
     if len(set(args.rates)) != len(args.rates):
         parser.error("--lr lists a rate twice")
     if len(args.rates) == 1:  # one rate is a setting like any other (resolve_settings reads args.learning_rate)
@@ -119,8 +118,8 @@ def main(argv=None):
         if len(args.rates) > 1 and not args.dry_run and rank == 0:
             check_outputs(files["json"].with_name(f"{args.model}_rates.json"))
         with train.locked(files, args.dry_run, rank):
-            resumed, resumed_model, layer = train.resumed_run(args, files, DEFAULTS, log) if args.resume else \
-                (None, None, None)
+            continued = resumed_runs(args, files, log) if args.resume else [None] * max(len(args.rates), 1)
+            resumed, _, layer = continued[0] or (None, None, None)  # the first rate's run: the run's settings
             pretrained = {"dataset": state["dataset"],
                           **(checkpoint_batch_size(state, source) if args.batch_size is None else {})}
             layers = ([layer] if layer else []) + [(f"checkpoint {source}", pretrained)]
@@ -138,52 +137,83 @@ def main(argv=None):
             meta = train.checkpoint_meta(args.model, settings, data, precision, resumed, pretrained=str(source))
             train.discard_unfinished(files, resumed and resumed["path"], args.dry_run)
             tried = {}
-            for rate in args.rates if len(args.rates) > 1 else [settings["learning_rate"]]:
+            for rate, run in zip(args.rates if len(args.rates) > 1 else [settings["learning_rate"]], continued):
                 settings = dict(settings, learning_rate=rate)
-                rate_files = files if len(args.rates) < 2 else dict(files, **{
-                    key: files[key].with_name(f"{files[key].stem}_lr{rate}.pth") for key in UNFINISHED})
-                set_seed(settings["seed"])
-                tuned = resumed_model or copy.deepcopy(model)
-                optimizer = train.build_optimizer(tuned, settings)
-                if resumed:
-                    optimizer.load_state_dict(resumed["optimizer"])
-                tuned = train.prepare_model(tuned, device, precision, world_size, args.compile, optimizer)
+                files_of_rate = files if len(args.rates) < 2 else rate_files(files, rate)
+                state_of_rate, resumed_model, _ = run or (None, None, None)
+                history = state_of_rate["history"] if state_of_rate else []
                 if len(args.rates) > 1:
                     log(f"fine-tuning at lr {rate}:")
-                history = train.fit(tuned, optimizer, data, settings, precision,
-                                    history=resumed["history"] if resumed else (),
-                                    files=None if args.dry_run else rate_files,
-                                    meta=dict(meta, args=dict(settings, precision=precision.name)), rank=rank,
-                                    world_size=world_size, dry_run=args.dry_run, log=log)
-                tried[rate] = (settings, history, rate_files)
+                if len(args.rates) > 1 and history and stopped_early(history, settings):
+                    log(f"lr {rate} had stopped early after epoch {len(history)}: kept as it was")
+                else:
+                    set_seed(settings["seed"])
+                    tuned = resumed_model or copy.deepcopy(model)
+                    optimizer = train.build_optimizer(tuned, settings)
+                    if state_of_rate:
+                        optimizer.load_state_dict(state_of_rate["optimizer"])
+                    tuned = train.prepare_model(tuned, device, precision, world_size, args.compile, optimizer)
+                    history = train.fit(tuned, optimizer, data, settings, precision, history=history,
+                                        files=None if args.dry_run else files_of_rate,
+                                        meta=dict(meta, args=dict(settings, precision=precision.name)), rank=rank,
+                                        world_size=world_size, dry_run=args.dry_run, log=log)
+                tried[rate] = (settings, history, files_of_rate)
             if rank == 0 and not args.dry_run:
-                settings, history, rates = choose_rate(tried, files, args.model, log)
-                train.finish(files, settings, history, f"{args.model} fine-tuning on {settings['dataset']}", log,
+                settings, history, chosen, rates = choose_rate(tried, files, args.model, log)
+                train.finish(chosen, settings, history, f"{args.model} fine-tuning on {settings['dataset']}", log,
                              extra=rates)
+                for other in (other for _, _, other in tried.values() if other is not chosen):
+                    for key in UNFINISHED:
+                        other[key].unlink(missing_ok=True)
+
+
+def rate_files(files, rate):
+    """The stage's files for one rate of a rate choice: its own unfinished checkpoints until one is chosen."""
+    return dict(files, **{key: files[key].with_name(f"{files[key].stem}_lr{rate}.pth") for key in UNFINISHED})
+
+
+def resumed_runs(args, files, log):
+    """What --resume continues, one entry per rate: train.resumed_run's (state, model, settings layer), or
+    None for a rate of a rate choice that has not started (or whose files are an older choice's)."""
+    if len(args.rates) < 2:
+        return [train.resumed_run(args, files, DEFAULTS, log)]
+    first = rate_files(files, args.rates[0])["unfinished_last"]
+    if not first.is_file():
+        raise train.TrainingError(f"nothing to resume: no stopped choice among these rates ({first} is missing); "
+                                  f"start the run without --resume")
+    run = read_checkpoint(first, "").get("run")
+    continued = []
+    for rate in args.rates:
+        mine = rate_files(files, rate)
+        if mine["unfinished_last"].is_file() and read_checkpoint(mine["unfinished_last"], "").get("run") == run:
+            continued.append(train.resumed_run(argparse.Namespace(**{**vars(args), "learning_rate": rate}), mine,
+                                               DEFAULTS, log))
+        else:
+            continued.append(None)
+    return continued
+
+
+def stopped_early(history, settings):
+    """Whether a run with this history ended on its patience (train.fit's rule), so resuming adds nothing."""
+    best = train.best_row(history)
+    return settings["schedule"] == "constant" and len(history) - best["epoch"] >= (settings["patience"] or math.inf)
 
 
 def choose_rate(tried, files, model_name, log):
-    """The rate whose best epoch validates most accurately (ties: lower loss) becomes the unfinished run;
-    with several rates, {model}_rates.json lists them all (returned as finish's `extra`, published with
-    the run)."""
+    """(settings, history, files, extra) of the rate whose best epoch validates most accurately (ties: lower
+    loss): finish publishes its unfinished files; with several rates, {model}_rates.json lists them all
+    (finish's `extra`, published with the run)."""
     if len(tried) == 1:
-        settings, history, _ = next(iter(tried.values()))
-        return settings, history, []
+        return *next(iter(tried.values())), []
     best = {rate: train.best_row(history) for rate, (_, history, _) in tried.items()}
     table = [{"learning_rate": rate, "best_epoch": row["epoch"], "val_acc": row["val_acc"], "val_loss": row["val_loss"]}
              for rate, row in best.items()]
     chosen = max(table, key=lambda row: (row["val_acc"], -row["val_loss"]))["learning_rate"]
-    for rate, (_, _, rate_files) in tried.items():
-        for key in UNFINISHED:
-            if rate == chosen:
-                os.replace(rate_files[key], files[key])
-            else:
-                rate_files[key].unlink(missing_ok=True)
     log("validation accuracy by rate: " + ", ".join(f"{row['learning_rate']}: {100 * row['val_acc']:.2f}%"
                                                     for row in table) + f"; kept {chosen}")
     rates = (files["json"].with_name(f"{model_name}_rates.json"),
              lambda partial: write_json(partial, {"chosen": chosen, "rates": table}))
-    return tried[chosen][0], tried[chosen][1], [rates]
+    return *tried[chosen], [rates]
 
 
 if __name__ == "__main__":

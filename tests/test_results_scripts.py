@@ -258,7 +258,11 @@ def test_the_byclass_chosen_recipe_picks_on_validation_then_runs_the_best_networ
     assert [call.split()[0] for call in seeds] == ["train.py"] and "--seed 2" in seeds[0]
     assert "seed 1 of lenet: another run holds it, so this one goes on to the next" in result.stdout
     lock.unlink()
+    stopped = study / "chosen-on-validation" / "work" / "rates" / "fine_tuned" / "lenet_tuned_unfinished_last_lr0.001.pth"
+    stopped.parent.mkdir(parents=True)
+    stopped.touch()  # lenet's rate choice had stopped: it resumes
     calls = rerun_with_the_others_published(study, "chosen", env)  # lenet's rate chosen again, the seeds, evaluate
+    assert "--resume" in next(call for call in calls if "--val-fraction" in call)
     evaluate = next(call for call in calls if call.startswith("evaluate.py --update-results --model all"))
     assert f"--ensemble-from-validation {chosen}/work/chosen" in evaluate
     assert calls.index(evaluate) < min(i for i, call in enumerate(calls) if "/seeds/seed-" in call)  # hours before

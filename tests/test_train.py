@@ -1,6 +1,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -375,6 +376,60 @@ def test_fine_tuning_chooses_its_rate_on_validation_and_keeps_that_run(trained_l
     assert history["best_val_acc"] == best["val_acc"] and len(history["history"]) == 2
     assert sorted(path.name for path in (tmp_path / "model_hub" / "fine_tuned").iterdir()) == [
         "lenet_tuned.pth", "lenet_tuned_last.pth"]  # the other rate's files are gone
+
+
+RATE_CHOICE = ["--epochs", "2", "--val-fraction", "0.1", "--lr", "0.002", "1e-6"]
+
+
+@pytest.fixture(scope="module")
+def unstopped_rate_choice(trained_lenet, tmp_path_factory):
+    """The rates JSON of a rate choice that ran without a stop."""
+    folder = tmp_path_factory.mktemp("unstopped")
+    finetune.main(["--ckpt", str(trained_lenet[1]), *RATE_CHOICE] + dirs(folder))
+    return json.loads((folder / "outputs" / "finetune" / "lenet_rates.json").read_text())
+
+
+@pytest.mark.parametrize("second", ["resumed", "an older run's"])
+def test_a_stopped_rate_choice_resumes_each_rate_where_it_stopped(trained_lenet, unstopped_rate_choice, tmp_path,
+                                                                  capsys, second):
+    """Stopped in the second rate's first epoch: --resume keeps the first rate's finished run, continues
+    the second (or, when its files are another run's, trains it anew) and chooses as an unstopped run did."""
+    flags = ["--ckpt", str(trained_lenet[1]), *RATE_CHOICE]
+    assert "nothing to resume" in refused(finetune.main, flags + ["--resume"] + dirs(tmp_path), capsys)
+    process = subprocess.Popen([sys.executable, str(ROOT / "finetune.py"), *flags, *dirs(tmp_path)], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    seen = 0
+    for line in process.stdout:
+        seen += line.startswith("epoch   1/2")
+        if seen == 2:  # the second rate's first epoch
+            process.send_signal(signal.SIGINT)
+            break
+    process.communicate(timeout=120)
+    assert process.returncode == 130
+    hub = tmp_path / "model_hub" / "fine_tuned"
+    assert not (tmp_path / "outputs" / "finetune" / "lenet_rates.json").exists()
+    if second != "resumed":
+        state = torch.load(hub / "lenet_tuned_unfinished_last_lr1e-06.pth", weights_only=True)
+        torch.save(dict(state, run="an older run"), hub / "lenet_tuned_unfinished_last_lr1e-06.pth")
+    capsys.readouterr()
+    finetune.main(flags + ["--resume"] + dirs(tmp_path))
+    out = capsys.readouterr().out
+    assert f"resuming {hub / 'lenet_tuned_unfinished_last_lr0.002.pth'} after epoch 2" in out
+    assert (f"resuming {hub / 'lenet_tuned_unfinished_last_lr1e-06.pth'} after epoch 1" in out) == (second == "resumed")
+    assert out.count("epoch   2/2") == 1 and out.count("epoch   1/2") == (second != "resumed")
+    result = json.loads((tmp_path / "outputs" / "finetune" / "lenet_rates.json").read_text())
+    assert result["chosen"] == unstopped_rate_choice["chosen"]
+    for a, b in zip(result["rates"], unstopped_rate_choice["rates"], strict=True):
+        assert a["best_epoch"] == b["best_epoch"] and a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+    assert sorted(path.name for path in hub.iterdir()) == ["lenet_tuned.pth", "lenet_tuned_last.pth"]
+
+
+@pytest.mark.parametrize("schedule, patience, stopped", [("constant", 2, True), ("constant", 3, False),
+                                                        ("constant", 0, False), ("cosine", 2, False)])
+def test_a_rate_that_stopped_early_is_not_trained_further_on_resume(schedule, patience, stopped):
+    history = [{"epoch": epoch, "val_loss": loss, "val_acc": 0.5} for epoch, loss in enumerate([0.4, 0.5, 0.6], 1)]
+    assert finetune.stopped_early(history, {"schedule": schedule, "patience": patience}) == stopped
 
 
 def test_help_names_every_augmentation_and_how_search_subsets_combine(capsys):

@@ -15,7 +15,7 @@
 # chosen: the study's search winners, pre-trained again with each option set of TRIED below; of those and
 #         the study's own pre-training, the one with the best validation accuracy on the 9,632 images that
 #         pre-training held out (the study's wins ties; it is pre-trained again here only if it wins); the
-#         fine-tuning rate chosen on the same images (finetune.py --val-fraction 0.1 --lr 0.001 0.0001);
+#         fine-tuning rate chosen on the same images (finetune.py --val-fraction 0.1 --lr RATES);
 #         fine-tuning on 100 % at that rate; evaluate.py --ensemble-from-validation (members chosen on the
 #         same images); seeds 1 and 2 of the network whose pre-training validated best, for its mean +- std,
 #         as soon as all five are pre-trained (their fine-tuning once its rate is chosen); a seed another copy
@@ -27,6 +27,7 @@
 set -uo pipefail
 usage="usage: EMNIST_DIR=DIR bash results/emnist-byclass/run_study.sh study|chosen [lenet alexnet vggnet resnet spinalnet]"
 all="lenet spinalnet alexnet resnet vggnet"
+RATES="0.001 0.0001"  # the fine-tuning rates the chosen recipe tries on validation
 declare -A TRIED=(  # option sets tried against the study's pre-training: name -> train.py options
   [cosine]="--schedule cosine")
 case ${1:-} in
@@ -156,9 +157,10 @@ for m in ${@:-$all}; do
     mkdir -p "$work/chosen/pre_trained"  # the chosen pre-trainings side by side: the ensemble's validation hub
     ln -sfn "$(realpath -m "$pretrained")" "$work/chosen/pre_trained/$m.pth"
     if [ -z "$(chosen_rate "$m")" ]; then
+      resume=(); [ -f "$work/rates/fine_tuned/${m}_tuned_unfinished_last_lr${RATES%% *}.pth" ] && resume=(--resume)
       step "choose the fine-tuning rate of $m" "$logs/finetune_rates_$m.log" python finetune.py --update-results \
-        --model "$m" --ckpt "$pretrained" --val-fraction 0.1 --lr 0.001 0.0001 "${augment[@]}" --data-dir "$carved" \
-        --no-download --hub "$work/rates" --outputs "$outputs/rates" "${fp32[@]}" || continue
+        --model "$m" --ckpt "$pretrained" --val-fraction 0.1 --lr $RATES "${augment[@]}" --data-dir "$carved" \
+        --no-download --hub "$work/rates" --outputs "$outputs/rates" "${resume[@]}" "${fp32[@]}" || continue
     fi
     rate=$(chosen_rate "$m")
     [ -n "$rate" ] || { echo "finetune $m: no chosen rate in $outputs/rates/finetune/${m}_rates.json"; failed=1; continue; }
