@@ -204,3 +204,21 @@ def test_image_without_a_network_of_ones_own_uses_the_published_one(byclass, tmp
     assert f"network: {published} ({evaluate.PUBLISHED_NETWORK}, trained on emnist-byclass, written " in output
     answer = output.split(f"{picture}: ")[1].split()[0]
     assert answer in CLASSES["emnist-byclass"]
+
+
+PUBLISHED = sorted((ROOT / "results" / "emnist-byclass").glob("*/model_hub/fine_tuned/*_tuned.pth"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpoint", PUBLISHED, ids=lambda path: f"{path.parents[2].name}-{path.stem}")
+def test_a_committed_checkpoint_reproduces_its_committed_test_numbers_exactly_in_fp32(checkpoint, carved, tmp_path):
+    folder, _ = carved
+    name = checkpoint.stem.removesuffix("_tuned")
+    result = run(ROOT / "evaluate.py", "--ckpt", checkpoint, "--dataset", "emnist-byclass", "--data-dir", folder,
+                 "--no-download", "--split", "test", "--outputs", tmp_path, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    committed = json.loads((checkpoint.parents[2] / "outputs" / "eval" / f"{name}.json").read_text())["test"]
+    measured = json.loads((tmp_path / "eval" / f"{name}.json").read_text())["test"]
+    ties = "most_confused"  # pairs of one count: an older evaluate.py listed them in another order
+    assert measured["accuracy"] == committed["accuracy"]
+    assert {k: v for k, v in measured.items() if k != ties} == {k: v for k, v in committed.items() if k != ties}
