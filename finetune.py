@@ -20,7 +20,6 @@ if __name__ == "__main__":
 
 import argparse
 import copy
-import math
 from pathlib import Path
 
 from data import CLASSES, DATASETS, add_data_flags, held_out_by, load_training_data
@@ -144,7 +143,7 @@ def main(argv=None):
                 history = state_of_rate["history"] if state_of_rate else []
                 if len(args.rates) > 1:
                     log(f"fine-tuning at lr {rate}:")
-                if len(args.rates) > 1 and history and stopped_early(history, settings):
+                if len(args.rates) > 1 and history and train.stops_early(history, settings):
                     log(f"lr {rate} had stopped early after epoch {len(history)}: kept as it was")
                 else:
                     set_seed(settings["seed"])
@@ -191,12 +190,6 @@ def resumed_runs(args, files, log):
         else:
             continued.append(None)
     return continued
-
-
-def stopped_early(history, settings):
-    """Whether a run with this history ended on its patience (train.fit's rule), so resuming adds nothing."""
-    best = train.best_row(history)
-    return settings["schedule"] == "constant" and len(history) - best["epoch"] >= (settings["patience"] or math.inf)
 
 
 def choose_rate(tried, files, model_name, log):

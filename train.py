@@ -204,9 +204,9 @@ def fit(model, optimizer, data, settings, precision, *, history=(), files=None, 
             if dry_run:
                 log("dry run finished: one training and one validation batch ran, nothing was written")
                 break
-            patience = settings.get("patience") or math.inf
-            if validate and settings["schedule"] == "constant" and epoch - best["epoch"] >= patience:
-                log(f"early stop: no better validation loss for {patience} epochs (best: epoch {best['epoch']})")
+            if stops_early(history, settings):
+                log(f"early stop: no better validation loss for {settings['patience']} epochs (best: epoch "
+                    f"{best['epoch']})")
                 break
     except KeyboardInterrupt:
         if files and saved_last and files["unfinished_last"].is_file():
@@ -235,6 +235,14 @@ def best_row(history):
     """The epoch with the lowest validation loss (the last epoch when there is no validation)."""
     scored = [row for row in history if row["val_loss"] is not None]
     return min(scored, key=lambda row: row["val_loss"]) if scored else (history[-1] if history else None)
+
+
+def stops_early(history, settings):
+    """Whether a constant-rate run with validation has gone --patience epochs without a better validation
+    loss (a cosine schedule runs all its epochs): where fit stops, and a resumed rate choice leaves a rate."""
+    best = best_row(history)
+    return history[-1]["val_loss"] is not None and settings["schedule"] == "constant" and \
+        len(history) - best["epoch"] >= (settings.get("patience") or math.inf)
 
 
 def epoch_line(row, epochs):

@@ -429,7 +429,7 @@ def test_a_stopped_rate_choice_resumes_each_rate_where_it_stopped(trained_lenet,
                                                         ("constant", 0, False), ("cosine", 2, False)])
 def test_a_rate_that_stopped_early_is_not_trained_further_on_resume(schedule, patience, stopped):
     history = [{"epoch": epoch, "val_loss": loss, "val_acc": 0.5} for epoch, loss in enumerate([0.4, 0.5, 0.6], 1)]
-    assert finetune.stopped_early(history, {"schedule": schedule, "patience": patience}) == stopped
+    assert train.stops_early(history, {"schedule": schedule, "patience": patience}) == stopped
 
 
 def test_help_names_every_augmentation_and_how_search_subsets_combine(capsys):
