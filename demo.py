@@ -31,8 +31,8 @@ from urllib.parse import urlsplit
 import torch
 
 from data import DATASETS
-from evaluate import PUBLISHED_HUB, find_checkpoint, predict_probabilities, prepare_user_image, written_at
-from models import MODELS, load_checkpoint
+from evaluate import find_checkpoint, predict_probabilities, prepare_user_image, written_at
+from models import BYCLASS, MODELS, load_checkpoint, published_checkpoint
 from runs import (DataError, Parser, UserError, add_run_flags, choose_precision, get_device, one_line_errors,
                   path_value)
 
@@ -262,10 +262,9 @@ def parse_args(argv=None):
     add_run_flags(parser, "hub", "device", "precision")
     args = parser.parse_args(argv)
     if not args.model and not args.ckpt:  # the networks published with the repository, and their ensemble
-        args.hub = str(PUBLISHED_HUB)
-        args.model = [name for name in MODELS if (PUBLISHED_HUB / "fine_tuned" / f"{name}_tuned.pth").is_file()]
-        if not args.model:
-            parser.error(f"no published networks in {PUBLISHED_HUB}: give --model NAME or --ckpt PATH")
+        args.ckpt = [path for path in map(published_checkpoint, MODELS) if path is not None]
+        if not args.ckpt:
+            parser.error(f"no published networks in {BYCLASS}: give --model NAME or --ckpt PATH")
     if args.ckpt and args.model and (len(args.model) > 1 or "all" in args.model or len(args.ckpt) > 1):
         parser.error("with --ckpt, --model names the one network that checkpoint must hold")
     if not 0 <= args.port < 65536:

@@ -28,7 +28,7 @@ from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_
 
 from data import (AUGMENTS, CLASSES, DATASETS, EVAL_BATCH, add_data_flags, augment, augment_recipe, held_out_by,
                   iterate_batches, load_images, load_training_data, model_batch)
-from models import MODELS, count_parameters, forward, load_checkpoint, training_args
+from models import MODELS, count_parameters, forward, load_checkpoint, published_checkpoint, training_args
 from runs import (DataError, Parser, UserError, add_run_flags, atomic_path, check_outputs, choose_precision,
                   get_device, is_int, is_number, one_line_errors, output_lock, path_value, pyplot, read_json,
                   save_figure, seed_value, write_json)
@@ -43,10 +43,7 @@ GRID_SIDE = 10  # the prediction grid shows GRID_SIDE x GRID_SIDE test images
 
 # ----------------------------------------------------------------------------- checkpoints
 
-# The study's networks fine-tuned on EMNIST ByClass, committed with the repository
-# (results/emnist-byclass/README.md): what `--image` and demo.py use when the hub holds none of their own.
-PUBLISHED_HUB = Path(__file__).resolve().parent / "results" / "emnist-byclass" / "study" / "model_hub"
-PUBLISHED_NETWORK = "resnet"  # for --image without --model: the best pre-training validation accuracy
+PUBLISHED_NETWORK = "vggnet"  # for --image without --model: the published network whose pre-training validated best
 
 
 def find_checkpoint(hub, name, ckpt=None, published=False):
@@ -55,8 +52,8 @@ def find_checkpoint(hub, name, ckpt=None, published=False):
     if ckpt:
         return Path(ckpt)
     candidates = [Path(hub) / "fine_tuned" / f"{name}_tuned.pth", Path(hub) / "pre_trained" / f"{name}.pth"]
-    for path in candidates + ([PUBLISHED_HUB / "fine_tuned" / f"{name}_tuned.pth"] if published else []):
-        if path.is_file():
+    for path in candidates + ([published_checkpoint(name)] if published else []):
+        if path is not None and path.is_file():
             return path
     raise UserError(f"no checkpoint for {name} in {Path(hub) / 'fine_tuned'} or {Path(hub) / 'pre_trained'}: "
                         f"make one with `python train.py --model {name}`")

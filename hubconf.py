@@ -3,26 +3,23 @@
     model = torch.hub.load("OWNER/REPO", "resnet", pretrained=True)       # or source="local" on a clone
     model.classes, model.mean, model.std   # "0-9A-Za-z", and the normalisation of its inputs
 
-Each network was fine-tuned on 96,323 images of the official ByClass test split (the study's
-recipe; results/emnist-byclass/README.md). It takes [N, 1, 28, 28] upright images scaled to
+Each network was fine-tuned on 96,323 images of the official ByClass test split
+(results/emnist-byclass/README.md): VGGNet by the recipe chosen on validation, the others by the
+study's recipe (models.published_checkpoint). It takes [N, 1, 28, 28] upright images scaled to
 [0, 1] and normalised with (x - mean) / std; evaluate.prepare_user_image prepares a picture.
 """
-from pathlib import Path
-
 dependencies = ["torch"]
-
-WEIGHTS = Path(__file__).resolve().parent / "results" / "emnist-byclass" / "study" / "model_hub" / "fine_tuned"
 
 
 def _network(name, pretrained):
     from data import CLASSES
-    from models import build_model, load_checkpoint
+    from models import build_model, load_checkpoint, published_checkpoint
 
     if not pretrained:
         model = build_model(name, len(CLASSES["emnist-byclass"]))
         model.classes, model.mean, model.std = "".join(CLASSES["emnist-byclass"]), None, None
         return model
-    state, model = load_checkpoint(WEIGHTS / f"{name}_tuned.pth", name)
+    state, model = load_checkpoint(published_checkpoint(name), name)
     model.classes, model.mean, model.std = "".join(state["classes"]), state["mean"], state["std"]
     return model.eval()
 

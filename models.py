@@ -313,6 +313,19 @@ def training_args(state):
     return state["args"] if isinstance(state.get("args"), dict) else {}
 
 
+# The networks fine-tuned on EMNIST ByClass, committed with the repository (results/emnist-byclass/README.md): what
+# hubconf.py serves, and `evaluate.py --image` and demo.py when the hub holds none of their own. Searched in order: the recipe chosen on validation's where committed (its pre-training validated better
+# than the study's for every network), else the study's recipe's.
+BYCLASS = Path(__file__).resolve().parent / "results" / "emnist-byclass"
+PUBLISHED_HUBS = (BYCLASS / "chosen-on-validation" / "model_hub", BYCLASS / "study" / "model_hub")
+
+
+def published_checkpoint(name):
+    """The published ByClass checkpoint of network `name`, or None when the repository holds none."""
+    paths = (hub / "fine_tuned" / f"{name}_tuned.pth" for hub in PUBLISHED_HUBS)
+    return next((path for path in paths if path.is_file()), None)
+
+
 def load_checkpoint(path, model_name=None, hint="make one with `python train.py --model MODEL` or pass --ckpt PATH",
                     datasets=None):
     """(state, model on the CPU) from a checkpoint read with weights_only=True; one-line errors.

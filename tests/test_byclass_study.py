@@ -14,6 +14,7 @@ import torch
 
 from conftest import ROOT, one_line_error, real_data, run
 from data import CLASSES, load_images
+from models import PUBLISHED_HUBS, published_checkpoint
 
 CARVE = ROOT / "results" / "emnist-byclass" / "carve.py"
 spec = importlib.util.spec_from_file_location("carve", CARVE)
@@ -147,6 +148,27 @@ def carved_test_letters(byclass, count):
     return images[letters], labels[letters]
 
 
+def pretraining_validation(checkpoint):
+    """The best validation accuracy of the pre-training a published checkpoint was fine-tuned from: the study's,
+    or for the chosen recipe the best of its tried option sets and the study's (the one it kept)."""
+    name, recipe = checkpoint.stem.removesuffix("_tuned"), checkpoint.parents[2]
+    study = recipe.parent / "study" / "outputs" / "train" / f"{name}.json"
+    runs = [study] + ([] if recipe.name == "study" else sorted(recipe.glob(f"outputs/tried/*/train/{name}.json")))
+    return max(json.loads(path.read_text())["best_val_acc"] for path in runs)
+
+
+def test_the_published_networks_are_each_networks_best_validated_committed_checkpoint():
+    import evaluate
+
+    published = {name: published_checkpoint(name) for name in ("lenet", "alexnet", "vggnet", "resnet", "spinalnet")}
+    assert all(path is not None and path.is_file() for path in published.values())
+    for name, path in published.items():  # no committed checkpoint of the same network validated better
+        rivals = [hub / "fine_tuned" / f"{name}_tuned.pth" for hub in PUBLISHED_HUBS]
+        assert all(pretraining_validation(path) >= pretraining_validation(rival) for rival in rivals if rival.is_file())
+    best = max(published, key=lambda name: pretraining_validation(published[name]))
+    assert evaluate.PUBLISHED_NETWORK == best
+
+
 def test_torch_hub_returns_a_ready_network_that_reads_test_letters(byclass):
     model = torch.hub.load(str(ROOT), "resnet", source="local", pretrained=True)
     assert model.classes == "".join(CLASSES["emnist-byclass"]) and not model.training
@@ -155,6 +177,9 @@ def test_torch_hub_returns_a_ready_network_that_reads_test_letters(byclass):
         predictions = model((images[:, None].float() / 255 - model.mean) / model.std).argmax(1)
     assert (predictions == labels).float().mean() > 0.6  # chance is 1/62
     assert torch.hub.load(str(ROOT), "lenet", source="local", pretrained=False).fc is not None
+    vggnet = torch.hub.load(str(ROOT), "vggnet", source="local", pretrained=True)  # the published one
+    published = torch.load(published_checkpoint("vggnet"), map_location="cpu", weights_only=True)["state_dict"]
+    assert all(torch.equal(value, published[key]) for key, value in vggnet.state_dict().items())
 
 
 def test_the_demo_without_flags_serves_the_published_networks_and_reads_a_letter(byclass):
@@ -169,7 +194,9 @@ def test_the_demo_without_flags_serves_the_published_networks_and_reads_a_letter
     args = demo.parse_args([])
     cpu = torch.device("cpu")
     predictor = demo.Predictor(demo.checkpoints_to_serve(args), cpu, demo.choose_precision("fp32", cpu))
-    assert set(predictor.networks) >= {"lenet", "resnet", "spinalnet"}
+    assert set(predictor.networks) == {"lenet", "alexnet", "vggnet", "resnet", "spinalnet"}
+    assert [path for path, _ in demo.checkpoints_to_serve(args)] == [published_checkpoint(name) for name in
+                                                                     predictor.networks]
     assert all(state["dataset"] == "emnist-byclass" for state, _ in predictor.networks.values())
     server = demo.make_server(predictor, "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -200,7 +227,7 @@ def test_image_without_a_network_of_ones_own_uses_the_published_one(byclass, tmp
     Image.fromarray(255 - images[0].numpy()).resize((84, 84)).save(picture)
     evaluate.main(["--image", str(picture), "--hub", str(tmp_path / "empty_hub")])
     output = capsys.readouterr().out
-    published = evaluate.PUBLISHED_HUB / "fine_tuned" / f"{evaluate.PUBLISHED_NETWORK}_tuned.pth"
+    published = published_checkpoint(evaluate.PUBLISHED_NETWORK)
     assert f"network: {published} ({evaluate.PUBLISHED_NETWORK}, trained on emnist-byclass, written " in output
     answer = output.split(f"{picture}: ")[1].split()[0]
     assert answer in CLASSES["emnist-byclass"]
