@@ -206,6 +206,28 @@ def test_the_byclass_readme_tables_are_what_the_committed_files_hold():
     assert committed_bytes(BYCLASS) < 30e6
 
 
+def test_a_stopped_rate_choice_resumes_however_the_rates_are_written(tmp_path):
+    study, env = byclass_sandbox(tmp_path)
+    script = study / "run_study.sh"
+    script.write_text(script.read_text().replace('RATES="0.001 0.0001"', 'RATES="1e-3 1e-4"', 1))
+    (tmp_path / "data" / "emnist-byclass-carved").mkdir(parents=True)
+    for stage in ("search", "train"):
+        (study / "study" / "outputs" / stage).mkdir(parents=True)
+        (study / "study" / "outputs" / stage / "lenet.json").write_text('{"complete": true}')
+    choices = []
+    for stopped in (False, True):
+        if stopped:  # finetune.py names a rate's file as Python prints it: 0.001, not 1e-3
+            folder = study / "chosen-on-validation" / "work" / "rates" / "fine_tuned"
+            folder.mkdir(parents=True)
+            (folder / "lenet_tuned_unfinished_last_lr0.001.pth").touch()
+            (study / "chosen-on-validation" / "outputs" / "rates" / "finetune" / "lenet_rates.json").unlink()
+        subprocess.run(["bash", str(script), "chosen", "lenet"], capture_output=True, text=True, timeout=60, env=env)
+        choices += [call for call in (tmp_path / "calls").read_text().splitlines() if "--val-fraction" in call]
+        (tmp_path / "calls").unlink()
+    assert len(choices) == 2 and "--lr 1e-3 1e-4" in choices[0]
+    assert "--resume" not in choices[0] and "--resume" in choices[1]
+
+
 def test_the_byclass_chosen_recipe_picks_on_validation_then_runs_the_best_network_over_three_seeds(tmp_path):
     study, env = byclass_sandbox(tmp_path)
     (tmp_path / "data" / "emnist-byclass-carved").mkdir(parents=True)

@@ -157,7 +157,8 @@ for m in ${@:-$all}; do
     mkdir -p "$work/chosen/pre_trained"  # the chosen pre-trainings side by side: the ensemble's validation hub
     ln -sfn "$(realpath -m "$pretrained")" "$work/chosen/pre_trained/$m.pth"
     if [ -z "$(chosen_rate "$m")" ]; then
-      resume=(); [ -f "$work/rates/fine_tuned/${m}_tuned_unfinished_last_lr${RATES%% *}.pth" ] && resume=(--resume)
+      resume=()  # a stopped choice: any rate's file (finetune.py names them as Python prints the rate)
+      compgen -G "$work/rates/fine_tuned/${m}_tuned_unfinished_last_lr*.pth" > /dev/null && resume=(--resume)
       step "choose the fine-tuning rate of $m" "$logs/finetune_rates_$m.log" python finetune.py --update-results \
         --model "$m" --ckpt "$pretrained" --val-fraction 0.1 --lr $RATES "${augment[@]}" --data-dir "$carved" \
         --no-download --hub "$work/rates" --outputs "$outputs/rates" "${resume[@]}" "${fp32[@]}" || continue
