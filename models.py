@@ -314,8 +314,9 @@ def training_args(state):
 
 
 # The networks fine-tuned on EMNIST ByClass, committed with the repository (results/emnist-byclass/README.md): what
-# hubconf.py serves, and `evaluate.py --image` and demo.py when the hub holds none of their own. Searched in order: the recipe chosen on validation's where committed (its pre-training validated better
-# than the study's for every network), else the study's recipe's.
+# hubconf.py serves, and `evaluate.py --image` and demo.py when the hub holds none of their own. Searched in order:
+# the recipe chosen on validation's where committed (its pre-training validated better than the study's for every
+# network), else the study's recipe's.
 BYCLASS = Path(__file__).resolve().parent / "results" / "emnist-byclass"
 PUBLISHED_HUBS = (BYCLASS / "chosen-on-validation" / "model_hub", BYCLASS / "study" / "model_hub")
 
