@@ -337,7 +337,7 @@ LARGEST = 1e6  # a learning rate, decay or clip above this overflows the optimiz
 positive_int = checked("a whole number", int, lambda v: v >= 1, "at least 1")
 positive_float = checked("a number", float, lambda v: 0 < v <= LARGEST, f"a number above 0 and at most {LARGEST:g}")
 non_negative_float = checked("a number", float, lambda v: 0 <= v <= LARGEST, f"a number from 0 to {LARGEST:g}")
-fraction = checked("a number", float, lambda v: 0 < v < 1, "a fraction strictly between 0 and 1")
+fraction = checked("a number", float, lambda v: 0 <= v < 1, "a fraction from 0 (none) to below 1")
 momentum = checked("a number", float, lambda v: 0 <= v < 1, "at least 0 and below 1")
 seed_value = checked("a whole number", int, lambda v: 0 <= v < 2 ** 32, "between 0 and 2**32 - 1")
 path_value = checked("a path", str, lambda v: bool(v.strip()), "a file or folder name (an empty one would mean "

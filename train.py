@@ -74,7 +74,7 @@ SETTINGS = {
                        f"{', '.join(AUGMENTS)} (data.AUGMENTS; study: the study's random affine)"),
     "schedule": Setting("constant", "--schedule", one_of(SCHEDULES, "a schedule name"),
                         "constant (the study's) or cosine (to 0 over --epochs)"),
-    "val_fraction": Setting(VAL_FRACTION, "--val-fraction", fraction, "hold out this fraction for validation"),
+    "val_fraction": Setting(VAL_FRACTION, "--val-fraction", fraction, "hold out this fraction for validation, 0: none"),
 }
 DEFAULTS = {key: row.default for key, row in SETTINGS.items()}  # pre-training's values
 GRID = {key: row.grid for key, row in SETTINGS.items() if row.grid}  # the study's grid, searched by search.py

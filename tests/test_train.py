@@ -378,6 +378,22 @@ def test_fine_tuning_chooses_its_rate_on_validation_and_keeps_that_run(trained_l
         "lenet_tuned.pth", "lenet_tuned_last.pth"]  # the other rate's files are gone
 
 
+def test_fine_tuning_on_every_image_resumes_as_if_never_stopped(trained_lenet, tmp_path):
+    """Without --val-fraction a fine-tuning holds out nothing (its args say 0.0): --resume continues it
+    and ends with the weights of a run that was never stopped."""
+    flags = ["--ckpt", str(trained_lenet[1]), "--lr", "0.002"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    finetune.main(flags + ["--epochs", "2"] + dirs(straight))
+    finetune.main(flags + ["--epochs", "1"] + dirs(stopped))
+    finetune.main(flags + ["--epochs", "2", "--resume"] + dirs(stopped))
+    weights = [torch.load(folder / "model_hub" / "fine_tuned" / "lenet_tuned.pth", weights_only=True)["state_dict"]
+               for folder in (straight, stopped)]
+    assert weights[1].keys() == weights[0].keys()
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
+    history = json.loads((stopped / "outputs" / "finetune" / "lenet.json").read_text())
+    assert history["args"]["val_fraction"] == 0.0 and [row["epoch"] for row in history["history"]] == [1, 2]
+
+
 RATE_CHOICE = ["--epochs", "2", "--val-fraction", "0.1", "--lr", "0.002", "1e-6"]
 
 
