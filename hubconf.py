@@ -13,13 +13,17 @@ dependencies = ["torch"]
 
 def _network(name, pretrained):
     from data import CLASSES
-    from models import build_model, load_checkpoint, published_checkpoint
+    from models import PUBLISHED_HUBS, CheckpointError, build_model, load_checkpoint, published_checkpoint
 
     if not pretrained:
         model = build_model(name, len(CLASSES["emnist-byclass"]))
         model.classes, model.mean, model.std = "".join(CLASSES["emnist-byclass"]), None, None
         return model
-    state, model = load_checkpoint(published_checkpoint(name), name)
+    path = published_checkpoint(name)
+    if path is None:
+        raise CheckpointError(f"this copy holds no published {name} weights (fine_tuned/{name}_tuned.pth in "
+                              f"{' or '.join(map(str, PUBLISHED_HUBS))}): pass pretrained=False for a fresh network")
+    state, model = load_checkpoint(path, name)
     model.classes, model.mean, model.std = "".join(state["classes"]), state["mean"], state["std"]
     return model.eval()
 

@@ -182,6 +182,19 @@ def test_torch_hub_returns_a_ready_network_that_reads_test_letters(byclass):
     assert all(torch.equal(value, published[key]) for key, value in vggnet.state_dict().items())
 
 
+def test_torch_hub_without_a_networks_weights_says_so_in_one_line(tmp_path, monkeypatch):
+    import models
+
+    monkeypatch.setattr(models, "PUBLISHED_HUBS", (tmp_path / "model_hub",))  # a copy without committed weights
+    with pytest.raises(models.CheckpointError) as refused:
+        torch.hub.load(str(ROOT), "alexnet", source="local", pretrained=True)
+    message = str(refused.value)
+    assert message.startswith("this copy holds no published alexnet weights") and "\n" not in message
+    assert str(tmp_path / "model_hub") in message and "pretrained=False" in message
+    assert torch.hub.load(str(ROOT), "alexnet", source="local", pretrained=False).classes == \
+        "".join(CLASSES["emnist-byclass"])  # a fresh network needs no weights
+
+
 def test_the_demo_without_flags_serves_the_published_networks_and_reads_a_letter(byclass):
     import threading
     import urllib.request
