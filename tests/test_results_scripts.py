@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from conftest import ROOT
+from models import MODELS
 
 STUDY = ROOT / "results" / "fashion-mnist"
 
@@ -124,11 +125,12 @@ def test_the_committed_checkpoints_are_the_networks_of_the_two_headline_tables()
 # ----------------------------------------------------------------------------- the ByClass study
 
 BYCLASS = ROOT / "results" / "emnist-byclass"
+FIVE = " ".join(name for name in MODELS if name != "ensnet")  # the order `--model all` evaluates them in
 
 
 @pytest.mark.parametrize("arguments, wanted, code", [
     ([], "usage:", 2), (["chosen-later"], "unknown recipe chosen-later", 2),
-    (["study", "ensnet"], "unknown network ensnet", 2), (["--help"], "usage:", 0)])
+    (["study", "lenet5"], "unknown network lenet5", 2), (["--help"], "usage:", 0)])
 def test_the_byclass_study_answers_bad_arguments_in_one_line_before_any_work(arguments, wanted, code):
     before = sorted(str(path) for path in BYCLASS.rglob("*"))
     result = subprocess.run(["bash", str(BYCLASS / "run_study.sh"), *arguments], capture_output=True, text=True,
@@ -181,9 +183,29 @@ def test_the_byclass_study_carves_then_runs_each_stage_and_evaluates_only_when_a
     for name in ("lenet", "spinalnet", "alexnet", "resnet", "vggnet"):  # what the five pre-trainings wrote
         (study / "study" / "outputs" / "train" / f"{name}.json").write_text("{}")
     calls = rerun_with_the_others_published(study, "study", env)  # evaluate, then transfer
-    assert calls[-2].startswith("evaluate.py --update-results --model all") and "--data-dir data/emnist-byclass-carved" in calls[-2]
+    assert calls[-2].startswith(f"evaluate.py --update-results --model {FIVE}") and "--data-dir data/emnist-byclass-carved" in calls[-2]
     assert calls[-1].startswith("transfer_mnist.py --update-results --model lenet --ckpt "
                                 "results/emnist-byclass/study/model_hub/fine_tuned/lenet_tuned.pth")
+
+
+def test_ensnet_runs_only_when_named_and_is_evaluated_on_its_own(tmp_path):
+    study, env = byclass_sandbox(tmp_path)
+    (tmp_path / "data" / "emnist-byclass-carved").mkdir(parents=True)
+    result = subprocess.run(["bash", str(study / "run_study.sh"), "study", "ensnet"], capture_output=True,
+                            text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert [call.split()[0] for call in calls] == ["search.py", "train.py", "finetune.py", "-", "evaluate.py"]
+    assert all("--model ensnet" in call for call in calls if call != calls[3])
+    assert "--hub results/emnist-byclass/study/model_hub --outputs results/emnist-byclass/study/outputs " \
+           "--split test" in calls[4]
+    assert "evaluation and transfer wait for: lenet spinalnet alexnet resnet vggnet" in result.stdout
+    (tmp_path / "calls").unlink()
+    subprocess.run(["bash", str(study / "run_study.sh"), "study"], capture_output=True, text=True, timeout=60,
+                   env=env, check=True)
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert len(calls) == 21 and not any("ensnet" in call for call in calls)  # 4 stages of each of the five
+    assert calls[-1].startswith(f"evaluate.py --update-results --model {FIVE} ")  # their comparison alone
 
 
 def test_the_byclass_readme_tables_are_what_the_committed_files_hold():
@@ -285,7 +307,7 @@ def test_the_byclass_chosen_recipe_picks_on_validation_then_runs_the_best_networ
     stopped.touch()  # lenet's rate choice had stopped: it resumes
     calls = rerun_with_the_others_published(study, "chosen", env)  # lenet's rate chosen again, the seeds, evaluate
     assert "--resume" in next(call for call in calls if "--val-fraction" in call)
-    evaluate = next(call for call in calls if call.startswith("evaluate.py --update-results --model all"))
+    evaluate = next(call for call in calls if call.startswith(f"evaluate.py --update-results --model {FIVE}"))
     assert f"--ensemble-from-validation {chosen}/work/chosen" in evaluate
     assert calls.index(evaluate) < min(i for i, call in enumerate(calls) if "/seeds/seed-" in call)  # hours before
     seeds = [call for call in calls if "/seeds/seed-" in call]

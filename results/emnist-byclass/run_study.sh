@@ -10,7 +10,7 @@
 # that folder with --dataset emnist-byclass. This is not the official protocol (697,932 training images).
 # study:  search.py (28 draws x 5 epochs on the mini subset) -> train.py --params (SGD, the study's random
 #         affine, 20 epochs, 90 %) -> finetune.py (Adam 1e-3, 5 epochs, 100 %); once every network of the
-#         recipe is fine-tuned: evaluate.py --model all (test: the 20,000) and transfer_mnist.py of the
+#         recipe is fine-tuned: evaluate.py of the five (test: the 20,000) and transfer_mnist.py of the
 #         network with the best validation accuracy to MNIST (MNIST_DIR, default data: DIR/MNIST/raw/).
 # chosen: the study's search winners, pre-trained again with each option set of TRIED below; of those and
 #         the study's own pre-training, the one with the best validation accuracy on the 9,632 images that
@@ -20,13 +20,16 @@
 #         same images); seeds 1 and 2 of the network whose pre-training validated best, for its mean +- std,
 #         as soon as all five are pre-trained (their fine-tuning once its rate is chosen); a seed another copy
 #         of this script is running is left to it.
+# ensnet runs only when named (run_study.sh study ensnet, on a GPU): its stages, then its evaluation on
+# its own; the five's comparison, ensemble, transfer and seeds stay the five's.
 # THREADS=N sets each stage's threads (default: all cores); two copies of this script on different
 # networks can run side by side with THREADS=1 each. Pre-trained checkpoints stay in the ignored work/
 # folders; the fine-tuned ones are published in model_hub/ without their optimizer state. Each stage's
 # output goes to logs/, its time to logs/times.log.
 set -uo pipefail
-usage="usage: EMNIST_DIR=DIR bash results/emnist-byclass/run_study.sh study|chosen [lenet alexnet vggnet resnet spinalnet]"
+usage="usage: EMNIST_DIR=DIR bash results/emnist-byclass/run_study.sh study|chosen [lenet alexnet vggnet resnet spinalnet ensnet]"
 all="lenet spinalnet alexnet resnet vggnet"
+named_only="ensnet"  # runs only when named (about 3 training images a second on two CPU cores: a GPU's run)
 RATES="0.001 0.0001"  # the fine-tuning rates the chosen recipe tries on validation
 declare -A TRIED=(  # option sets tried against the study's pre-training: name -> train.py options
   [cosine]="--schedule cosine")
@@ -36,7 +39,7 @@ case ${1:-} in
   *) echo "${1:+unknown recipe ${1}: }$usage"; exit 2 ;;
 esac
 for m in "$@"; do
-  [[ " $all " == *" $m "* ]] || { echo "unknown network $m: $usage"; exit 2; }
+  [[ " $all $named_only " == *" $m "* ]] || { echo "unknown network $m: $usage"; exit 2; }
 done
 cd "$(dirname "$0")/../.."
 study=results/emnist-byclass/study
@@ -178,6 +181,10 @@ torch.save(state, temporary)
 os.replace(temporary, sys.argv[2])
 PY
   fi
+  if [[ " $named_only " == *" $m "* ]] && ! [ -f "$outputs/eval/$m.json" ]; then  # not one of the five: on its own
+    step "evaluate $m" "$logs/evaluate_$m.log" python evaluate.py --update-results --model "$m" "${data[@]}" \
+      --hub "$here/model_hub" --outputs "$outputs" --split test || continue
+  fi
 done
 waiting=""; for m in $all; do [ -f "$here/model_hub/fine_tuned/${m}_tuned.pth" ] || waiting+=" $m"; done
 best=$(best_pretrained) || best=""  # the test split chooses nothing: validation on the pre-trainings' held-out images
@@ -185,8 +192,8 @@ ensemble=(); [ "$recipe" = chosen ] && ensemble=(--ensemble-from-validation "$wo
 if [ -n "$waiting" ]; then
   if [ "$recipe" = study ]; then echo "evaluation and transfer wait for:$waiting"; else echo "evaluation waits for:$waiting"; fi
 elif ! [ -f "$outputs/eval/comparison.json" ]; then
-  step "evaluate all" "$logs/evaluate.log" python evaluate.py --update-results --model all "${data[@]}" --hub "$here/model_hub" \
-    --outputs "$outputs" "${ensemble[@]}" || failed=1
+  step "evaluate all" "$logs/evaluate.log" python evaluate.py --update-results --model lenet alexnet vggnet resnet \
+    spinalnet "${data[@]}" --hub "$here/model_hub" --outputs "$outputs" "${ensemble[@]}" || failed=1
 fi
 if [ "$recipe" = study ] && [ -z "$waiting" ] && [ -n "$best" ] && ! [ -f "$outputs/transfer/$best.json" ]; then
   step "transfer $best" "$logs/transfer_$best.log" python transfer_mnist.py --update-results --model "$best" \

@@ -23,9 +23,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 from runs import UserError, read_json  # noqa: E402
-ORDER = ["lenet", "alexnet", "vggnet", "resnet", "spinalnet"]
+ORDER = ["lenet", "alexnet", "vggnet", "resnet", "spinalnet", "ensnet"]  # ensnet: run_study.sh study ensnet
 NAMES = {"lenet": "LeNet", "alexnet": "AlexNet", "vggnet": "VGGNet", "resnet": "ResNet", "spinalnet": "SpinalNet",
-         "ensemble": "ensemble"}
+         "ensnet": "EnsNet", "ensemble": "ensemble"}
 # The published study's subset table (120,000 training and 20,000 test images of ByClass), percent.
 PAPER = {"alexnet": (87.95, 87.62, 87.95, 86.59), "vggnet": (89.80, 90.01, 89.80, 88.42),
          "spinalnet": (87.15, 86.18, 87.15, 85.28), "resnet": (89.28, 89.24, 89.28, 88.30)}
