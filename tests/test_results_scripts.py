@@ -183,7 +183,8 @@ def test_the_byclass_study_carves_then_runs_each_stage_and_evaluates_only_when_a
     for name in ("lenet", "spinalnet", "alexnet", "resnet", "vggnet"):  # what the five pre-trainings wrote
         (study / "study" / "outputs" / "train" / f"{name}.json").write_text("{}")
     calls = rerun_with_the_others_published(study, "study", env)  # evaluate, then transfer
-    assert calls[-2].startswith(f"evaluate.py --update-results --model {FIVE}") and "--data-dir data/emnist-byclass-carved" in calls[-2]
+    assert calls[-2].startswith(f"evaluate.py --update-results --model {FIVE}")
+    assert "--data-dir data/emnist-byclass-carved" in calls[-2]
     assert calls[-1].startswith("transfer_mnist.py --update-results --model lenet --ckpt "
                                 "results/emnist-byclass/study/model_hub/fine_tuned/lenet_tuned.pth")
 

@@ -27,7 +27,8 @@
 # folders; the fine-tuned ones are published in model_hub/ without their optimizer state. Each stage's
 # output goes to logs/, its time to logs/times.log.
 set -uo pipefail
-usage="usage: EMNIST_DIR=DIR bash results/emnist-byclass/run_study.sh study|chosen [lenet alexnet vggnet resnet spinalnet ensnet]"
+usage="usage: EMNIST_DIR=DIR bash results/emnist-byclass/run_study.sh study|chosen [networks: lenet alexnet vggnet \
+resnet spinalnet, ensnet]"
 all="lenet spinalnet alexnet resnet vggnet"
 named_only="ensnet"  # runs only when named (about 3 training images a second on two CPU cores: a GPU's run)
 RATES="0.001 0.0001"  # the fine-tuning rates the chosen recipe tries on validation
