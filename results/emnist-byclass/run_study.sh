@@ -192,7 +192,7 @@ best=$(best_pretrained) || best=""  # the test split chooses nothing: validation
 ensemble=(); [ "$recipe" = chosen ] && ensemble=(--ensemble-from-validation "$work/chosen")
 if [ -n "$waiting" ]; then
   if [ "$recipe" = study ]; then echo "evaluation and transfer wait for:$waiting"; else echo "evaluation waits for:$waiting"; fi
-elif ! [ -f "$outputs/eval/comparison.json" ]; then
+elif ! [ -f "$outputs/eval/comparison.json" ]; then  # $all in models.MODELS order, as --model all took them
   step "evaluate all" "$logs/evaluate.log" python evaluate.py --update-results --model lenet alexnet vggnet resnet \
     spinalnet "${data[@]}" --hub "$here/model_hub" --outputs "$outputs" "${ensemble[@]}" || failed=1
 fi
