@@ -54,11 +54,14 @@ def study_sandbox(tmp_path, name, behaviour=""):
 
 
 def sandbox(tmp_path, fail=None):
-    """The Fashion-MNIST study's sandbox: its `python` fails for the script named by `fail`, and writes the
-    rate a validation run chose."""
+    """The Fashion-MNIST study's sandbox: its `python` fails for the script named by `fail`, writes the
+    rate a validation run chose, and a fine-tuning's checkpoint."""
     rates = tmp_path / "results" / "fashion-mnist" / "chosen-on-validation" / "outputs" / "rates" / "finetune"
     return study_sandbox(tmp_path, "fashion-mnist", (
         (f'case "$1" in {fail}) echo "error: it broke"; exit 1 ;; esac\n' if fail else "")
+        + 'case "$*" in finetune.py*--val-fraction*) ;; finetune.py*)\n'
+          '  for arg; do case $previous in --model) m=$arg ;; --hub) h=$arg ;; esac; previous=$arg; done\n'
+          '  mkdir -p "$h/fine_tuned"; touch "$h/fine_tuned/${m}_tuned.pth" ;; esac\n'
         + f'case "$*" in *--val-fraction*) mkdir -p {rates}; m=$(echo "$*" | sed "s|.*--ckpt [^ ]*/\\([a-z]*\\)\\.pth.*|\\1|"); '
           f'printf \'{{\\n  "chosen": 0.0001,\\n  "rates": []\\n}}\\n\' > {rates}/${{m}}_rates.json ;; esac\n'))
 
@@ -89,6 +92,24 @@ def test_the_chosen_recipe_uses_its_options_and_the_rate_validation_chose(tmp_pa
     assert "--val-fraction 0.1 --lr 0.001 0.0001 --augment shift-flip --schedule cosine" in calls[1]
     assert "--lr 0.0001 --augment shift-flip --schedule cosine" in calls[2] and "--epochs" not in calls[2]
     assert "--ensemble-from-validation results/fashion-mnist/chosen-on-validation/work" in calls[-1]
+
+
+def test_committed_results_without_their_weights_are_left_as_they_are(tmp_path):
+    study, env = sandbox(tmp_path)
+    committed = {"study/outputs/search/lenet.json": '{"complete": true}', "chosen-on-validation/outputs/train/"
+                 "lenet.json": "{}", "chosen-on-validation/outputs/rates/finetune/lenet_rates.json":
+                 '{\n  "chosen": 0.0001\n}\n', "chosen-on-validation/outputs/finetune/lenet.json": "{}",
+                 "chosen-on-validation/outputs/eval/comparison.json": "{}"}  # a clone: lenet's weights left out
+    for name, text in committed.items():
+        (study / name).parent.mkdir(parents=True, exist_ok=True)
+        (study / name).write_text(text)
+    result = subprocess.run(["bash", str(study / "run_study.sh"), "chosen", "lenet"], capture_output=True, text=True,
+                            timeout=60, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout == "publish lenet: nothing to publish, this copy holds lenet's results without its " \
+                            "fine-tuned weights\nnothing to redo: every stage's files are here\n"
+    assert not (tmp_path / "calls").exists()  # no publish, no evaluation of the networks that are here
+    assert all((study / name).read_text() == text for name, text in committed.items())
 
 
 def test_a_failed_stage_is_one_line_on_the_terminal_and_a_non_zero_exit(tmp_path):
@@ -142,11 +163,18 @@ def test_the_byclass_study_answers_bad_arguments_in_one_line_before_any_work(arg
 def byclass_sandbox(tmp_path):
     """The ByClass study's sandbox: a choice among label=JSON pairs takes the tried option set `cosine` when
     there is one, else the first label; a publish step makes the published checkpoint; a rate choice
-    writes 1e-4; every call's CPU kernel limits go to `isa`."""
+    writes 1e-4; the check of remade runs is run; with REMADE=DIR, train.py and finetune.py write DIR's
+    train.json and finetune.json as their run's JSON; every call's CPU kernel limits go to `isa`, its
+    threads to `threads`."""
     rates = tmp_path / "results" / "emnist-byclass" / "chosen-on-validation" / "outputs" / "rates" / "finetune"
     study, env = study_sandbox(tmp_path, "emnist-byclass", (
         f'echo "$1 ${{ONEDNN_MAX_CPU_ISA:-any}} ${{ATEN_CPU_CAPABILITY:-any}}" >> {tmp_path}/isa\n'
-        'case "$*" in "- "*cosine=*) cat > /dev/null; echo cosine ;;\n'
+        f'echo "${{OMP_NUM_THREADS:-all}}" >> {tmp_path}/threads\n'
+        'case "${REMADE:+remade }$1" in "remade train.py" | "remade finetune.py") stage=${1%.py}\n'
+        '  for arg; do case $previous in --model) m=$arg ;; --outputs) o=$arg ;; esac; previous=$arg; done\n'
+        '  mkdir -p "$o/$stage"; cp "$REMADE/$stage.json" "$o/$stage/$m.json" ;;\nesac\n'
+        f'case "$*" in "- "*=*/remade/*) exec {sys.executable} "$@" ;;\n'
+        '  "- "*cosine=*) cat > /dev/null; echo cosine ;;\n'
         '  "- "*=*) cat > /dev/null; echo "${2%%=*}" ;;\n'
         '  "- "*) cat > /dev/null; touch "$3" ;;\n'
         f'  *--val-fraction*) mkdir -p {rates}; printf \'{{\\n  "chosen": 0.0001\\n}}\\n\' > {rates}/$4_rates.json ;;'
@@ -179,6 +207,7 @@ def test_the_byclass_study_carves_then_runs_each_stage_and_evaluates_only_when_a
     assert "--params results/emnist-byclass/study/outputs/search/lenet.json" in calls[2]
     assert "evaluation and transfer wait for: spinalnet alexnet resnet vggnet" in result.stdout
     assert "--precision" not in " ".join(calls) and "AVX2" not in (tmp_path / "isa").read_text()  # the CPU's own
+    assert set((tmp_path / "threads").read_text().split()) == {"all"}  # THREADS unset: every core
     (study / "study" / "outputs" / "train").mkdir(parents=True)
     for name in ("lenet", "spinalnet", "alexnet", "resnet", "vggnet"):  # what the five pre-trainings wrote
         (study / "study" / "outputs" / "train" / f"{name}.json").write_text("{}")
@@ -207,6 +236,59 @@ def test_ensnet_runs_only_when_named_and_is_evaluated_on_its_own(tmp_path):
     calls = (tmp_path / "calls").read_text().splitlines()
     assert len(calls) == 21 and not any("ensnet" in call for call in calls)  # 4 stages of each of the five
     assert calls[-1].startswith(f"evaluate.py --update-results --model {FIVE} ")  # their comparison alone
+
+
+@pytest.mark.parametrize("remade_as_committed", [True, False])
+def test_byclass_weights_left_out_are_trained_again_in_work_and_published_only_if_they_are_the_committed_runs(
+        tmp_path, remade_as_committed):
+    study, env = byclass_sandbox(tmp_path)
+    (tmp_path / "data" / "emnist-byclass-carved").mkdir(parents=True)
+    chosen, here = "results/emnist-byclass/chosen-on-validation", study / "chosen-on-validation"
+    run = [{"epoch": epoch, "train_loss": 1 / epoch, "train_acc": 0.8, "val_loss": None, "val_acc": None,
+            "lr": 1e-4, "seconds": 30.0} for epoch in (1, 2, 3)]
+    committed = {"study/outputs/search/lenet.json": '{"complete": true}',  # lenet's committed results
+                 "study/outputs/train/lenet.json": json.dumps({"history": run}),
+                 "chosen-on-validation/outputs/tried/cosine/train/lenet.json": json.dumps({"history": run}),
+                 "chosen-on-validation/outputs/rates/finetune/lenet_rates.json": '{\n  "chosen": 0.0001\n}\n',
+                 "chosen-on-validation/outputs/finetune/lenet.json": json.dumps({"history": run}),
+                 "chosen-on-validation/logs/times.log": "finetune lenet rc=0 seconds=90\n"}
+    for name, text in committed.items():
+        (study / name).parent.mkdir(parents=True, exist_ok=True)
+        (study / name).write_text(text)
+    remade = tmp_path / "remade"  # what the runs of this clone write: another clock, and maybe other numbers
+    remade.mkdir()
+    (remade / "train.json").write_text(json.dumps({"history": [{**epoch, "seconds": 41.5} for epoch in run]}))
+    tuned = [dict(epoch) for epoch in run]
+    if not remade_as_committed:
+        tuned[1]["train_loss"] += 1e-12
+    (remade / "finetune.json").write_text(json.dumps({"history": tuned}))
+    result = subprocess.run(["bash", str(study / "run_study.sh"), "chosen", "lenet"], capture_output=True,
+                            text=True, timeout=60, env={**env, "REMADE": str(remade)})
+    assert "lenet: its results are committed without its weights; training it again in " \
+           f"{chosen}/work/remade" in result.stdout
+    calls = [call for call in (tmp_path / "calls").read_text().splitlines() if not call.startswith("- study=")]
+    assert [call.split()[0] for call in calls[:3]] == ["train.py", "finetune.py", "-"]  # no rate choice
+    assert "--schedule cosine" in calls[0] and calls[0].endswith("--precision fp32")
+    assert f"--hub {chosen}/work/remade/work/tried/cosine --outputs {chosen}/work/remade/outputs/tried/cosine" \
+           in calls[0]
+    assert f"--ckpt {chosen}/work/remade/work/tried/cosine/pre_trained/lenet.pth --lr 0.0001 --schedule cosine " \
+           f"--data-dir data/emnist-byclass-carved --no-download --hub {chosen}/work/remade/work " \
+           f"--outputs {chosen}/work/remade/outputs" in calls[1]
+    assert set((tmp_path / "threads").read_text().split()) == {"1"}
+    for name, text in committed.items():  # the committed files are as they were
+        assert (study / name).read_text() == text, name
+    published = here / "model_hub" / "fine_tuned" / "lenet_tuned.pth"
+    if remade_as_committed:
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert calls[3] == f"- {chosen}/work/remade/work/fine_tuned/lenet_tuned.pth {published.relative_to(tmp_path)}"
+        assert published.is_file()
+        assert "check lenet against the committed runs rc=0" in (here / "work/remade/logs/times.log").read_text()
+    else:
+        assert result.returncode == 1 and not published.exists() and len(calls) == 3
+        assert f"check lenet against the committed runs: failed, exit status 1: {chosen}/work/remade/outputs/" \
+               f"finetune/lenet.json differs from the committed {chosen}/outputs/finetune/lenet.json from epoch 2 " \
+               "on (another kind of CPU or other threads compute another run): not published; its weights: " \
+               f"{chosen}/work/remade/work/fine_tuned/lenet_tuned.pth" in result.stdout
 
 
 def test_the_byclass_readme_tables_are_what_the_committed_files_hold():
@@ -275,9 +357,10 @@ def test_the_byclass_chosen_recipe_picks_on_validation_then_runs_the_best_networ
     assert f"--ckpt {chosen}/work/tried/cosine/pre_trained/lenet.pth --val-fraction 0.1 --lr 0.001 0.0001 " \
            f"--schedule cosine" in calls[2]
     assert "--lr 0.0001 --schedule cosine" in calls[3] and "--val-fraction" not in calls[3]
-    assert all(calls[i].endswith("--precision fp32") for i in (0, 2, 3))  # the same numbers on any x86-64 CPU
+    assert all(calls[i].endswith("--precision fp32") for i in (0, 2, 3))  # the same numbers on both AMD EPYCs
     assert set((tmp_path / "isa").read_text().split("\n")[:-1]) == {"train.py AVX2 avx2", "- AVX2 avx2",
                                                                        "finetune.py AVX2 avx2"}
+    assert set((tmp_path / "threads").read_text().split()) == {"1"}  # one thread, as its committed runs
     assert (study / "chosen-on-validation" / "work" / "chosen" / "pre_trained" / "lenet.pth").is_symlink()
     assert "the seeds wait for the pre-training of all five networks" in result.stdout
     tried = study / "chosen-on-validation" / "outputs" / "tried" / "cosine" / "train"
@@ -317,4 +400,8 @@ def test_the_byclass_chosen_recipe_picks_on_validation_then_runs_the_best_networ
     assert seeds[0].endswith("--precision fp32") and seeds[1].endswith("--precision fp32")
     assert f"--ckpt {chosen}/seeds/seed-1/work/pre_trained/lenet.pth --lr 0.0001 --schedule cosine --seed 1" in seeds[1]
     assert "--split test" in seeds[2] and f"--hub {chosen}/seeds/seed-1/work" in seeds[2] and "--seed 2" in seeds[3]
-    assert not any(call.startswith("transfer_mnist.py") for call in calls)  # transfer is the study's stage
+    transfer = next(call for call in calls if call.startswith("transfer_mnist.py"))  # the best network's, in fp32
+    assert transfer.startswith(f"transfer_mnist.py --update-results --model lenet --ckpt {chosen}/model_hub/"
+                               f"fine_tuned/lenet_tuned.pth ") and transfer.endswith(
+        f"--hub {chosen}/work --outputs {chosen}/outputs --precision fp32")
+    assert calls.index(evaluate) < calls.index(transfer) < min(i for i, call in enumerate(calls) if "/seeds/" in call)

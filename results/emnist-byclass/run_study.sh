@@ -17,15 +17,19 @@
 #         pre-training held out (the study's wins ties; it is pre-trained again here only if it wins); the
 #         fine-tuning rate chosen on the same images (finetune.py --val-fraction 0.1 --lr RATES);
 #         fine-tuning on 100 % at that rate; evaluate.py --ensemble-from-validation (members chosen on the
-#         same images); seeds 1 and 2 of the network whose pre-training validated best, for its mean +- std,
+#         same images); transfer_mnist.py of the network whose pre-training validated best (once its weights
+#         are published, whether or not the others' are); seeds 1 and 2 of that network, for its mean +- std,
 #         as soon as all five are pre-trained (their fine-tuning once its rate is chosen); a seed another copy
 #         of this script is running is left to it.
 # ensnet runs only when named (run_study.sh study ensnet, on a GPU): its stages, then its evaluation on
 # its own; the five's comparison, ensemble, transfer and seeds stay the five's.
-# THREADS=N sets each stage's threads (default: all cores); two copies of this script on different
-# networks can run side by side with THREADS=1 each. Pre-trained checkpoints stay in the ignored work/
-# folders; the fine-tuned ones are published in model_hub/ without their optimizer state. Each stage's
-# output goes to logs/, its time to logs/times.log.
+# THREADS=N sets each stage's threads (default: all cores; chosen: 1, as its committed runs had: more
+# threads add up in another order); two copies of this script on different networks can run side by side.
+# Pre-trained checkpoints stay in the ignored work/ folders; the fine-tuned ones are published in model_hub/
+# without their optimizer state. A network whose results are committed without its weights (chosen: all but
+# VGGNet, for the folder's 30 MB) is trained again in work/remade/ (checkpoints, outputs and logs; the
+# committed files untouched) and published only if every epoch's losses and accuracies are the committed
+# ones. Each stage's output goes to logs/, its time to logs/times.log.
 set -uo pipefail
 usage="usage: EMNIST_DIR=DIR bash results/emnist-byclass/run_study.sh study|chosen [networks: lenet alexnet vggnet \
 resnet spinalnet, ensnet]"
@@ -49,8 +53,9 @@ work=$here/work outputs=$here/outputs logs=$here/logs
 carved=data/emnist-byclass-carved
 mkdir -p "$logs" "$study/logs" "$here/model_hub/fine_tuned"
 data=(--dataset emnist-byclass --data-dir "$carved" --no-download)
+[ "$recipe" = chosen ] && : "${THREADS:=1}"
 [ -n "${THREADS:-}" ] && export OMP_NUM_THREADS=$THREADS
-fp32=()  # chosen: fp32 on AVX2 kernels, the same numbers on any x86-64 CPU, so its runs resume on any of them
+fp32=()  # chosen: fp32 on AVX2 kernels, the same numbers on the AMD EPYCs it ran on (AVX2-only, AVX512-BF16)
 if [ "$recipe" = chosen ]; then export ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2; fp32=(--precision fp32); fi
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
 trap 'echo "interrupted"; exit 130' INT TERM
@@ -127,6 +132,28 @@ fine_tuning_options() {  # label: what fine-tuning keeps of its pre-training's o
   done
   echo "${kept[*]}"
 }
+same_runs() {  # network: whether its runs remade in $out have the committed histories, epoch by epoch
+  local pairs=() remade committed
+  for remade in "$out/train/$1.json" "$out"/tried/*/train/"$1.json" "$out/finetune/$1.json"; do
+    [ -f "$remade" ] || continue
+    committed=$outputs/${remade#"$out"/}
+    [[ $remade == "$out/tried/study/"* ]] && committed=$(train_json "$1" study)
+    pairs+=("$committed=$remade")
+  done
+  python - "$w/fine_tuned/$1_tuned.pth" "${pairs[@]}" <<'PY'
+import json, sys
+fields = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr")  # all but the clock's
+for pair in sys.argv[2:]:
+    committed, remade = pair.split("=", 1)
+    runs = [[{key: epoch.get(key) for key in fields} for epoch in json.load(open(path))["history"]]
+            for path in (committed, remade)]
+    if runs[0] != runs[1]:
+        epoch = next((i + 1 for i, (a, b) in enumerate(zip(*runs)) if a != b), min(map(len, runs)) + 1)
+        sys.exit(f"{remade} differs from the committed {committed} from epoch {epoch} on (another kind of CPU "
+                 f"or other threads compute another run): not published; its weights: {sys.argv[1]}")
+    print(f"{remade}: the committed run {committed}, epoch by epoch")
+PY
+}
 chosen_rate() {  # the rate finetune.py chose on validation, from its {model}_rates.json
   sed -n 's/^ *"chosen": *\([0-9.e-]*\),*$/\1/p' "$outputs/rates/finetune/$1_rates.json" 2>/dev/null
 }
@@ -134,29 +161,40 @@ if ! [ -d "$carved" ]; then
   step "carve" "$logs/carve.log" python results/emnist-byclass/carve.py "${EMNIST_DIR:-data}" "$carved" || exit 1
 fi
 for m in ${@:-$all}; do
+  w=$work out=$outputs logs=$here/logs  # where this network's stages keep checkpoints, outputs and logs
+  if [ -f "$outputs/finetune/$m.json" ] && ! [ -f "$here/model_hub/fine_tuned/${m}_tuned.pth" ] \
+    && ! [ -f "$work/fine_tuned/${m}_tuned.pth" ]; then  # committed results without their weights: remade
+    w=$work/remade/work out=$work/remade/outputs logs=$work/remade/logs
+    mkdir -p "$logs"
+    echo "$m: its results are committed without its weights; training it again in $work/remade"
+  fi
   if ! grep -q '"complete": true' "$study/outputs/search/$m.json" 2>/dev/null; then
     step "search $m" "$study/logs/search_$m.log" python search.py --update-results --model "$m" "${data[@]}" \
       --outputs "$study/outputs" || continue
   fi
   if [ "$recipe" = study ]; then
-    pretrain "$m" "train $m" "$work" "$outputs" || continue
-    finetune "$m" "finetune $m" "$work/pre_trained/$m.pth" "$work" "$outputs" || continue
+    pretrain "$m" "train $m" "$w" "$out" || continue
+    finetune "$m" "finetune $m" "$w/pre_trained/$m.pth" "$w" "$out" || continue
   else
     if ! [ -f "$study/outputs/train/$m.json" ]; then
       echo "chosen $m waits for the study's pre-training of $m: run_study.sh study $m"; continue
     fi
     ok=1
     for name in "${!TRIED[@]}"; do
+      [ "$out" = "$outputs" ] || break  # remaking: the committed choice stands, only its pre-training runs
       read -ra options <<< "$(tried_options "$name")"
-      pretrain "$m" "train $name $m" "$work/tried/$name" "$outputs/tried/$name" "${options[@]}" || { ok=0; break; }
+      pretrain "$m" "train $name $m" "$w/tried/$name" "$outputs/tried/$name" "${options[@]}" || { ok=0; break; }
     done
     [ $ok = 1 ] || continue
     winner=$(winner_of "$m") || continue
     read -ra augment <<< "$(fine_tuning_options "$winner")"
-    pretrained=$work/tried/$winner/pre_trained/$m.pth
+    pretrained=$w/tried/$winner/pre_trained/$m.pth
     if [ "$winner" = study ]; then  # the study's checkpoint, if this clone has it; else the same run again
       if [ -f "$study/work/pre_trained/$m.pth" ]; then pretrained=$study/work/pre_trained/$m.pth
-      else pretrain "$m" "train study $m" "$work/tried/study" "$outputs/tried/study" || continue; fi
+      else pretrain "$m" "train study $m" "$w/tried/study" "$out/tried/study" || continue; fi
+    elif [ "$out" != "$outputs" ]; then
+      read -ra options <<< "$(tried_options "$winner")"
+      pretrain "$m" "train $winner $m" "$w/tried/$winner" "$out/tried/$winner" "${options[@]}" || continue
     fi
     mkdir -p "$work/chosen/pre_trained"  # the chosen pre-trainings side by side: the ensemble's validation hub
     ln -sfn "$(realpath -m "$pretrained")" "$work/chosen/pre_trained/$m.pth"
@@ -169,10 +207,13 @@ for m in ${@:-$all}; do
     fi
     rate=$(chosen_rate "$m")
     [ -n "$rate" ] || { echo "finetune $m: no chosen rate in $outputs/rates/finetune/${m}_rates.json"; failed=1; continue; }
-    finetune "$m" "finetune $m" "$pretrained" "$work" "$outputs" --lr "$rate" "${augment[@]}" || continue
+    finetune "$m" "finetune $m" "$pretrained" "$w" "$out" --lr "$rate" "${augment[@]}" || continue
+  fi
+  if [ "$out" != "$outputs" ]; then
+    step "check $m against the committed runs" "$logs/check_$m.log" same_runs "$m" || continue
   fi
   if ! [ -f "$here/model_hub/fine_tuned/${m}_tuned.pth" ]; then
-    step "publish $m" "$logs/publish_$m.log" python - "$work/fine_tuned/${m}_tuned.pth" \
+    step "publish $m" "$logs/publish_$m.log" python - "$w/fine_tuned/${m}_tuned.pth" \
       "$here/model_hub/fine_tuned/${m}_tuned.pth" <<'PY' || continue
 import os, sys, torch
 state = torch.load(sys.argv[1], map_location="cpu", weights_only=True)
@@ -187,6 +228,7 @@ PY
       --hub "$here/model_hub" --outputs "$outputs" --split test || continue
   fi
 done
+logs=$here/logs
 waiting=""; for m in $all; do [ -f "$here/model_hub/fine_tuned/${m}_tuned.pth" ] || waiting+=" $m"; done
 best=$(best_pretrained) || best=""  # the test split chooses nothing: validation on the pre-trainings' held-out images
 ensemble=(); [ "$recipe" = chosen ] && ensemble=(--ensemble-from-validation "$work/chosen")
@@ -196,10 +238,11 @@ elif ! [ -f "$outputs/eval/comparison.json" ]; then  # $all in models.MODELS ord
   step "evaluate all" "$logs/evaluate.log" python evaluate.py --update-results --model lenet alexnet vggnet resnet \
     spinalnet "${data[@]}" --hub "$here/model_hub" --outputs "$outputs" "${ensemble[@]}" || failed=1
 fi
-if [ "$recipe" = study ] && [ -z "$waiting" ] && [ -n "$best" ] && ! [ -f "$outputs/transfer/$best.json" ]; then
+if [ -n "$best" ] && [ -f "$here/model_hub/fine_tuned/${best}_tuned.pth" ] && ! [ -f "$outputs/transfer/$best.json" ] \
+  && { [ "$recipe" = chosen ] || [ -z "$waiting" ]; }; then  # chosen: its best network's weights are enough
   step "transfer $best" "$logs/transfer_$best.log" python transfer_mnist.py --update-results --model "$best" \
     --ckpt "$here/model_hub/fine_tuned/${best}_tuned.pth" --data-dir "${MNIST_DIR:-data}" --no-download \
-    --hub "$work" --outputs "$outputs" || failed=1
+    --hub "$work" --outputs "$outputs" "${fp32[@]}" || failed=1
 fi
 if [ "$recipe" = chosen ] && [ -z "$best" ]; then echo "the seeds wait for the pre-training of all five networks"
 elif [ "$recipe" = chosen ]; then  # the best network's recipe and rate with seeds 1 and 2, for its mean +- std

@@ -83,6 +83,9 @@ for m in ${@:-lenet spinalnet alexnet resnet vggnet}; do
   fi
   tuned=$work/fine_tuned/${m}_tuned.pth published=$here/model_hub/fine_tuned/${m}_tuned.pth
   [ -f "$published" ] && ! [ "$tuned" -nt "$published" ] && continue  # published already (work/ is not committed)
+  if ! [ -f "$tuned" ]; then  # committed results whose weights the repository leaves out
+    echo "publish $m: nothing to publish, this copy holds $m's results without its fine-tuned weights"; continue
+  fi
   step "publish $m" "$logs/publish_$m.log" python - "$tuned" "$published" <<'PY' || continue
 import os, sys, torch
 state = torch.load(sys.argv[1], map_location="cpu", weights_only=True)
