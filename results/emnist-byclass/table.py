@@ -7,7 +7,7 @@
 2. Every network of the recipe, stage by stage: the search's winner, pre-training's best
    validation accuracy, the test metrics, and the time and threads of each stage (logs/times.log;
    pre-training and fine-tuning: the runs' own clocks, which count the epochs of every resumed part).
-3. Transfer to MNIST, beside the study's 95.27 %.
+3. Transfer to MNIST of each recipe's best-validated network, beside the study's 95.27 %.
 4. The recipe chosen on validation (chosen-on-validation/): its test metrics, once all five are evaluated;
    what validation chose for each network (pre-training, fine-tuning rate, ensemble members), with the
    accuracies it chose on; its best network over three seeds, mean +- std.
@@ -191,14 +191,16 @@ def seeds_table(chosen):
     return lines
 
 
-def transfer_table(folder):
+def transfer_table(study, chosen):
+    """Each recipe's transfer of its best-validated network, beside the study's."""
     lines = ["| network | MNIST test: zero-shot | after transfer | the study |", "| --- | ---: | ---: | ---: |"]
-    for name in ORDER:
-        result = load(folder / "outputs" / "transfer" / f"{name}.json")
-        if result:
-            paper = f"{PAPER_TRANSFER[1]:.2f} ({NAMES[PAPER_TRANSFER[0]]})"
-            lines.append(f"| {NAMES[name]} | {percent(result['before']['test']['accuracy'])} | "
-                         f"{percent(result['after']['test']['accuracy'])} | {paper} |")
+    for recipe, folder in (("the study's recipe", study), ("the recipe chosen on validation", chosen)):
+        for name in ORDER:
+            result = load(folder / "outputs" / "transfer" / f"{name}.json")
+            if result:
+                paper = f"{PAPER_TRANSFER[1]:.2f} ({NAMES[PAPER_TRANSFER[0]]})"
+                lines.append(f"| {NAMES[name]}, {recipe} | {percent(result['before']['test']['accuracy'])} | "
+                             f"{percent(result['after']['test']['accuracy'])} | {paper} |")
     return lines
 
 
@@ -216,7 +218,7 @@ def main(argv=None):
         print("\n## Stage by stage\n")
         print("\n".join(stages_table(study)))
         print("\n## Transfer to MNIST (the official 10,000 test images, percent)\n")
-        print("\n".join(transfer_table(study)))
+        print("\n".join(transfer_table(study, chosen)))
         print("\n## The recipe chosen on validation, seed 0 (the carve's 20,000 test images, percent)\n")
         print("\n".join(metrics_table(chosen) if evaluated(chosen) else ["(waits for all five networks)"]))
         print("\n## What validation chose (bold: kept)\n")
