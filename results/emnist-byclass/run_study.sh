@@ -132,15 +132,15 @@ fine_tuning_options() {  # label: what fine-tuning keeps of its pre-training's o
   done
   echo "${kept[*]}"
 }
-same_runs() {  # network: whether its runs remade in $out have the committed histories, epoch by epoch
+same_runs() {  # network: whether its runs remade in $stage_outputs have the committed histories, epoch by epoch
   local pairs=() remade committed
-  for remade in "$out/train/$1.json" "$out"/tried/*/train/"$1.json" "$out/finetune/$1.json"; do
+  for remade in "$stage_outputs"/{train,tried/*/train,finetune}/"$1.json"; do
     [ -f "$remade" ] || continue
-    committed=$outputs/${remade#"$out"/}
-    [[ $remade == "$out/tried/study/"* ]] && committed=$(train_json "$1" study)
+    committed=$outputs/${remade#"$stage_outputs"/}
+    [[ $remade == "$stage_outputs/tried/study/"* ]] && committed=$(train_json "$1" study)
     pairs+=("$committed=$remade")
   done
-  python - "$w/fine_tuned/$1_tuned.pth" "${pairs[@]}" <<'PY'
+  python - "$checkpoints/fine_tuned/$1_tuned.pth" "${pairs[@]}" <<'PY'
 import json, sys
 fields = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr")  # all but the clock's
 for pair in sys.argv[2:]:
@@ -161,10 +161,10 @@ if ! [ -d "$carved" ]; then
   step "carve" "$logs/carve.log" python results/emnist-byclass/carve.py "${EMNIST_DIR:-data}" "$carved" || exit 1
 fi
 for m in ${@:-$all}; do
-  w=$work out=$outputs logs=$here/logs  # where this network's stages keep checkpoints, outputs and logs
+  checkpoints=$work stage_outputs=$outputs logs=$here/logs remaking=""  # where this network's stages write
   if [ -f "$outputs/finetune/$m.json" ] && ! [ -f "$here/model_hub/fine_tuned/${m}_tuned.pth" ] \
     && ! [ -f "$work/fine_tuned/${m}_tuned.pth" ]; then  # committed results without their weights: remade
-    w=$work/remade/work out=$work/remade/outputs logs=$work/remade/logs
+    checkpoints=$work/remade/work stage_outputs=$work/remade/outputs logs=$work/remade/logs remaking=1
     mkdir -p "$logs"
     echo "$m: its results are committed without its weights; training it again in $work/remade"
   fi
@@ -173,28 +173,30 @@ for m in ${@:-$all}; do
       --outputs "$study/outputs" || continue
   fi
   if [ "$recipe" = study ]; then
-    pretrain "$m" "train $m" "$w" "$out" || continue
-    finetune "$m" "finetune $m" "$w/pre_trained/$m.pth" "$w" "$out" || continue
+    pretrain "$m" "train $m" "$checkpoints" "$stage_outputs" || continue
+    finetune "$m" "finetune $m" "$checkpoints/pre_trained/$m.pth" "$checkpoints" "$stage_outputs" || continue
   else
     if ! [ -f "$study/outputs/train/$m.json" ]; then
       echo "chosen $m waits for the study's pre-training of $m: run_study.sh study $m"; continue
     fi
     ok=1
     for name in "${!TRIED[@]}"; do
-      [ "$out" = "$outputs" ] || break  # remaking: the committed choice stands, only its pre-training runs
+      [ -z "$remaking" ] || break  # remaking: the committed choice stands, only its pre-training runs
       read -ra options <<< "$(tried_options "$name")"
-      pretrain "$m" "train $name $m" "$w/tried/$name" "$outputs/tried/$name" "${options[@]}" || { ok=0; break; }
+      pretrain "$m" "train $name $m" "$checkpoints/tried/$name" "$outputs/tried/$name" "${options[@]}" \
+        || { ok=0; break; }
     done
     [ $ok = 1 ] || continue
     winner=$(winner_of "$m") || continue
     read -ra augment <<< "$(fine_tuning_options "$winner")"
-    pretrained=$w/tried/$winner/pre_trained/$m.pth
+    pretrained=$checkpoints/tried/$winner/pre_trained/$m.pth
     if [ "$winner" = study ]; then  # the study's checkpoint, if this clone has it; else the same run again
       if [ -f "$study/work/pre_trained/$m.pth" ]; then pretrained=$study/work/pre_trained/$m.pth
-      else pretrain "$m" "train study $m" "$w/tried/study" "$out/tried/study" || continue; fi
-    elif [ "$out" != "$outputs" ]; then
+      else pretrain "$m" "train study $m" "$checkpoints/tried/study" "$stage_outputs/tried/study" || continue; fi
+    elif [ -n "$remaking" ]; then
       read -ra options <<< "$(tried_options "$winner")"
-      pretrain "$m" "train $winner $m" "$w/tried/$winner" "$out/tried/$winner" "${options[@]}" || continue
+      pretrain "$m" "train $winner $m" "$checkpoints/tried/$winner" "$stage_outputs/tried/$winner" \
+        "${options[@]}" || continue
     fi
     mkdir -p "$work/chosen/pre_trained"  # the chosen pre-trainings side by side: the ensemble's validation hub
     ln -sfn "$(realpath -m "$pretrained")" "$work/chosen/pre_trained/$m.pth"
@@ -207,13 +209,13 @@ for m in ${@:-$all}; do
     fi
     rate=$(chosen_rate "$m")
     [ -n "$rate" ] || { echo "finetune $m: no chosen rate in $outputs/rates/finetune/${m}_rates.json"; failed=1; continue; }
-    finetune "$m" "finetune $m" "$pretrained" "$w" "$out" --lr "$rate" "${augment[@]}" || continue
+    finetune "$m" "finetune $m" "$pretrained" "$checkpoints" "$stage_outputs" --lr "$rate" "${augment[@]}" || continue
   fi
-  if [ "$out" != "$outputs" ]; then
+  if [ -n "$remaking" ]; then
     step "check $m against the committed runs" "$logs/check_$m.log" same_runs "$m" || continue
   fi
   if ! [ -f "$here/model_hub/fine_tuned/${m}_tuned.pth" ]; then
-    step "publish $m" "$logs/publish_$m.log" python - "$w/fine_tuned/${m}_tuned.pth" \
+    step "publish $m" "$logs/publish_$m.log" python - "$checkpoints/fine_tuned/${m}_tuned.pth" \
       "$here/model_hub/fine_tuned/${m}_tuned.pth" <<'PY' || continue
 import os, sys, torch
 state = torch.load(sys.argv[1], map_location="cpu", weights_only=True)

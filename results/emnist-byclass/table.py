@@ -194,11 +194,11 @@ def seeds_table(chosen):
 def transfer_table(study, chosen):
     """Each recipe's transfer of its best-validated network, beside the study's."""
     lines = ["| network | MNIST test: zero-shot | after transfer | the study |", "| --- | ---: | ---: | ---: |"]
+    paper = f"{PAPER_TRANSFER[1]:.2f} ({NAMES[PAPER_TRANSFER[0]]})"
     for recipe, folder in (("the study's recipe", study), ("the recipe chosen on validation", chosen)):
         for name in ORDER:
             result = load(folder / "outputs" / "transfer" / f"{name}.json")
             if result:
-                paper = f"{PAPER_TRANSFER[1]:.2f} ({NAMES[PAPER_TRANSFER[0]]})"
                 lines.append(f"| {NAMES[name]}, {recipe} | {percent(result['before']['test']['accuracy'])} | "
                              f"{percent(result['after']['test']['accuracy'])} | {paper} |")
     return lines
