@@ -7,14 +7,13 @@
 Every network keeps its final classifier layer(s) in `self.fc`, so that
 `replace_head()` can give it a new number of classes (transfer to MNIST).
 """
-import math
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from runs import UserError, atomic_path, is_int, is_number
+from runs import UserError, atomic_write
 
 
 def init_weights(model, linear_std=0.01):
@@ -206,8 +205,6 @@ MODELS = {
 
 
 def build_model(name, num_classes=62):
-    if name not in MODELS:
-        raise UserError(f"unknown model {name!r}: choose one of {', '.join(sorted(MODELS))}")
     return MODELS[name](num_classes=num_classes)
 
 
@@ -237,116 +234,36 @@ def replace_head(model, num_classes, keep_rows=None):
 
 
 # ----------------------------------------------------------------------------- checkpoints
+# One file per stage run (torch.save; loads with weights_only=True): model, num_classes, dataset, classes,
+# mean, std, state_dict (the kept epoch), and for training runs args, history and last (the last epoch's
+# state_dict and optimizer state, which --resume continues). Published checkpoints drop last.
 
-CHECKPOINT_KEYS = ("model", "num_classes", "dataset", "classes", "mean", "std", "state_dict")
-
-
-class CheckpointError(UserError):
-    """A checkpoint that cannot be used: the message says which and what to do."""
-
-
-def unwrap(model):
-    """The plain nn.Module under DistributedDataParallel and torch.compile wrappers."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
+def save_checkpoint(path, checkpoint):
+    atomic_write(path, lambda partial: torch.save(checkpoint, partial))
 
 
-def forward(model, inputs, precision):
-    """The network's logits under a run's precision (runs.Precision): the one forward pass of training,
-    evaluation and prediction."""
-    with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=precision.bf16):
-        return model(inputs)
-
-
-def save_checkpoint(path, model, optimizer=None, /, **fields):
-    """Write atomically (unique temporary file, then rename): a crash never leaves a broken checkpoint."""
-    state = {**fields, "state_dict": unwrap(model).state_dict()}
-    if optimizer is not None:
-        state["optimizer"] = optimizer.state_dict()
-    with atomic_path(path) as partial:
-        torch.save(state, partial)
-
-
-def read_checkpoint(path, hint):
+def load_checkpoint(path, model_name=None):
+    """(checkpoint dict, network on the CPU with its kept weights); a missing or foreign file is one line."""
     path = Path(path)
-    if path.exists() and not path.is_file():
-        raise CheckpointError(f"{path} is not a file: give the path of a checkpoint (.pth)")
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}: {hint}")
+        raise UserError(f"no checkpoint at {path}: train one (python train.py --model MODEL) or give --ckpt PATH")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a truncated zip, a pickle, random bytes: all mean the same to the user
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(err).__name__}): it is corrupt, "
-                              f"truncated or not of this project; delete it and train again") from None
-    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
-    if missing:
-        raise CheckpointError(f"{path} is not a checkpoint of this project (it lacks {', '.join(missing)})")
-    return state
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        model = build_model(ckpt["model"], ckpt["num_classes"])
+        model.load_state_dict(ckpt["state_dict"])
+        ckpt["classes"], ckpt["mean"], ckpt["std"] = list(ckpt["classes"]), float(ckpt["mean"]), float(ckpt["std"])
+    except Exception as err:  # not a zip, a pickle, another project's dict: all foreign to this project
+        raise UserError(f"{path} is not a checkpoint of this project ({type(err).__name__}: {err})") from None
+    if model_name is not None and ckpt["model"] != model_name:
+        raise UserError(f"{path} holds {ckpt['model']}, not {model_name}: give --model {ckpt['model']}")
+    return ckpt, model
 
 
-NORMALISATION_STD_MIN = 1e-3  # a smaller pixel std means a blank dataset, or a damaged checkpoint
-
-
-def check_fields(state, path, datasets):
-    """The plain fields a checkpoint must hold for any script to use it."""
-    if not isinstance(state["model"], str) or state["model"] not in MODELS:
-        raise CheckpointError(f"{path} names an unknown network {state['model']!r} "
-                              f"(known: {', '.join(sorted(MODELS))})")
-    if not isinstance(state["dataset"], str) or (datasets is not None and state["dataset"] not in datasets):
-        raise CheckpointError(f"{path} names an unknown dataset {state['dataset']!r} "
-                              f"(known: {', '.join(sorted(datasets or []))})")
-    classes = state["classes"]
-    if not is_int(state["num_classes"]) or not isinstance(classes, (list, tuple, str)) or \
-            len(classes) != state["num_classes"] or not all(isinstance(label, str) and label for label in classes):
-        raise CheckpointError(f"{path} has {state['num_classes']!r} classes but a class list of another length or "
-                              f"with labels that are not names: it is damaged or was edited; train it again")
-    for key, low in (("mean", 0.0), ("std", NORMALISATION_STD_MIN)):  # of pixels scaled to [0, 1]
-        value = state[key]
-        if not is_number(value) or not math.isfinite(value) or not low <= value <= 1:
-            raise CheckpointError(f"{path} has an unusable normalisation {key} = {value!r} (pixels in [0, 1] "
-                                  f"have a {key} from {low:g} to 1): it is damaged or was edited; train it again")
-
-
-def training_args(state):
-    """The settings a checkpoint was trained with ({} when it holds none, or something else)."""
-    return state["args"] if isinstance(state.get("args"), dict) else {}
-
-
-# The networks fine-tuned on EMNIST ByClass, committed with the repository (results/emnist-byclass/README.md): what
-# hubconf.py serves, and `evaluate.py --image` and demo.py when the hub holds none of their own. Searched in order:
-# the recipe chosen on validation's where committed (its pre-training validated better than the study's for every
-# network), else the study's recipe's.
-BYCLASS = Path(__file__).resolve().parent / "results" / "emnist-byclass"
-PUBLISHED_HUBS = (BYCLASS / "chosen-on-validation" / "model_hub", BYCLASS / "study" / "model_hub")
+# The networks fine-tuned on EMNIST ByClass that the repository publishes (results/emnist-byclass/README.md):
+# what hubconf.py, demo.py and `evaluate.py --image` serve when the hub holds none of the user's own.
+PUBLISHED = Path(__file__).resolve().parent / "results" / "emnist-byclass" / "published"
 
 
 def published_checkpoint(name):
-    """The published ByClass checkpoint of network `name`, or None when the repository holds none."""
-    paths = (hub / "fine_tuned" / f"{name}_tuned.pth" for hub in PUBLISHED_HUBS)
-    return next((path for path in paths if path.is_file()), None)
-
-
-def load_checkpoint(path, model_name=None, hint="make one with `python train.py --model MODEL` or pass --ckpt PATH",
-                    datasets=None):
-    """(state, model on the CPU) from a checkpoint read with weights_only=True; one-line errors.
-
-    The network, classes and normalisation come from the checkpoint; `model_name`, when
-    given, is only checked against it, and so is the dataset against `datasets` (the names known).
-    """
-    state = read_checkpoint(path, hint)
-    check_fields(state, path, datasets)
-    if model_name is not None and state["model"] != model_name:
-        raise CheckpointError(f"{path} holds a {state['model']} checkpoint, not {model_name}: "
-                              f"pass --model {state['model']} (or leave --model out) or another --ckpt")
-    model = build_model(state["model"], state["num_classes"])
-    try:
-        model.load_state_dict(state["state_dict"])
-    except (RuntimeError, TypeError, AttributeError):
-        raise CheckpointError(f"{path} says {state['model']} with {state['num_classes']} classes but holds the "
-                              f"weights of another architecture: it is damaged or was edited; train it again") \
-            from None
-    if not all(torch.isfinite(tensor).all() for tensor in model.state_dict().values() if tensor.is_floating_point()):
-        raise CheckpointError(f"{path} holds NaN or infinite weights: it comes from a diverged run; train again "
-                              f"with a lower learning rate")
-    return state, model
+    path = PUBLISHED / f"{name}.pth"
+    return path if path.is_file() else None
