@@ -126,7 +126,7 @@ def load_images(dataset="emnist-byclass", train=True, data_dir="data", download_
         raise UserError(f"{paths[0]} and {paths[1]} are not the {dataset} files: check the folder")
     if info.transposed:  # EMNIST stores every image transposed: make it upright like MNIST
         images = images.transpose(0, 2, 1)
-    return torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels)
+    return torch.from_numpy(np.array(images, order="C")), torch.from_numpy(labels)
 
 
 def sklearn_digits(train):

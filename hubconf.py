@@ -1,30 +1,27 @@
-"""torch.hub entry points: the networks of the EMNIST ByClass study, with their trained weights.
+"""torch.hub entry points: the networks of the EMNIST ByClass study, with their published weights.
 
-    model = torch.hub.load("OWNER/REPO", "resnet", pretrained=True)       # or source="local" on a clone
+    model = torch.hub.load("OWNER/REPO", "resnet", pretrained=True)   # on a clone: torch.hub.load(".", ..., source="local")
     model.classes, model.mean, model.std   # "0-9A-Za-z", and the normalisation of its inputs
 
-Each network was fine-tuned on 96,323 images of the official ByClass test split
-(results/emnist-byclass/README.md): VGGNet by the recipe chosen on validation, the others by the
-study's recipe (models.published_checkpoint). It takes [N, 1, 28, 28] upright images scaled to
-[0, 1] and normalised with (x - mean) / std; evaluate.prepare_user_image prepares a picture.
+The weights are results/emnist-byclass/published/{name}.pth (its README says how they were trained).
+A network takes [N, 1, 28, 28] upright images in [0, 1], normalised as (x - mean) / std;
+evaluate.prepare_picture turns a photo or a drawing into one.
 """
 dependencies = ["torch"]
 
 
 def _network(name, pretrained):
-    from data import CLASSES
-    from models import PUBLISHED_HUBS, CheckpointError, build_model, load_checkpoint, published_checkpoint
+    from data import DATASETS
+    from models import build_model, load_checkpoint, published_checkpoint
 
     if not pretrained:
-        model = build_model(name, len(CLASSES["emnist-byclass"]))
-        model.classes, model.mean, model.std = "".join(CLASSES["emnist-byclass"]), None, None
+        model = build_model(name, 62)
+        model.classes, model.mean, model.std = "".join(DATASETS["emnist-byclass"].classes), None, None
         return model
-    path = published_checkpoint(name)
-    if path is None:
-        raise CheckpointError(f"this copy holds no published {name} weights (fine_tuned/{name}_tuned.pth in "
-                              f"{' or '.join(map(str, PUBLISHED_HUBS))}): pass pretrained=False for a fresh network")
-    state, model = load_checkpoint(path, name)
-    model.classes, model.mean, model.std = "".join(state["classes"]), state["mean"], state["std"]
+    if published_checkpoint(name) is None:
+        raise RuntimeError(f"this copy holds no published {name} weights: pass pretrained=False for a fresh network")
+    ckpt, model = load_checkpoint(published_checkpoint(name), name)
+    model.classes, model.mean, model.std = "".join(ckpt["classes"]), ckpt["mean"], ckpt["std"]
     return model.eval()
 
 

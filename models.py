@@ -253,7 +253,7 @@ def load_checkpoint(path, model_name=None):
         model.load_state_dict(ckpt["state_dict"])
         ckpt["classes"], ckpt["mean"], ckpt["std"] = list(ckpt["classes"]), float(ckpt["mean"]), float(ckpt["std"])
     except Exception as err:  # not a zip, a pickle, another project's dict: all foreign to this project
-        raise UserError(f"{path} is not a checkpoint of this project ({type(err).__name__}: {err})") from None
+        raise UserError(f"{path} is not a checkpoint of this project ({type(err).__name__})") from None
     if model_name is not None and ckpt["model"] != model_name:
         raise UserError(f"{path} holds {ckpt['model']}, not {model_name}: give --model {ckpt['model']}")
     return ckpt, model

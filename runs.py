@@ -22,7 +22,7 @@ def one_line_errors():
     try:
         yield
     except UserError as err:
-        sys.exit(f"error: {err}")
+        sys.exit(f"error: {' '.join(str(err).split())}")  # one line, whatever a library's message held
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)

@@ -26,6 +26,7 @@ from runs import (Parser, UserError, autocast, choose_precision, get_device, one
 
 # The study's pre-training. --params FILE (a search's result) replaces the SEARCHED ones.
 DEFAULTS = dict(
+    dataset="emnist-byclass",
     optimizer="sgd",  # the study's; OPTIMIZERS below
     learning_rate=0.01,
     batch_size=64,
@@ -41,9 +42,8 @@ DEFAULTS = dict(
 )
 SEARCHED = ("learning_rate", "batch_size", "momentum", "weight_decay")
 OPTIMIZERS = {  # every stage makes its optimizer here: a new one is one line
-    "sgd": lambda params, a: torch.optim.SGD(params, lr=a.learning_rate, momentum=a.momentum,
-                                             weight_decay=a.weight_decay),
-    "adam": lambda params, a: torch.optim.Adam(params, lr=a.learning_rate, weight_decay=a.weight_decay),
+    "sgd": lambda params, lr, momentum, decay: torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=decay),
+    "adam": lambda params, lr, momentum, decay: torch.optim.Adam(params, lr=lr, weight_decay=decay),
 }
 NOT_THE_RUN = {"resume", "overwrite", "epochs", "patience", "device", "data_dir", "no_download", "hub", "outputs",
                "compile", "dry_run"}  # flags that may differ when a run is resumed
@@ -53,7 +53,7 @@ def add_flags(parser, defaults):
     """The flags of every training stage, each default from the stage's DEFAULTS."""
     parser.set_defaults(**defaults)
     add = parser.add_argument
-    add("--dataset", default="emnist-byclass", choices=sorted(data.DATASETS), metavar="NAME",
+    add("--dataset", choices=sorted(data.DATASETS), metavar="NAME",
         help=f"{', '.join(sorted(data.DATASETS))} (default: %(default)s)")
     add("--subset", type=int, default=None, metavar="N", help="train on N stratified images (default: all)")
     add("--optimizer", choices=sorted(OPTIMIZERS), help="(default: %(default)s)")
@@ -98,7 +98,7 @@ def train_one_epoch(model, optimizer, batches, lr_at, clip, precision="fp32"):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         with autocast(precision, device):
-            logits = model(inputs)
+            logits = model(to_memory_format(inputs, precision))
         loss = F.cross_entropy(logits.float(), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -145,12 +145,15 @@ def fit(model, optimizer, train_data, args, precision, history=(), kept=None, sa
     (images, labels), val = train_data["train"], train_data["val"]
     steps = math.ceil(len(labels) / args.batch_size)
     for epoch in range(len(history) + 1, args.epochs + 1):
+        best = kept_epoch(history, "best") if history else 0
+        if val and args.schedule == "constant" and args.patience and epoch - 1 - best >= args.patience:
+            log(f"early stop: no better validation loss for {args.patience} epochs (best: epoch {best})")
+            break
         generator.manual_seed(args.seed * 1_000_003 + epoch)
         torch.manual_seed(args.seed * 1_000_003 + epoch)
         start = time.time()
         batches = data.train_batches(images, labels, train_data["mean"], train_data["std"], args.batch_size,
                                      generator, data.AUGMENTS[args.augment])
-        batches = ((to_memory_format(inputs, precision), target) for inputs, target in batches)
         batches = itertools.islice(batches, 1) if args.dry_run else with_progress(batches, steps, log)
         loss, acc, seen = train_one_epoch(model, optimizer, batches, lambda step: learning_rate(
             args, epoch, step, steps), args.clip, precision)
@@ -172,10 +175,6 @@ def fit(model, optimizer, train_data, args, precision, history=(), kept=None, sa
             log("dry run: one training batch ran; nothing was written")
             break
         save(kept, history)
-        best = kept_epoch(history, "best")
-        if val and args.schedule == "constant" and args.patience and epoch - best >= args.patience:
-            log(f"early stop: no better validation loss for {args.patience} epochs (best: epoch {best})")
-            break
     return history, kept
 
 
@@ -208,7 +207,7 @@ def run_stage(model, train_data, args, device, path, json_path, meta, title):
     precision, why = choose_precision(args.precision, device)
     print(f"precision: {precision} ({why})")
     model = model.to(device, memory_format=torch.channels_last if precision == "bf16" else torch.preserve_format)
-    optimizer = OPTIMIZERS[args.optimizer](model.parameters(), args)
+    optimizer = OPTIMIZERS[args.optimizer](model.parameters(), args.learning_rate, args.momentum, args.weight_decay)
     history, kept = [], None
     if path.exists() and not args.dry_run and not args.overwrite:
         if not args.resume:

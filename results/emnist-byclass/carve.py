@@ -1,133 +1,83 @@
 """Carve the official EMNIST ByClass test split into this study's training and test sets.
 
-    python results/emnist-byclass/carve.py SOURCE_DIR OUT_DIR
-    python train.py --dataset emnist-byclass --data-dir OUT_DIR ...   # every script, unchanged
+    python results/emnist-byclass/carve.py SOURCE_DIR data/emnist-byclass-carved
+    python train.py --dataset emnist-byclass --data-dir data/emnist-byclass-carved ...   # every script, unchanged
 
-SOURCE_DIR holds the official test files (emnist-byclass-test-{images-idx3,labels-idx1}-ubyte[.gz],
-or gzip.zip). OUT_DIR receives the official-layout files of a stratified, seeded carve: a training
-set of 96,323 images and a test set of the other 20,000, stored raw (transposed) as EMNIST stores
-them. This is not the official protocol, which trains on the 697,932 images of the training split.
-OUT_DIR appears whole or not at all; carving again into it checks that it holds this very carve.
+SOURCE_DIR holds the official emnist-byclass-test-{images-idx3,labels-idx1}-ubyte[.gz] (from gzip.zip). Their
+contents must match the official files' SHA-256; the carve is a stratified, seeded split (data.stratified_split)
+into 96,323 training and 20,000 test images, written in the official layout and orientation. The folder is
+written whole (a temporary folder renamed) or not at all, and never over another carve.
 """
 import gzip
 import hashlib
 import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import data  # noqa: E402
-from runs import DataError, Parser, UserError, one_line_errors  # noqa: E402
+from runs import Parser, UserError, one_line_errors  # noqa: E402
 
-SEED = 0
-TEST_COUNT = 20_000
-# The official ByClass test split: images per class, 0-9, A-Z, a-z (116,323 in all).
-OFFICIAL_COUNTS = (
-    5778, 6330, 5869, 5969, 5619, 5190, 5705, 6139, 5633, 5686,
-    1062, 648, 1739, 779, 851, 1440, 447, 521, 2048, 626, 382, 810, 1485, 1351, 4156, 1397, 413, 809, 3508,
-    1576, 2002, 796, 806, 432, 798, 464,
-    1644, 853, 432, 1683, 4092, 400, 589, 1479, 427, 317, 466, 2535, 464, 1898, 466, 368, 505, 2320, 437, 2965,
-    482, 468, 467, 470, 381, 451)
-PREFIX = "emnist-byclass"
+OFFICIAL_SHA256 = {  # of the uncompressed official test files
+    "emnist-byclass-test-images-idx3-ubyte": "385559d7d5c96f49cd6b55b3e9e76d7ecbf568897b6067e8cac8f1ffc2f50f81",
+    "emnist-byclass-test-labels-idx1-ubyte": "842d01413932b3ce7afbc9990376a16f8880a212bb42d66fa2922b4218cf300a",
+}
+CARVE_SHA256 = "b7bf6a4c71086b8394afccf8e930732c4ca1f2b6f6763dd2c1646b83f11cdd22"  # of what it writes
+SEED, TEST_COUNT = 0, 20_000
 
 
-def idx_bytes(array):
-    """The IDX encoding of a uint8 array (magic 0x08, big-endian sizes)."""
-    array = np.ascontiguousarray(array, dtype=np.uint8)
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(size.to_bytes(4, "big") for size in array.shape)
-    return header + array.tobytes()
-
-
-def read_official_test(source_dir):
-    """The official test split as (raw-orientation images, labels), refused unless it is exactly that."""
-    images, labels = data.load_images(PREFIX, train=False, data_dir=source_dir, download=False, offline_hint=False,
-                                      cache=False)  # carve.py has no --dataset to offer
-    counts = np.bincount(labels.numpy(), minlength=len(OFFICIAL_COUNTS))
-    if len(labels) != sum(OFFICIAL_COUNTS) or tuple(counts) != OFFICIAL_COUNTS:
-        raise DataError(f"{source_dir} holds {len(labels):,} ByClass test images with another class histogram, "
-                        f"not the official test split ({sum(OFFICIAL_COUNTS):,}): give the folder of the "
-                        f"official files")
-    return images.numpy().transpose(0, 2, 1), labels.numpy()  # back to EMNIST's stored orientation
-
-
-def carve(labels):
-    """(train indices, test indices): a stratified test set of TEST_COUNT images, seeded."""
-    train, test = data.stratified_split(labels, TEST_COUNT, seed=SEED)
-    return train.numpy(), test.numpy()
-
-
-def contents(images, labels, train_index, test_index):
-    """{file name: uncompressed IDX bytes} of the carve."""
+def read_official(source_dir):
     files = {}
-    for split, index in (("train", train_index), ("test", test_index)):
-        files[f"{PREFIX}-{split}-images-idx3-ubyte.gz"] = idx_bytes(images[index])
-        files[f"{PREFIX}-{split}-labels-idx1-ubyte.gz"] = idx_bytes(labels[index])
+    for name, expected in OFFICIAL_SHA256.items():
+        path = data.find_file(name, [Path(source_dir)])
+        if path is None:
+            raise UserError(f"no {name}[.gz] in {source_dir}: give the folder of the official ByClass test files")
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        if hashlib.sha256(raw).hexdigest() != expected:
+            raise UserError(f"{path} is not the official ByClass test file (its SHA-256 differs)")
+        files[name] = raw
     return files
 
 
-def checksum(files):
-    """SHA-256 over the uncompressed contents in name order (independent of the gzip library)."""
-    digest = hashlib.sha256()
-    for name in sorted(files):
-        digest.update(name.encode() + b"\0" + files[name])
-    return digest.hexdigest()
-
-
-def existing_checksum(out_dir, names):
-    """The checksum of the carve already in out_dir, or None when it holds anything else."""
-    present = sorted(path.name for path in out_dir.iterdir())
-    if present != sorted(names):
-        return None
-    try:
-        return checksum({name: gzip.decompress((out_dir / name).read_bytes()) for name in names})
-    except (OSError, EOFError):
-        return None
-
-
-def write_folder(out_dir, files):
-    """Write every file into a hidden folder beside out_dir, then rename it into place: all or nothing."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
-    try:
-        for name, raw in files.items():
-            (partial / name).write_bytes(gzip.compress(raw, compresslevel=6, mtime=0))
-        os.chmod(partial, 0o755)
-        if out_dir.is_dir():
-            out_dir.rmdir()  # empty (checked by the caller): the rename needs its place
-        os.rename(partial, out_dir)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
+def carve(files):
+    """{file name: uncompressed IDX bytes} of the carve's training and test splits."""
+    images = files["emnist-byclass-test-images-idx3-ubyte"]
+    labels = files["emnist-byclass-test-labels-idx1-ubyte"]
+    count = len(labels) - 8
+    train, test = data.stratified_split(list(labels[8:]), TEST_COUNT, seed=SEED)
+    out = {}
+    for split, index in (("train", train.tolist()), ("test", test.tolist())):
+        out[f"emnist-byclass-{split}-images-idx3-ubyte.gz"] = images[:4] + len(index).to_bytes(4, "big") + \
+            images[8:16] + b"".join(images[16 + 784 * i:16 + 784 * (i + 1)] for i in index)
+        out[f"emnist-byclass-{split}-labels-idx1-ubyte.gz"] = labels[:4] + len(index).to_bytes(4, "big") + \
+            bytes(labels[8 + i] for i in index)
+    assert count == len(train) + len(test)
+    return out
 
 
 def main(argv=None):
-    parser = Parser(description="Carve the official ByClass test split into 96,323 training and 20,000 test "
-                                "images (stratified, seed 0), written in the official layout.")
-    parser.add_argument("source_dir", metavar="SOURCE_DIR", help="folder holding the official ByClass test files")
-    parser.add_argument("out_dir", metavar="OUT_DIR", help="folder to create for the carved files")
+    parser = Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("source_dir", help="folder of the official ByClass test files")
+    parser.add_argument("out_dir", help="folder to create for the carve")
     args = parser.parse_args(argv)
     with one_line_errors():
-        out_dir = Path(args.out_dir)
-        if out_dir.exists() and not out_dir.is_dir():
-            raise UserError(f"{out_dir} is a file: give a folder to create")
-        images, labels = read_official_test(args.source_dir)
-        train_index, test_index = carve(labels)
-        files = contents(images, labels, train_index, test_index)
-        total = checksum(files)
-        if out_dir.is_dir() and any(out_dir.iterdir()):
-            if existing_checksum(out_dir, files) != total:
-                raise UserError(f"{out_dir} already holds other files: give an empty or new folder")
-            print(f"{out_dir} already holds this carve (sha256 {total}): nothing written")
-            return
-        write_folder(out_dir, files)
-        print(f"carved {len(labels):,} images of the official ByClass test split (seed {SEED}): "
-              f"train {len(train_index):,}, test {len(test_index):,}, {len(OFFICIAL_COUNTS)} classes")
+        out = Path(args.out_dir)
+        if out.exists():
+            raise UserError(f"{out} exists: give a new folder (a carve is never written over)")
+        files = carve(read_official(args.source_dir))
+        digest = hashlib.sha256()
         for name in sorted(files):
-            print(f"  {out_dir / name}")
-        print(f"sha256 of the uncompressed contents: {total}")
+            digest.update(name.encode() + b"\0" + files[name])
+        assert digest.hexdigest() == CARVE_SHA256, digest.hexdigest()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+        for name, raw in files.items():
+            (partial / name).write_bytes(gzip.compress(raw, mtime=0))
+        os.chmod(partial, 0o755)
+        os.rename(partial, out)
+        print(f"carved the official ByClass test split into {out}: 96,323 training and 20,000 test images "
+              f"(sha256 {CARVE_SHA256})")
 
 
 if __name__ == "__main__":
