@@ -1,4 +1,5 @@
 """Shared helpers: the real samples in ../shared/data, briefly trained checkpoints, the slow marker."""
+
 import os
 import subprocess
 import sys
@@ -40,8 +41,9 @@ def pytest_collection_modifyitems(config, items):
 
 def run(*args, cwd=ROOT, timeout=300):
     """A script in a child process, as a user runs it."""
-    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def one_line_error(result):
@@ -62,8 +64,21 @@ def refused(main, argv):
 
 
 def train_args(tmp, *extra, model="lenet", epochs=3):
-    return ["--model", model, "--dataset", "sklearn-digits", "--epochs", str(epochs), "--lr", "0.05",
-            "--hub", str(tmp / "hub"), "--outputs", str(tmp / "out"), *map(str, extra)]
+    return [
+        "--model",
+        model,
+        "--dataset",
+        "sklearn-digits",
+        "--epochs",
+        str(epochs),
+        "--lr",
+        "0.05",
+        "--hub",
+        str(tmp / "hub"),
+        "--outputs",
+        str(tmp / "out"),
+        *map(str, extra),
+    ]
 
 
 @pytest.fixture(scope="session")

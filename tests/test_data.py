@@ -1,4 +1,5 @@
 """data.py: orientation and labels checked on real EMNIST and MNIST files, splits, batches, augmentation."""
+
 import numpy as np
 import pytest
 import torch
@@ -16,19 +17,29 @@ def correlation(a, b):
     return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
 
 
-@pytest.mark.parametrize("dataset, folder", [("emnist-digits", "emnist"), ("emnist-byclass", "emnist")])
+@pytest.mark.parametrize(
+    "dataset, folder", [("emnist-digits", "emnist"), ("emnist-byclass", "emnist")]
+)
 def test_emnist_is_made_upright_like_mnist(dataset, folder):
     """Each digit's mean EMNIST image matches MNIST's upright, not transposed (the files store it transposed)."""
-    emnist = class_means(*data.load_images(dataset, False, real_data(folder), download_missing=False))
+    emnist = class_means(
+        *data.load_images(dataset, False, real_data(folder), download_missing=False)
+    )
     mnist = class_means(*data.load_images("mnist", False, real_data(), download_missing=False))
-    margins = [correlation(emnist[d], mnist[d]) - correlation(emnist[d].T, mnist[d]) for d in range(10)]
+    margins = [
+        correlation(emnist[d], mnist[d]) - correlation(emnist[d].T, mnist[d]) for d in range(10)
+    ]
     assert min(margins) > 0 and np.mean(margins) > 0.1, margins
 
 
 def test_emnist_letters_labels_start_at_zero():
-    images, labels = data.load_images("emnist-letters", False, real_data("emnist"), download_missing=False)
+    images, labels = data.load_images(
+        "emnist-letters", False, real_data("emnist"), download_missing=False
+    )
     assert images.shape == (51, 28, 28) and images.dtype == torch.uint8
-    assert labels.min() == 0 and labels.max() == 25 and (labels == 0).sum() == 26  # the sample's 26 a/A
+    assert (
+        labels.min() == 0 and labels.max() == 25 and (labels == 0).sum() == 26
+    )  # the sample's 26 a/A
 
 
 def test_mnist_is_read_from_torchvisions_layout():
@@ -49,16 +60,27 @@ def test_splits_are_stratified_disjoint_and_seeded():
     labels = torch.arange(1000) % 7
     kept, held = data.stratified_split(labels, 0.1, seed=3)
     assert len(held) == 100 and len(kept) == 900 and not set(kept.tolist()) & set(held.tolist())
-    assert np.bincount(labels[held], minlength=7).max() - np.bincount(labels[held], minlength=7).min() <= 1
+    assert (
+        np.bincount(labels[held], minlength=7).max() - np.bincount(labels[held], minlength=7).min()
+        <= 1
+    )
     assert torch.equal(held, data.stratified_split(labels, 0.1, seed=3)[1])
     assert not torch.equal(held, data.stratified_split(labels, 0.1, seed=4)[1])
     split = data.training_data("sklearn-digits", "data", "cpu", val_fraction=0.1)
-    assert len(split["val"][1]) == 144 and len(split["train"][1]) == 1293 and split["train"][0].dtype == torch.uint8
+    assert (
+        len(split["val"][1]) == 144
+        and len(split["train"][1]) == 1293
+        and split["train"][0].dtype == torch.uint8
+    )
 
 
 def test_an_epoch_shows_every_image_once_and_never_a_batch_of_one():
     images = torch.arange(11, dtype=torch.uint8).view(11, 1, 1).expand(11, 28, 28).contiguous()
-    batches = list(data.train_batches(images, torch.arange(11), 0.0, 1 / 255, 5, torch.Generator().manual_seed(0)))
+    batches = list(
+        data.train_batches(
+            images, torch.arange(11), 0.0, 1 / 255, 5, torch.Generator().manual_seed(0)
+        )
+    )
     assert [len(target) for _, target in batches] == [5, 5]  # the last image alone is left out
     seen = torch.cat([target for _, target in batches])
     assert len(set(seen.tolist())) == 10
@@ -72,9 +94,13 @@ def test_augmentation_moves_images_and_leaves_them_alone_when_its_ranges_are_zer
     theta = data.affine_matrices(4, torch.Generator().manual_seed(0), **still)
     assert torch.equal(data.augment(images, theta, 0.0, 1.0), data.normalize(images, 0.0, 1.0))
     recipe = data.AUGMENTS["study-nearest"]
-    theta = data.affine_matrices(4, torch.Generator().manual_seed(0), **{**recipe, **still, "translate": 0.1})
+    theta = data.affine_matrices(
+        4, torch.Generator().manual_seed(0), **{**recipe, **still, "translate": 0.1}
+    )
     moved = data.augment(images, theta, 0.0, 1 / 255, "nearest")
     assert set(moved.unique().tolist()) <= {0.0, 255.0}  # nearest: whole pixels, no blur
     assert all(moved[i].sum() == images[i].float().sum() for i in range(4))  # shifted, not cut
-    study = data.augment(images, data.affine_matrices(4, torch.Generator().manual_seed(0)), 0.0, 1 / 255)
+    study = data.augment(
+        images, data.affine_matrices(4, torch.Generator().manual_seed(0)), 0.0, 1 / 255
+    )
     assert not torch.equal(study, data.normalize(images, 0.0, 1 / 255))

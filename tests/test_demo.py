@@ -1,4 +1,5 @@
 """demo.py: the JSON API, what it refuses, its bounded connections, and the page in a real headless Chromium."""
+
 import base64
 import json
 import os
@@ -21,8 +22,11 @@ import demo
 
 @pytest.fixture(scope="module")
 def server(trained_lenet):
-    httpd = demo.Server(("127.0.0.1", 0), demo.Predictor([trained_lenet[1]], torch.device("cpu")),
-                        {"127.0.0.1", "localhost"})
+    httpd = demo.Server(
+        ("127.0.0.1", 0),
+        demo.Predictor([trained_lenet[1]], torch.device("cpu")),
+        {"127.0.0.1", "localhost"},
+    )
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
@@ -30,7 +34,9 @@ def server(trained_lenet):
 
 
 def post(url, body, headers=None):
-    request = urllib.request.Request(url + "/predict", data=body, method="POST", headers=headers or {})
+    request = urllib.request.Request(
+        url + "/predict", data=body, method="POST", headers=headers or {}
+    )
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, json.loads(response.read())
@@ -54,7 +60,9 @@ def test_a_drawing_gets_the_top_answers_and_the_28x28_input(server):
 
 def test_what_the_page_refuses(server):
     assert post(server, b"not a picture")[0] == 400
-    assert post(server, png(np.zeros((50, 50), np.uint8)), {"Host": "attacker.example:8000"})[0] == 421
+    assert (
+        post(server, png(np.zeros((50, 50), np.uint8)), {"Host": "attacker.example:8000"})[0] == 421
+    )
     assert post(server, b"x" * (demo.MAX_BODY + 1))[0] == 413
     with urllib.request.urlopen(server + "/health", timeout=10) as response:
         assert json.loads(response.read())["models"] == ["lenet"]
@@ -82,8 +90,12 @@ def test_slow_clients_hold_a_bounded_number_of_connections_and_are_cut_off(serve
 
 def webdriver(base, method, path, payload=None):
     """One W3C WebDriver call to chromedriver (the standard library is the client)."""
-    request = urllib.request.Request(base + path, data=json.dumps(payload).encode() if payload is not None else None,
-                                     method=method, headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        base + path,
+        data=json.dumps(payload).encode() if payload is not None else None,
+        method=method,
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=60) as response:
         return json.loads(response.read())["value"]
 
@@ -97,7 +109,9 @@ def test_drawing_on_the_page_in_a_real_browser_shows_answers_and_the_preview(ser
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    process = subprocess.Popen([driver, f"--port={port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [driver, f"--port={port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(100):
@@ -106,33 +120,86 @@ def test_drawing_on_the_page_in_a_real_browser_shows_answers_and_the_preview(ser
                 break
             except OSError:
                 time.sleep(0.1)
-        options = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                   "--disable-dev-shm-usage", "--window-size=1000,600"]
-        session = webdriver(base, "POST", "/session", {"capabilities": {"alwaysMatch": {
-            "browserName": "chrome", "goog:chromeOptions": {"binary": chromium, "args": options}}}})
+        options = [
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+            "--window-size=1000,600",
+        ]
+        session = webdriver(
+            base,
+            "POST",
+            "/session",
+            {
+                "capabilities": {
+                    "alwaysMatch": {
+                        "browserName": "chrome",
+                        "goog:chromeOptions": {"binary": chromium, "args": options},
+                    }
+                }
+            },
+        )
         browser = f"{base}/session/{session['sessionId']}"
         webdriver(browser, "POST", "/url", {"url": server + "/"})
         pad = webdriver(browser, "POST", "/element", {"using": "css selector", "value": "#pad"})
-        ink = "return document.getElementById('preview').getContext('2d').getImageData(0, 0, 28, 28)" \
-              ".data.reduce((a, b) => a + b, 0);"
+        ink = (
+            "return document.getElementById('preview').getContext('2d').getImageData(0, 0, 28, 28)"
+            ".data.reduce((a, b) => a + b, 0);"
+        )
         blank = webdriver(browser, "POST", "/execute/sync", {"script": ink, "args": []})
         stroke = [(-40, -90), (40, -90), (0, 0), (-30, 90)]  # a 7, from the canvas centre
-        actions = [{"type": "pointerMove", "duration": 0, "origin": pad, "x": stroke[0][0], "y": stroke[0][1]},
-                   {"type": "pointerDown", "button": 0}]
-        actions += [{"type": "pointerMove", "duration": 120, "origin": pad, "x": x, "y": y} for x, y in stroke[1:]]
+        actions = [
+            {
+                "type": "pointerMove",
+                "duration": 0,
+                "origin": pad,
+                "x": stroke[0][0],
+                "y": stroke[0][1],
+            },
+            {"type": "pointerDown", "button": 0},
+        ]
+        actions += [
+            {"type": "pointerMove", "duration": 120, "origin": pad, "x": x, "y": y}
+            for x, y in stroke[1:]
+        ]
         actions += [{"type": "pointerUp", "button": 0}]
-        webdriver(browser, "POST", "/actions", {"actions": [{"type": "pointer", "id": "pen", "parameters": {
-            "pointerType": "pen"}, "actions": actions}]})
+        webdriver(
+            browser,
+            "POST",
+            "/actions",
+            {
+                "actions": [
+                    {
+                        "type": "pointer",
+                        "id": "pen",
+                        "parameters": {"pointerType": "pen"},
+                        "actions": actions,
+                    }
+                ]
+            },
+        )
         text = ""
         for _ in range(100):
-            text = webdriver(browser, "POST", "/execute/sync", {
-                "script": "return document.getElementById('results').innerText", "args": []})
+            text = webdriver(
+                browser,
+                "POST",
+                "/execute/sync",
+                {"script": "return document.getElementById('results').innerText", "args": []},
+            )
             if "%" in text:
                 break
             time.sleep(0.1)
         assert text.count("%") == 5, text
-        assert webdriver(browser, "POST", "/execute/sync", {"script": ink, "args": []}) > blank + 255 * 20
+        assert (
+            webdriver(browser, "POST", "/execute/sync", {"script": ink, "args": []})
+            > blank + 255 * 20
+        )
         shot = tmp_path / "page.png"
         shot.write_bytes(base64.b64decode(webdriver(browser, "GET", "/screenshot")))
         assert Image.open(shot).size[0] >= 600

@@ -1,4 +1,5 @@
 """models.py: the six networks' shapes, a new head, and checkpoints a user can get wrong."""
+
 import pytest
 import torch
 
@@ -25,10 +26,22 @@ def test_a_new_head_from_old_rows_gives_the_same_logits_for_those_classes():
 def test_a_checkpoint_round_trips_and_foreign_files_are_refused(tmp_path):
     model = build_model("lenet", 10)
     path = tmp_path / "lenet.pth"
-    save_checkpoint(path, {"model": "lenet", "num_classes": 10, "dataset": "mnist", "classes": list("0123456789"),
-                           "mean": 0.13, "std": 0.31, "state_dict": model.state_dict()})
+    save_checkpoint(
+        path,
+        {
+            "model": "lenet",
+            "num_classes": 10,
+            "dataset": "mnist",
+            "classes": list("0123456789"),
+            "mean": 0.13,
+            "std": 0.31,
+            "state_dict": model.state_dict(),
+        },
+    )
     ckpt, loaded = load_checkpoint(path)
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values())
+    )
     assert [p.name for p in tmp_path.iterdir()] == ["lenet.pth"]  # no temporary file left behind
     with pytest.raises(UserError, match="holds lenet"):
         load_checkpoint(path, "resnet")

@@ -1,4 +1,5 @@
 """The other stages as a user runs them: search, fine-tuning, evaluation, transfer to MNIST, hub."""
+
 import json
 
 import numpy as np
@@ -14,42 +15,91 @@ from conftest import real_data, refused, train_args
 
 
 def test_search_ranks_its_trials_and_resumes_where_it_stopped(tmp_path):
-    args = ["--model", "lenet", "--dataset", "sklearn-digits", "--epochs", "1", "--outputs", str(tmp_path)]
+    args = [
+        "--model",
+        "lenet",
+        "--dataset",
+        "sklearn-digits",
+        "--epochs",
+        "1",
+        "--outputs",
+        str(tmp_path),
+    ]
     search.main(args + ["--n-iter", "2"])
     result = json.loads((tmp_path / "search" / "lenet.json").read_text())
     assert len(result["trials"]) == 2 and result["complete"]
-    assert result["best_val_loss"] == min(t["val_loss"] for t in result["trials"] if t["val_loss"] is not None)
+    assert result["best_val_loss"] == min(
+        t["val_loss"] for t in result["trials"] if t["val_loss"] is not None
+    )
     assert "settings" in refused(search.main, args + ["--n-iter", "3", "--epochs", "2"])
     first = result["trials"][0]["seconds"]
     search.main(args + ["--n-iter", "2"])  # nothing left: the trials are kept as they were
-    assert json.loads((tmp_path / "search" / "lenet.json").read_text())["trials"][0]["seconds"] == first
+    assert (
+        json.loads((tmp_path / "search" / "lenet.json").read_text())["trials"][0]["seconds"]
+        == first
+    )
 
 
 def test_fine_tuning_continues_the_pretrained_network_with_adam(trained_lenet, tmp_path):
     tmp, path = trained_lenet
-    finetune.main(["--ckpt", str(path), "--epochs", "2", "--hub", str(tmp_path), "--outputs", str(tmp_path)])
+    finetune.main(
+        ["--ckpt", str(path), "--epochs", "2", "--hub", str(tmp_path), "--outputs", str(tmp_path)]
+    )
     ckpt = torch.load(tmp_path / "fine_tuned" / "lenet_tuned.pth", weights_only=True)
     pretrained = torch.load(path, weights_only=True)
-    assert ckpt["args"]["optimizer"] == "adam" and ckpt["args"]["batch_size"] == pretrained["args"]["batch_size"]
+    assert (
+        ckpt["args"]["optimizer"] == "adam"
+        and ckpt["args"]["batch_size"] == pretrained["args"]["batch_size"]
+    )
     assert ckpt["dataset"] == "sklearn-digits" and ckpt["mean"] == pretrained["mean"]
-    assert ckpt["history"][0]["train_acc"] > 0.5  # it started from the pre-trained weights, not from scratch
-    assert "held out" in refused(finetune.main, ["--ckpt", str(path), "--val-fraction", "0.2", "--hub", str(tmp_path)])
-    assert "not a checkpoint" in refused(finetune.main, ["--ckpt", str(tmp / "out" / "train" / "lenet.png")])
+    assert (
+        ckpt["history"][0]["train_acc"] > 0.5
+    )  # it started from the pre-trained weights, not from scratch
+    assert "held out" in refused(
+        finetune.main, ["--ckpt", str(path), "--val-fraction", "0.2", "--hub", str(tmp_path)]
+    )
+    assert "not a checkpoint" in refused(
+        finetune.main, ["--ckpt", str(tmp / "out" / "train" / "lenet.png")]
+    )
 
 
 def test_evaluation_reports_the_studys_metrics_and_an_ensemble(trained_lenet, tmp_path):
     tmp, _ = trained_lenet
-    finetune.main(["--model", "lenet", "--epochs", "1", "--hub", str(tmp_path / "hub"), "--outputs", str(tmp_path),
-                   "--ckpt", str(tmp / "hub" / "pre_trained" / "lenet.pth")])
+    finetune.main(
+        [
+            "--model",
+            "lenet",
+            "--epochs",
+            "1",
+            "--hub",
+            str(tmp_path / "hub"),
+            "--outputs",
+            str(tmp_path),
+            "--ckpt",
+            str(tmp / "hub" / "pre_trained" / "lenet.pth"),
+        ]
+    )
     (tmp_path / "hub" / "pre_trained").mkdir()
-    (tmp_path / "hub" / "pre_trained" / "spinalnet.pth").write_bytes((tmp / "hub" / "pre_trained" /
-                                                                      "lenet.pth").read_bytes())
-    assert "holds lenet" in refused(evaluate.main, ["--model", "all", "--hub", str(tmp_path / "hub")])
-    evaluate.main(["--model", "lenet", "--hub", str(tmp_path / "hub"), "--outputs", str(tmp_path / "out")])
+    (tmp_path / "hub" / "pre_trained" / "spinalnet.pth").write_bytes(
+        (tmp / "hub" / "pre_trained" / "lenet.pth").read_bytes()
+    )
+    assert "holds lenet" in refused(
+        evaluate.main, ["--model", "all", "--hub", str(tmp_path / "hub")]
+    )
+    evaluate.main(
+        ["--model", "lenet", "--hub", str(tmp_path / "hub"), "--outputs", str(tmp_path / "out")]
+    )
     result = json.loads((tmp_path / "out" / "eval" / "lenet.json").read_text())
     test = result["test"]
-    assert test["count"] == 360 and 0.5 < test["accuracy"] <= 1 and test["recall"] == pytest.approx(test["accuracy"])
-    assert np.array(test["confusion_matrix"]).sum() == 360 and test["top5_accuracy"] >= test["accuracy"]
+    assert (
+        test["count"] == 360
+        and 0.5 < test["accuracy"] <= 1
+        and test["recall"] == pytest.approx(test["accuracy"])
+    )
+    assert (
+        np.array(test["confusion_matrix"]).sum() == 360
+        and test["top5_accuracy"] >= test["accuracy"]
+    )
     assert (tmp_path / "out" / "eval" / "lenet_cm_test.png").exists()
 
 
@@ -59,7 +109,9 @@ def test_the_case_merged_accuracy_counts_c_and_C_as_one():
     probs = torch.zeros(2, 62)
     probs[0, classes.index("c")] = probs[1, classes.index("A")] = 1
     result = evaluate.metrics(labels, probs, classes)
-    assert result["accuracy"] == 0 and result["case_merged_accuracy"] == 0.5  # a/A differ in shape: not merged
+    assert (
+        result["accuracy"] == 0 and result["case_merged_accuracy"] == 0.5
+    )  # a/A differ in shape: not merged
 
 
 def test_a_picture_is_read_as_emnist_was_made_and_a_broken_one_is_one_line(tmp_path, capsys):
@@ -67,7 +119,12 @@ def test_a_picture_is_read_as_emnist_was_made_and_a_broken_one_is_one_line(tmp_p
     canvas[40:160, 20:40] = 0
     Image.fromarray(canvas).save(tmp_path / "stroke.png")
     image = evaluate.prepare_picture(tmp_path / "stroke.png")
-    assert image.shape == (28, 28) and image.max() == 255 and image[0].max() == 0 and image[:, 0].max() == 0
+    assert (
+        image.shape == (28, 28)
+        and image.max() == 255
+        and image[0].max() == 0
+        and image[:, 0].max() == 0
+    )
     rows, cols = np.nonzero(image.numpy() > 127)
     assert abs(rows.mean() - 13.5) < 2 and abs(cols.mean() - 13.5) < 2  # centred, light on dark
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 50)
@@ -77,13 +134,32 @@ def test_a_picture_is_read_as_emnist_was_made_and_a_broken_one_is_one_line(tmp_p
 
 def test_transfer_to_mnist_scores_zero_shot_then_after(trained_lenet, tmp_path):
     _, path = trained_lenet
-    transfer_mnist.main(["--ckpt", str(path), "--data-dir", str(real_data()), "--no-download", "--epochs", "1",
-                         "--subset", "1000", "--hub", str(tmp_path), "--outputs", str(tmp_path)])
+    transfer_mnist.main(
+        [
+            "--ckpt",
+            str(path),
+            "--data-dir",
+            str(real_data()),
+            "--no-download",
+            "--epochs",
+            "1",
+            "--subset",
+            "1000",
+            "--hub",
+            str(tmp_path),
+            "--outputs",
+            str(tmp_path),
+        ]
+    )
     result = json.loads((tmp_path / "transfer" / "lenet.json").read_text())
     assert result["before"]["test"]["count"] == 10_000 and result["after"]["test"]["accuracy"] > 0.3
-    assert result["before"]["test"]["accuracy"] > 0.15  # sklearn's digits read MNIST better than chance
+    assert (
+        result["before"]["test"]["accuracy"] > 0.15
+    )  # sklearn's digits read MNIST better than chance
 
 
 def test_torch_hub_serves_the_published_networks():
-    model = torch.hub.load(str(evaluate.Path(__file__).parents[1]), "resnet", source="local", pretrained=False)
+    model = torch.hub.load(
+        str(evaluate.Path(__file__).parents[1]), "resnet", source="local", pretrained=False
+    )
     assert model(torch.zeros(1, 1, 28, 28)).shape == (1, 62) and len(model.classes) == 62

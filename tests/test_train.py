@@ -1,4 +1,5 @@
 """train.py as a user runs it: learning, the files, resume bit for bit, refusals and one-line mistakes."""
+
 import json
 import signal
 import subprocess
@@ -28,7 +29,11 @@ def test_the_loss_falls_and_the_stage_writes_its_checkpoint_json_and_curves(trai
     assert len(history) == 8 and history[-1]["train_loss"] < 0.6 * history[0]["train_loss"]
     assert history[-1]["val_acc"] > 0.5
     ckpt = torch.load(path, weights_only=True)
-    assert ckpt["model"] == "lenet" and ckpt["classes"] == list("0123456789") and ckpt["history"] == history
+    assert (
+        ckpt["model"] == "lenet"
+        and ckpt["classes"] == list("0123456789")
+        and ckpt["history"] == history
+    )
     best = min(history, key=lambda row: row["val_loss"])["epoch"]
     assert result["kept_epoch"] == best and ckpt["last"]["epoch"] == 8
     assert (tmp / "out" / "train" / "lenet.png").stat().st_size > 1000
@@ -44,9 +49,16 @@ def test_resuming_gives_the_weights_of_a_run_never_stopped(tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_then_resume_ends_with_the_same_weights_as_a_run_never_stopped(tmp_path):
-    args = train_args(tmp_path / "stopped", "--model", "resnet", "--batch-size", "32", model="resnet", epochs=4)
-    process = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    args = train_args(
+        tmp_path / "stopped", "--model", "resnet", "--batch-size", "32", model="resnet", epochs=4
+    )
+    process = subprocess.Popen(
+        [sys.executable, "train.py", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     checkpoint = tmp_path / "stopped" / "hub" / "pre_trained" / "resnet.pth"
     for _ in range(600):
         if checkpoint.exists() or process.poll() is not None:
@@ -56,10 +68,17 @@ def test_ctrl_c_then_resume_ends_with_the_same_weights_as_a_run_never_stopped(tm
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130 and err.strip().splitlines() == ["interrupted"], err
     assert run("train.py", *args, "--resume").returncode == 0
-    assert run("train.py", *train_args(tmp_path / "straight", "--batch-size", "32", model="resnet",
-                                       epochs=4)).returncode == 0
-    assert same(weights(checkpoint, "last"), weights(tmp_path / "straight" / "hub" / "pre_trained" / "resnet.pth",
-                                                     "last"))
+    assert (
+        run(
+            "train.py",
+            *train_args(tmp_path / "straight", "--batch-size", "32", model="resnet", epochs=4),
+        ).returncode
+        == 0
+    )
+    assert same(
+        weights(checkpoint, "last"),
+        weights(tmp_path / "straight" / "hub" / "pre_trained" / "resnet.pth", "last"),
+    )
 
 
 def test_a_finished_run_is_never_replaced_unless_asked(trained_lenet, tmp_path):
@@ -77,8 +96,12 @@ def test_a_finished_run_is_never_replaced_unless_asked(trained_lenet, tmp_path):
 def test_a_kill_at_any_moment_leaves_a_whole_checkpoint(tmp_path):
     path = tmp_path / "hub" / "pre_trained" / "lenet.pth"
     for delay in (0.0, 0.13, 0.37):
-        process = subprocess.Popen([sys.executable, "train.py", *train_args(tmp_path, "--overwrite", epochs=40)],
-                                   cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            [sys.executable, "train.py", *train_args(tmp_path, "--overwrite", epochs=40)],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         while not path.exists() and process.poll() is None:
             time.sleep(0.01)
         time.sleep(delay)
@@ -95,9 +118,21 @@ def test_dry_run_writes_nothing(tmp_path):
 
 def test_every_value_is_printed_once_with_its_source(tmp_path):
     search = tmp_path / "search.json"
-    search.write_text(json.dumps({"best_params": {"learning_rate": 0.02, "batch_size": 16, "momentum": 0.5,
-                                                  "weight_decay": 0.0}}))
-    out = run("train.py", *train_args(tmp_path, "--params", search, "--dry-run", "--momentum", "0.8")).stdout
+    search.write_text(
+        json.dumps(
+            {
+                "best_params": {
+                    "learning_rate": 0.02,
+                    "batch_size": 16,
+                    "momentum": 0.5,
+                    "weight_decay": 0.0,
+                }
+            }
+        )
+    )
+    out = run(
+        "train.py", *train_args(tmp_path, "--params", search, "--dry-run", "--momentum", "0.8")
+    ).stdout
     assert f"batch_size     16                       (--params {search})" in out
     assert "learning_rate  0.05                     (flag)" in out  # a flag beats the file
     assert "momentum       0.8                      (flag)" in out
@@ -105,16 +140,24 @@ def test_every_value_is_printed_once_with_its_source(tmp_path):
     assert out.count("learning_rate ") == 1
 
 
-@pytest.mark.parametrize("extra, expected", [
-    (["--optimizer", "lion"], "invalid choice"),
-    (["--dataset", "emnist-balanced", "--data-dir", "/nowhere", "--no-download"], "--dataset sklearn-digits"),
-    (["--resume"], "nothing to resume"),
-    (["--hub", "README.md/hub"], "README.md"),
-    (["--params", "missing.json"], "not a finished search"),
-    (["--lr", "1e6", "--clip", "0"], "diverged"),
-])
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--optimizer", "lion"], "invalid choice"),
+        (
+            ["--dataset", "emnist-balanced", "--data-dir", "/nowhere", "--no-download"],
+            "--dataset sklearn-digits",
+        ),
+        (["--resume"], "nothing to resume"),
+        (["--hub", "README.md/hub"], "README.md"),
+        (["--params", "missing.json"], "not a finished search"),
+        (["--lr", "1e6", "--clip", "0"], "diverged"),
+    ],
+)
 def test_a_users_mistake_is_one_line_and_a_non_zero_exit(tmp_path, extra, expected):
     args = train_args(tmp_path, epochs=1)
-    args[args.index("--hub") + 1:args.index("--hub") + 2] = [extra[1]] if extra[0] == "--hub" else [str(tmp_path)]
+    args[args.index("--hub") + 1 : args.index("--hub") + 2] = (
+        [extra[1]] if extra[0] == "--hub" else [str(tmp_path)]
+    )
     extra = [] if extra[0] == "--hub" else extra
     assert expected in refused(train.main, args + extra)

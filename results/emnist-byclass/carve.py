@@ -8,6 +8,7 @@ contents must match the official files' SHA-256; the carve is a stratified, seed
 into 96,323 training and 20,000 test images, written in the official layout and orientation. The folder is
 written whole (a temporary folder renamed) or not at all, and never over another carve.
 """
+
 import gzip
 import hashlib
 import os
@@ -23,7 +24,9 @@ OFFICIAL_SHA256 = {  # of the uncompressed official test files
     "emnist-byclass-test-images-idx3-ubyte": "385559d7d5c96f49cd6b55b3e9e76d7ecbf568897b6067e8cac8f1ffc2f50f81",
     "emnist-byclass-test-labels-idx1-ubyte": "842d01413932b3ce7afbc9990376a16f8880a212bb42d66fa2922b4218cf300a",
 }
-CARVE_SHA256 = "b7bf6a4c71086b8394afccf8e930732c4ca1f2b6f6763dd2c1646b83f11cdd22"  # of what it writes
+CARVE_SHA256 = (
+    "b7bf6a4c71086b8394afccf8e930732c4ca1f2b6f6763dd2c1646b83f11cdd22"  # of what it writes
+)
 SEED, TEST_COUNT = 0, 20_000
 
 
@@ -32,7 +35,9 @@ def read_official(source_dir):
     for name, expected in OFFICIAL_SHA256.items():
         path = data.find_file(name, [Path(source_dir)])
         if path is None:
-            raise UserError(f"no {name}[.gz] in {source_dir}: give the folder of the official ByClass test files")
+            raise UserError(
+                f"no {name}[.gz] in {source_dir}: give the folder of the official ByClass test files"
+            )
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
         if hashlib.sha256(raw).hexdigest() != expected:
             raise UserError(f"{path} is not the official ByClass test file (its SHA-256 differs)")
@@ -48,10 +53,15 @@ def carve(files):
     train, test = data.stratified_split(list(labels[8:]), TEST_COUNT, seed=SEED)
     out = {}
     for split, index in (("train", train.tolist()), ("test", test.tolist())):
-        out[f"emnist-byclass-{split}-images-idx3-ubyte.gz"] = images[:4] + len(index).to_bytes(4, "big") + \
-            images[8:16] + b"".join(images[16 + 784 * i:16 + 784 * (i + 1)] for i in index)
-        out[f"emnist-byclass-{split}-labels-idx1-ubyte.gz"] = labels[:4] + len(index).to_bytes(4, "big") + \
-            bytes(labels[8 + i] for i in index)
+        out[f"emnist-byclass-{split}-images-idx3-ubyte.gz"] = (
+            images[:4]
+            + len(index).to_bytes(4, "big")
+            + images[8:16]
+            + b"".join(images[16 + 784 * i : 16 + 784 * (i + 1)] for i in index)
+        )
+        out[f"emnist-byclass-{split}-labels-idx1-ubyte.gz"] = (
+            labels[:4] + len(index).to_bytes(4, "big") + bytes(labels[8 + i] for i in index)
+        )
     assert count == len(train) + len(test)
     return out
 
@@ -76,8 +86,10 @@ def main(argv=None):
             (partial / name).write_bytes(gzip.compress(raw, mtime=0))
         os.chmod(partial, 0o755)
         os.rename(partial, out)
-        print(f"carved the official ByClass test split into {out}: 96,323 training and 20,000 test images "
-              f"(sha256 {CARVE_SHA256})")
+        print(
+            f"carved the official ByClass test split into {out}: 96,323 training and 20,000 test images "
+            f"(sha256 {CARVE_SHA256})"
+        )
 
 
 if __name__ == "__main__":
