@@ -1,6 +1,6 @@
 """Draw a character and watch the networks read it: a small page (demo.html) and its JSON API.
 
-    python demo.py                                   # the published ByClass networks and their ensemble
+    python demo.py                                   # the published networks and their ensemble
     python demo.py --model vggnet                    # model_hub's VGGNet, on http://127.0.0.1:8000
     python demo.py --ckpt model_hub/fine_tuned/lenet_tuned.pth --port 8080
     curl -s --data-binary @my_letter.png http://127.0.0.1:8000/predict
@@ -22,8 +22,8 @@ from urllib.parse import urlsplit
 
 import torch
 
-from evaluate import find_checkpoint, prepare_picture, probabilities
-from models import MODELS, load_checkpoint, published_checkpoint
+from evaluate import find_checkpoint, prepare_picture, probabilities, published_checkpoint
+from models import MODELS, load_checkpoint
 from runs import Parser, UserError, get_device, one_line_errors
 
 PAGE = Path(__file__).with_name("demo.html")
@@ -43,15 +43,17 @@ class Predictor:
             self.networks[ckpt["model"]] = (ckpt, model.to(device).eval())
             print(f"network: {path} ({ckpt['model']}, trained on {ckpt['dataset']})")
         if len({tuple(ckpt["classes"]) for ckpt, _ in self.networks.values()}) > 1:
-            raise UserError("the checkpoints predict different classes: serve networks of one dataset together")
+            raise UserError("the checkpoints predict different classes: serve one dataset's")
 
     def predict(self, body):
         image = prepare_picture(body, "the picture")
         with self.lock:
-            probs = {name: probabilities(model, image[None], ckpt["mean"], ckpt["std"], self.device)[0]
+            probs = {name: probabilities(model, image[None], ckpt["mean"], ckpt["std"],
+                                         self.device)[0]
                      for name, (ckpt, model) in self.networks.items()}
         classes = next(iter(self.networks.values()))[0]["classes"]
-        answer = {"input": image.flatten().tolist(), "predictions": top(sum(probs.values()) / len(probs), classes)}
+        mean = sum(probs.values()) / len(probs)
+        answer = {"input": image.flatten().tolist(), "predictions": top(mean, classes)}
         if len(probs) > 1:
             answer["models"] = {name: top(p, classes) for name, p in probs.items()}
         return answer
@@ -59,7 +61,8 @@ class Predictor:
 
 def top(probs, classes):
     values, indices = probs.topk(min(TOP, len(classes)))
-    return [{"label": classes[i], "probability": round(p, 4)} for p, i in zip(values.tolist(), indices.tolist())]
+    return [{"label": classes[i], "probability": round(p, 4)}
+            for p, i in zip(values.tolist(), indices.tolist())]
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -78,7 +81,8 @@ class Handler(BaseHTTPRequestHandler):
         if self.server.hosts is None or host in self.server.hosts:
             return True
         self.close_connection = True
-        self.send_json(421, {"error": f"this server answers requests for {', '.join(sorted(self.server.hosts))}"})
+        hosts = ", ".join(sorted(self.server.hosts))
+        self.send_json(421, {"error": f"this server answers requests for {hosts} only"})
         return False
 
     def do_GET(self):
@@ -117,7 +121,7 @@ class Handler(BaseHTTPRequestHandler):
                 body += chunk
         if length > MAX_BODY:
             self.close_connection = True
-            return self.send_json(413, {"error": f"the body is over the limit of {MAX_BODY:,} bytes"})
+            return self.send_json(413, {"error": f"the body is over the limit, {MAX_BODY:,} bytes"})
         try:
             answer = self.server.predictor.predict(bytes(body))
         except UserError as err:
@@ -140,10 +144,11 @@ class Server(ThreadingHTTPServer):
 
     def __init__(self, address, predictor, hosts):
         super().__init__(address, Handler)
-        self.predictor, self.hosts, self.slots = predictor, hosts, threading.BoundedSemaphore(CONNECTIONS)
+        self.predictor, self.hosts = predictor, hosts
+        self.slots = threading.BoundedSemaphore(CONNECTIONS)
 
     def process_request(self, request, client_address):
-        if not self.slots.acquire(blocking=False):  # full: close this one now rather than queue it in memory
+        if not self.slots.acquire(blocking=False):  # full: close it now, not queue it in memory
             self.shutdown_request(request)
             return
         super().process_request(request, client_address)
@@ -157,11 +162,11 @@ class Server(ThreadingHTTPServer):
 
 def main(argv=None):
     parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", nargs="+", choices=sorted(MODELS), help="networks from --hub (default: the "
-                                                                             "published ByClass networks)")
+    parser.add_argument("--model", nargs="+", choices=sorted(MODELS),
+                        help="networks from --hub (default: the published ByClass networks)")
     parser.add_argument("--ckpt", nargs="+", metavar="FILE", help="checkpoints to serve instead")
     parser.add_argument("--hub", default="model_hub", help="(default: %(default)s)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--host", default="127.0.0.1", help="listen there (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
     parser.add_argument("--device", default="auto", help="(default: %(default)s)")
     args = parser.parse_args(argv)
@@ -174,13 +179,15 @@ def main(argv=None):
         loopback = args.host in ("127.0.0.1", "localhost", "::1")
         hosts = {args.host} | ({"127.0.0.1", "localhost", "::1"} if loopback else set())
         try:
-            server = Server((args.host, args.port), predictor, None if args.host in ("0.0.0.0", "::") else hosts)
+            hosts = None if args.host in ("0.0.0.0", "::") else hosts  # every interface: any name
+            server = Server((args.host, args.port), predictor, hosts)
         except OSError as err:
-            raise UserError(f"cannot listen on {args.host}:{args.port} ({err.strerror}): pick another --port")
+            raise UserError(f"cannot listen on {args.host}:{args.port} ({err.strerror}): "
+                            f"try another --port")
         if not loopback:
-            print(f"warning: listening on {args.host}: whoever reaches this machine there can use the demo")
-        print(f"serving {', '.join(predictor.networks)} on http://{args.host}:{server.server_address[1]} "
-              f"(Ctrl-C stops)", flush=True)
+            print(f"warning: listening on {args.host}: whoever reaches it there can use the demo")
+        print(f"serving {', '.join(predictor.networks)} on http://{args.host}:"
+              f"{server.server_address[1]} (Ctrl-C stops)", flush=True)
         try:
             server.serve_forever()
         finally:

@@ -1,6 +1,6 @@
 """torch.hub entry points: the networks of the EMNIST ByClass study, with their published weights.
 
-    model = torch.hub.load("OWNER/REPO", "resnet", pretrained=True)   # on a clone: torch.hub.load(".", ..., source="local")
+    model = torch.hub.load(".", "resnet", source="local", pretrained=True)   # in a clone
     model.classes, model.mean, model.std   # "0-9A-Za-z", and the normalisation of its inputs
 
 The weights are results/emnist-byclass/published/{name}.pth (its README says how they were trained).
@@ -12,14 +12,16 @@ dependencies = ["torch"]
 
 def _network(name, pretrained):
     from data import DATASETS
-    from models import build_model, load_checkpoint, published_checkpoint
+    from evaluate import published_checkpoint
+    from models import build_model, load_checkpoint
 
     if not pretrained:
         model = build_model(name, 62)
-        model.classes, model.mean, model.std = "".join(DATASETS["emnist-byclass"].classes), None, None
+        classes = "".join(DATASETS["emnist-byclass"].classes)
+        model.classes, model.mean, model.std = classes, None, None
         return model
     if published_checkpoint(name) is None:
-        raise RuntimeError(f"this copy holds no published {name} weights: pass pretrained=False for a fresh network")
+        raise RuntimeError(f"this copy holds no published {name} weights: pass pretrained=False")
     ckpt, model = load_checkpoint(published_checkpoint(name), name)
     model.classes, model.mean, model.std = "".join(ckpt["classes"]), ckpt["mean"], ckpt["std"]
     return model.eval()

@@ -1,11 +1,8 @@
-"""The six CNNs of the study, for 1x28x28 input, and the MODELS registry.
+"""The six CNNs of the study for 1x28x28 input, the MODELS registry, and checkpoints.
 
-    from models import build_model
-    model = build_model("vggnet", num_classes=62)
-    logits = model(torch.zeros(8, 1, 28, 28))   # -> [8, 62]
+    model = build_model("vggnet", num_classes=62)   # model(torch.zeros(8, 1, 28, 28)) -> [8, 62]
 
-Every network keeps its final classifier layer(s) in `self.fc`, so that
-`replace_head()` can give it a new number of classes (transfer to MNIST).
+Every network keeps its final classifier layer(s) in `self.fc` (transfer_mnist.py replaces it).
 """
 from pathlib import Path
 
@@ -128,7 +125,8 @@ class ResNet(nn.Module):
         )
         blocks, in_channels = [], 16
         for out_channels, stride in [(16, 1), (32, 2), (64, 2), (128, 2)]:
-            blocks += [BasicBlock(in_channels, out_channels, stride), BasicBlock(out_channels, out_channels)]
+            blocks += [BasicBlock(in_channels, out_channels, stride),
+                       BasicBlock(out_channels, out_channels)]
             in_channels = out_channels
         self.stages = nn.Sequential(*blocks)
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -145,12 +143,12 @@ class SpinalNet(nn.Module):
     def __init__(self, num_classes=62):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 32, 5, padding=2), nn.BatchNorm2d(32), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 5, padding=2), nn.BatchNorm2d(64), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(1, 32, 5, padding=2), nn.BatchNorm2d(32), nn.ReLU(True), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 5, padding=2), nn.BatchNorm2d(64), nn.ReLU(True), nn.MaxPool2d(2),
         )
 
         def spinal_layer(in_features):
-            return nn.Sequential(nn.Linear(in_features, self.WIDTH), nn.ReLU(inplace=True), nn.Dropout(0.5))
+            return nn.Sequential(nn.Linear(in_features, self.WIDTH), nn.ReLU(True), nn.Dropout(0.5))
 
         self.spinal = nn.ModuleList(
             [spinal_layer(self.HALF)] + [spinal_layer(self.HALF + self.WIDTH) for _ in range(3)]
@@ -174,7 +172,8 @@ class EnsNet(nn.Module):
         super().__init__()
 
         def block(in_channels, out_channels, padding):
-            return [nn.Conv2d(in_channels, out_channels, 3, padding=padding), nn.BatchNorm2d(out_channels),
+            return [nn.Conv2d(in_channels, out_channels, 3, padding=padding),
+                    nn.BatchNorm2d(out_channels),
                     nn.ReLU(inplace=True), nn.Dropout(0.35)]
 
         self.features = nn.Sequential(
@@ -194,76 +193,36 @@ class EnsNet(nn.Module):
         return torch.einsum("h,hbc->bc", self.head_weights, logits)
 
 
-MODELS = {
-    "lenet": LeNet,
-    "alexnet": AlexNet,
-    "vggnet": VGGNet,
-    "resnet": ResNet,
-    "spinalnet": SpinalNet,
-    "ensnet": EnsNet,
-}
+MODELS = {"lenet": LeNet, "alexnet": AlexNet, "vggnet": VGGNet, "resnet": ResNet,
+          "spinalnet": SpinalNet, "ensnet": EnsNet}
 
 
 def build_model(name, num_classes=62):
     return MODELS[name](num_classes=num_classes)
 
 
-def count_parameters(model):
-    return sum(p.numel() for p in model.parameters())
-
-
-def new_head(old, num_classes, keep_rows=None):
-    """A fresh Linear like `old` with `num_classes` outputs, copying `old`'s rows `keep_rows` if given."""
-    head = nn.Linear(old.in_features, num_classes).to(old.weight.device)
-    nn.init.normal_(head.weight, 0.0, 0.01)
-    nn.init.zeros_(head.bias)
-    if keep_rows is not None:
-        with torch.no_grad():
-            head.weight.copy_(old.weight[keep_rows])
-            head.bias.copy_(old.bias[keep_rows])
-    return head
-
-
-def replace_head(model, num_classes, keep_rows=None):
-    """Give `model` a new classifier for `num_classes` classes (e.g. EMNIST -> MNIST)."""
-    if isinstance(model.fc, nn.ModuleList):  # EnsNet's eleven heads
-        model.fc = nn.ModuleList(new_head(head, num_classes, keep_rows) for head in model.fc)
-    else:
-        model.fc = new_head(model.fc, num_classes, keep_rows)
-    return model
-
-
 # ----------------------------------------------------------------------------- checkpoints
-# One file per stage run (torch.save; loads with weights_only=True): model, num_classes, dataset, classes,
-# mean, std, state_dict (the kept epoch), and for training runs args, history and last (the last epoch's
-# state_dict and optimizer state, which --resume continues). Published checkpoints drop last.
+# One file per stage run (torch.save; loads with weights_only=True): model, num_classes, dataset,
+# classes, mean, std, state_dict (the kept epoch); a training run's also args, history and last
+# (the last epoch's state_dict and optimizer state, which --resume continues).
 
 def save_checkpoint(path, checkpoint):
     atomic_write(path, lambda partial: torch.save(checkpoint, partial))
 
 
 def load_checkpoint(path, model_name=None):
-    """(checkpoint dict, network on the CPU with its kept weights); a missing or foreign file is one line."""
+    """(checkpoint, its network on the CPU); a missing or foreign file: one line."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"no checkpoint at {path}: train one (python train.py --model MODEL) or give --ckpt PATH")
+        raise UserError(f"no checkpoint at {path}: train one (train.py) or give --ckpt PATH")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         model = build_model(ckpt["model"], ckpt["num_classes"])
         model.load_state_dict(ckpt["state_dict"])
-        ckpt["classes"], ckpt["mean"], ckpt["std"] = list(ckpt["classes"]), float(ckpt["mean"]), float(ckpt["std"])
-    except Exception as err:  # not a zip, a pickle, another project's dict: all foreign to this project
-        raise UserError(f"{path} is not a checkpoint of this project ({type(err).__name__})") from None
+        ckpt.update(classes=list(ckpt["classes"]), mean=float(ckpt["mean"]), std=float(ckpt["std"]))
+    except Exception as err:  # not a zip, a pickle, another project's dict: all foreign here
+        kind = type(err).__name__
+        raise UserError(f"{path} is not a checkpoint of this project ({kind})") from None
     if model_name is not None and ckpt["model"] != model_name:
-        raise UserError(f"{path} holds {ckpt['model']}, not {model_name}: give --model {ckpt['model']}")
+        raise UserError(f"{path} holds {ckpt['model']}, not {model_name}: give that --model")
     return ckpt, model
-
-
-# The networks fine-tuned on EMNIST ByClass that the repository publishes (results/emnist-byclass/README.md):
-# what hubconf.py, demo.py and `evaluate.py --image` serve when the hub holds none of the user's own.
-PUBLISHED = Path(__file__).resolve().parent / "results" / "emnist-byclass" / "published"
-
-
-def published_checkpoint(name):
-    path = PUBLISHED / f"{name}.pth"
-    return path if path.is_file() else None

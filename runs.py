@@ -1,4 +1,4 @@
-"""What every script needs around the work: settings with their sources, seeds, the device and its
+"""What every script needs around the work: settings and their sources, seeds, the device and its
 precision, atomic writes, and one-line errors for a user's mistakes."""
 import argparse
 import contextlib
@@ -13,16 +13,23 @@ import torch
 
 
 class UserError(Exception):
-    """A mistake the user can fix (a flag, missing data, a foreign file): one line, exit status 2."""
+    """A mistake the user can fix (a flag, missing data, a foreign file): one line, exit 1."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a mistaken flag reported in one line (not the usage, then the error)."""
+
+    def error(self, message):
+        sys.exit(f"{self.prog}: error: {message} (see --help)")
 
 
 @contextlib.contextmanager
 def one_line_errors():
-    """A user's mistake or Ctrl-C ends the script with one line instead of a traceback."""
+    """A user's mistake, an unwritable output or Ctrl-C: one line, no traceback."""
     try:
         yield
     except UserError as err:
-        sys.exit(f"error: {' '.join(str(err).split())}")  # one line, whatever a library's message held
+        sys.exit(f"error: {' '.join(str(err).split())}")  # one line, whatever a library's text held
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
@@ -32,24 +39,22 @@ def one_line_errors():
 
 def parse_settings(parser, argv=None, params_keys=()):
     """Parse argv; `--params FILE` (a search's best_params) replaces the defaults of `params_keys`.
-
-    Prints every value once with its source: a flag, the params file, or this script's default.
-    """
+    Prints every value once with its source: a flag, the params file, or the script's default."""
     known, _ = parser.parse_known_args(argv)
     params = {}
     if getattr(known, "params", None):
         try:
-            params = json.loads(Path(known.params).read_text())["best_params"]
-            params = {key: params[key] for key in params_keys}
+            best = json.loads(Path(known.params).read_text())["best_params"]
+            params = {key: best[key] for key in params_keys}
         except (OSError, ValueError, KeyError, TypeError) as err:
-            parser.error(f"--params {known.params} is not a finished search's JSON ({type(err).__name__}: {err})")
+            parser.error(f"--params {known.params} is not a finished search ({type(err).__name__})")
         parser.set_defaults(**params)
     unset = object()
     given = parser.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in parser._actions}))
     args = parser.parse_args(argv)
     for key, value in vars(args).items():
-        source = "flag" if getattr(given, key) is not unset else f"--params {known.params}" if key in params \
-            else "default"
+        source = "flag" if getattr(given, key) is not unset else \
+            f"--params {known.params}" if key in params else "default"
         print(f"  {key:14s} {value!s:24s} ({source})")
     return args
 
@@ -62,10 +67,10 @@ def set_seed(seed):
 
 def get_device(name="auto"):
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available()
-                            else "cpu")
+        mps = torch.backends.mps.is_available()
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: this machine has no CUDA device; use --device auto or cpu")
+        raise UserError(f"--device {name}: this machine has no CUDA device; use auto or cpu")
     return torch.device(name)
 
 
@@ -86,8 +91,8 @@ def autocast(precision, device):
 
 
 def atomic_write(path, write):
-    """write(temporary path) makes the file beside `path`, then it is renamed over it: a kill at any
-    moment leaves the old file or the new one, whole."""
+    """write(temporary path) makes the file beside `path`, then it is renamed over it: a kill at
+    any moment leaves the old file or the new one, whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -99,18 +104,11 @@ def atomic_write(path, write):
 
 
 def save_json(path, payload):
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2) + "\n"))
+    atomic_write(path, lambda partial: partial.write_text(json.dumps(payload, indent=2) + "\n"))
 
 
 def save_figure(figure, path):
     import matplotlib.pyplot as plt
 
-    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+    atomic_write(path, lambda partial: figure.savefig(partial, format="png", dpi=100))
     plt.close(figure)
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, with a mistaken flag reported in one line (not usage, then the error)."""
-
-    def error(self, message):
-        sys.exit(f"{self.prog}: error: {message} (see --help)")

@@ -1,14 +1,14 @@
 """SGD pre-training (stage 2 of the study); its loop is the one every stage uses.
 
-    python train.py --model alexnet                                       # EMNIST ByClass, 90 % train / 10 % val
-    python train.py --model alexnet --params outputs/search/alexnet.json  # the search's best values
+    python train.py --model alexnet                                 # ByClass: 90 % train, 10 % val
+    python train.py --model alexnet --params outputs/search/alexnet.json  # a search's best values
     python train.py --model lenet --dataset sklearn-digits --epochs 3     # offline, seconds
-    python train.py --model lenet --dataset sklearn-digits --dry-run      # one batch, writes nothing
-    python train.py --model alexnet --resume                              # continue after Ctrl-C or a crash
+    python train.py --model lenet --dataset sklearn-digits --dry-run      # one batch, no files
+    python train.py --model alexnet --resume                        # go on after Ctrl-C or a crash
 
-Writes model_hub/pre_trained/{model}.pth after every epoch: the kept epoch's weights (best validation
-loss), and the last epoch's with its optimizer state, which --resume continues; at the end
-outputs/train/{model}.json (settings, history) and .png (curves).
+Writes model_hub/pre_trained/{model}.pth after every epoch: the kept epoch's weights (the best
+validation loss), and the last epoch's with its optimizer state, which --resume continues; at the
+end outputs/train/{model}.json (settings, history) and .png (curves).
 """
 import itertools
 import math
@@ -21,19 +21,19 @@ import torch.nn.functional as F
 
 import data
 from models import MODELS, build_model, load_checkpoint, save_checkpoint
-from runs import (Parser, UserError, autocast, choose_precision, get_device, one_line_errors, parse_settings,
-                  save_figure, save_json, set_seed)
+from runs import (Parser, UserError, autocast, choose_precision, get_device, one_line_errors,
+                  parse_settings, save_figure, save_json, set_seed)
 
 # The study's pre-training. --params FILE (a search's result) replaces the SEARCHED ones.
 DEFAULTS = dict(
     dataset="emnist-byclass",
-    optimizer="sgd",  # the study's; OPTIMIZERS below
+    optimizer="sgd",  # OPTIMIZERS below
     learning_rate=0.01,
     batch_size=64,
     momentum=0.9,
     weight_decay=1e-4,
     epochs=20,
-    patience=10,  # stop after this many epochs without a better validation loss (constant schedule only)
+    patience=10,  # stop after this many epochs without a better validation loss (constant rate)
     clip=1.0,  # the study's gradient-norm clip (0: none)
     augment="study",  # data.AUGMENTS: the study's random affine
     schedule="constant",  # or cosine: the rate falls to 0 over --epochs
@@ -42,44 +42,41 @@ DEFAULTS = dict(
 )
 SEARCHED = ("learning_rate", "batch_size", "momentum", "weight_decay")
 OPTIMIZERS = {  # every stage makes its optimizer here: a new one is one line
-    "sgd": lambda params, lr, momentum, decay: torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=decay),
+    "sgd": lambda params, lr, momentum, decay: torch.optim.SGD(
+        params, lr=lr, momentum=momentum, weight_decay=decay),
     "adam": lambda params, lr, momentum, decay: torch.optim.Adam(params, lr=lr, weight_decay=decay),
 }
-NOT_THE_RUN = {"resume", "overwrite", "epochs", "patience", "device", "data_dir", "no_download", "hub", "outputs",
-               "compile", "dry_run"}  # flags that may differ when a run is resumed
+NOT_THE_RUN = {"resume", "overwrite", "epochs", "patience", "device", "data_dir", "no_download",
+               "hub", "outputs", "compile", "dry_run"}  # flags that may change when a run resumes
 
 
 def add_flags(parser, defaults):
-    """The flags of every training stage, each default from the stage's DEFAULTS."""
+    """The flags of every training stage, their defaults the stage's DEFAULTS (shown by --help)."""
     parser.set_defaults(**defaults)
     add = parser.add_argument
-    add("--dataset", choices=sorted(data.DATASETS), metavar="NAME",
-        help=f"{', '.join(sorted(data.DATASETS))} (default: %(default)s)")
-    add("--subset", type=int, default=None, metavar="N", help="train on N stratified images (default: all)")
+    add("--dataset", choices=sorted(data.DATASETS), metavar="NAME", help="(default: %(default)s)")
+    add("--subset", type=int, metavar="N", help="train on N stratified images (default: all)")
     add("--optimizer", choices=sorted(OPTIMIZERS), help="(default: %(default)s)")
-    add("--lr", dest="learning_rate", type=float, metavar="X", help="learning rate (default: %(default)s)")
+    add("--lr", dest="learning_rate", type=float, metavar="X", help="(default: %(default)s)")
     add("--batch-size", type=int, metavar="N", help="(default: %(default)s)")
     add("--momentum", type=float, metavar="X", help="SGD momentum (default: %(default)s)")
     add("--weight-decay", type=float, metavar="X", help="(default: %(default)s)")
-    add("--epochs", type=int, metavar="N", help="epochs in all, resumed ones included (default: %(default)s)")
-    add("--patience", type=int, metavar="N", help="early stop after N epochs without a better validation loss, "
-                                                  "0: never (default: %(default)s)")
-    add("--clip", type=float, metavar="X", help="gradient-norm clip, 0: none (default: %(default)s)")
-    add("--augment", choices=list(data.AUGMENTS), help="data.AUGMENTS (default: %(default)s)")
+    add("--epochs", type=int, metavar="N", help="epochs in all (default: %(default)s)")
+    add("--patience", type=int, metavar="N",
+        help="stop after N epochs with no better validation loss, 0: never (default: %(default)s)")
+    add("--clip", type=float, metavar="X", help="gradient-norm clip, 0: off (default: %(default)s)")
+    add("--augment", choices=list(data.AUGMENTS), help="(default: %(default)s)")
     add("--schedule", choices=["constant", "cosine"], help="(default: %(default)s)")
-    add("--keep", choices=["best", "last"], help="the epoch kept: best validation loss, or last (default: "
-                                                 "%(default)s)")
-    add("--val-fraction", type=float, metavar="X", help="hold out this fraction to validate, 0: none (default: "
-                                                        "%(default)s)")
-    add("--seed", type=int, default=0, metavar="N", help="seed of the split, init, shuffling, augmentation "
-                                                         "(default: %(default)s)")
-    add("--data-dir", default="data", metavar="DIR", help="folder of the dataset files (default: %(default)s)")
+    add("--keep", choices=["best", "last"], help="the epoch kept (default: %(default)s)")
+    add("--val-fraction", type=float, metavar="X", help="held out, 0: none (default: %(default)s)")
+    add("--seed", type=int, default=0, help="of split, init, order, augmentation (default: 0)")
+    add("--data-dir", default="data", metavar="DIR", help="dataset files (default: %(default)s)")
     add("--no-download", action="store_true", help="never download missing data")
-    add("--hub", default="model_hub", metavar="DIR", help="checkpoints go here (default: %(default)s)")
-    add("--outputs", default="outputs", metavar="DIR", help="JSON and pictures go here (default: %(default)s)")
-    add("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps (default: %(default)s)")
+    add("--hub", default="model_hub", metavar="DIR", help="checkpoints (default: %(default)s)")
+    add("--outputs", default="outputs", metavar="DIR", help="JSON, pictures (default: %(default)s)")
+    add("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda:N... (default: auto)")
     add("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-        help="auto: bf16 where the hardware does it natively, else fp32 (default: %(default)s)")
+        help="auto: bf16 where the hardware does it natively, else fp32 (default: auto)")
     add("--compile", action="store_true", help="torch.compile the network")
     add("--resume", action="store_true", help="continue the run in the checkpoint")
     add("--overwrite", action="store_true", help="start over, replacing the checkpoint")
@@ -93,12 +90,12 @@ def train_one_epoch(model, optimizer, batches, lr_at, clip, precision="fp32"):
     """One pass over `batches`; returns (mean loss, accuracy, images seen)."""
     model.train()
     device = next(model.parameters()).device
-    loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), dtype=torch.int64, device=device), 0
+    loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
     for step, (inputs, target) in enumerate(batches):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         with autocast(precision, device):
-            logits = model(to_memory_format(inputs, precision))
+            logits = model(memory_format(inputs, precision))
         loss = F.cross_entropy(logits.float(), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -115,62 +112,63 @@ def train_one_epoch(model, optimizer, batches, lr_at, clip, precision="fp32"):
 def evaluate(model, images, labels, mean, std, precision="fp32"):
     """(mean cross-entropy, accuracy) over uint8 images."""
     model.eval()
-    device = images.device
-    loss_sum, correct = torch.zeros((), device=device), torch.zeros((), dtype=torch.int64, device=device)
+    loss_sum, correct = torch.zeros((), device=images.device), torch.zeros((), device=images.device)
     for inputs, target in data.eval_batches(images, labels, mean, std):
-        with autocast(precision, device):
-            logits = model(to_memory_format(inputs, precision))
+        with autocast(precision, images.device):
+            logits = model(memory_format(inputs, precision))
         loss_sum += F.cross_entropy(logits.float(), target, reduction="sum")
         correct += (logits.argmax(1) == target).sum()
     return loss_sum.item() / max(len(labels), 1), correct.item() / max(len(labels), 1)
 
 
-def to_memory_format(inputs, precision):
+def memory_format(inputs, precision):
     return inputs.contiguous(memory_format=torch.channels_last) if precision == "bf16" else inputs
 
 
 def learning_rate(args, epoch, step, steps):
+    """The rate of a step: constant, or a cosine from --lr to 0 over --epochs."""
     if args.schedule == "constant":
         return args.learning_rate
-    return args.learning_rate * 0.5 * (1 + math.cos(math.pi * (epoch - 1 + step / steps) / args.epochs))
+    progress = (epoch - 1 + step / steps) / args.epochs
+    return args.learning_rate * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def fit(model, optimizer, train_data, args, precision, history=(), kept=None, save=None, log=print):
     """Train to args.epochs after `history`; after each epoch `save(kept weights, history)`.
 
-    Every epoch reseeds shuffling, augmentation and dropout from (seed, epoch), so a resumed run
-    repeats exactly what an uninterrupted one would have done. Returns (history, kept weights).
+    Every epoch reseeds shuffling, augmentation and dropout from (seed, epoch), so a resumed
+    run repeats exactly what an uninterrupted one would have done. Returns (history, kept).
     """
     history, generator = list(history), torch.Generator()
-    (images, labels), val = train_data["train"], train_data["val"]
+    (images, labels), val, mean, std = train_data["train"], train_data["val"], train_data["mean"], \
+        train_data["std"]
     steps = math.ceil(len(labels) / args.batch_size)
     for epoch in range(len(history) + 1, args.epochs + 1):
         best = kept_epoch(history, "best") if history else 0
-        if val and args.schedule == "constant" and args.patience and epoch - 1 - best >= args.patience:
-            log(f"early stop: no better validation loss for {args.patience} epochs (best: epoch {best})")
+        if val and args.schedule == "constant" and 0 < args.patience <= epoch - 1 - best:
+            log(f"early stop: no better validation loss for {args.patience} epochs (best: {best})")
             break
         generator.manual_seed(args.seed * 1_000_003 + epoch)
         torch.manual_seed(args.seed * 1_000_003 + epoch)
         start = time.time()
-        batches = data.train_batches(images, labels, train_data["mean"], train_data["std"], args.batch_size,
-                                     generator, data.AUGMENTS[args.augment])
-        batches = itertools.islice(batches, 1) if args.dry_run else with_progress(batches, steps, log)
+        batches = data.train_batches(images, labels, mean, std, args.batch_size, generator,
+                                     data.AUGMENTS[args.augment])
+        batches = itertools.islice(batches, 1) if args.dry_run else progress(batches, steps, log)
         loss, acc, seen = train_one_epoch(model, optimizer, batches, lambda step: learning_rate(
             args, epoch, step, steps), args.clip, precision)
         if not math.isfinite(loss):
-            raise UserError(f"the training loss diverged in epoch {epoch} (not saved): try a lower --lr")
+            raise UserError(f"the training loss diverged in epoch {epoch} (not saved): lower --lr")
         seconds = time.time() - start
-        val_loss, val_acc = evaluate(model, *(t[:data.EVAL_BATCH] if args.dry_run else t for t in val),
-                                     train_data["mean"], train_data["std"], precision) if val else (None, None)
+        val_loss, val_acc = (None, None) if not val else evaluate(
+            model, *(t[:data.EVAL_BATCH] if args.dry_run else t for t in val), mean, std, precision)
         history.append({"epoch": epoch, "train_loss": loss, "train_acc": acc, "val_loss": val_loss,
-                        "val_acc": val_acc, "seconds": time.time() - start, "images_per_sec": seen / seconds,
-                        "lr": optimizer.param_groups[0]["lr"]})
+                        "val_acc": val_acc, "seconds": time.time() - start,
+                        "images_per_sec": seen / seconds, "lr": optimizer.param_groups[0]["lr"]})
         if kept is None or epoch == kept_epoch(history, args.keep):
             kept = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-        row = history[-1]
-        log(f"epoch {epoch:3d}/{args.epochs} | train loss {loss:.4f} acc {100 * acc:6.2f}% | val " + (
-            f"loss {val_loss:.4f} acc {100 * val_acc:6.2f}%" if val else "-") +
-            f" | {row['images_per_sec']:7,.0f} img/s | {row['seconds']:6.1f}s")
+        log(f"epoch {epoch:3d}/{args.epochs} | train loss {loss:.4f} acc {100 * acc:6.2f}% | val " +
+            (f"loss {val_loss:.4f} acc {100 * val_acc:6.2f}%" if val else "-") +
+            f" | {seen / seconds:7,.0f} img/s | {history[-1]['seconds']:6.1f}s")
         if args.dry_run:
             log("dry run: one training batch ran; nothing was written")
             break
@@ -179,14 +177,14 @@ def fit(model, optimizer, train_data, args, precision, history=(), kept=None, sa
 
 
 def kept_epoch(history, keep):
-    """The epoch whose weights are kept: the lowest validation loss (the last without validation)."""
+    """The epoch whose weights are kept: the lowest validation loss (no validation: the last)."""
     scored = [row for row in history if row["val_loss"] is not None]
     return min(scored, key=lambda row: row["val_loss"])["epoch"] if keep == "best" and scored \
         else history[-1]["epoch"]
 
 
-def with_progress(batches, steps, log, every=60.0):
-    """A tqdm bar on a terminal; otherwise a line every `every` seconds, so a log shows a long epoch moving."""
+def progress(batches, steps, log, every=60.0):
+    """A tqdm bar on a terminal, else a line every `every` seconds: logs show long epochs move."""
     if sys.stdout.isatty():
         from tqdm import tqdm
 
@@ -202,48 +200,49 @@ def with_progress(batches, steps, log, every=60.0):
 
 # ----------------------------------------------------------------------------- a stage's files
 
-def run_stage(model, train_data, args, device, path, json_path, meta, title):
-    """What every training stage does around fit(): refuse or resume, train, save, write the JSON."""
+def run_stage(model, train_data, args, device, path, json_path, meta):
+    """What every training stage does around fit(): refuse or resume, train, save, report."""
     precision, why = choose_precision(args.precision, device)
     print(f"precision: {precision} ({why})")
-    model = model.to(device, memory_format=torch.channels_last if precision == "bf16" else torch.preserve_format)
-    optimizer = OPTIMIZERS[args.optimizer](model.parameters(), args.learning_rate, args.momentum, args.weight_decay)
+    model = model.to(device, memory_format=torch.channels_last if precision == "bf16" else
+                     torch.preserve_format)
+    optimizer = OPTIMIZERS[args.optimizer](model.parameters(), args.learning_rate, args.momentum,
+                                           args.weight_decay)
     history, kept = [], None
+    if args.resume and not path.exists():
+        raise UserError(f"nothing to resume at {path}: leave --resume out")
     if path.exists() and not args.dry_run and not args.overwrite:
         if not args.resume:
-            raise UserError(f"{path} exists: --resume continues it, --overwrite starts over (replacing it)")
+            raise UserError(f"{path} exists: --resume continues it, --overwrite starts over")
         ckpt, _ = load_checkpoint(path, meta["model"])
-        if "last" not in ckpt:
-            raise UserError(f"{path} holds no last epoch to resume (a published checkpoint): use --overwrite")
-        saved = ckpt["args"]
-        different = [f"{k} {saved[k]}" for k, v in vars(args).items() if k not in NOT_THE_RUN and saved.get(k, v) != v]
-        if different:
-            raise UserError(f"{path} is a run with {', '.join(different)}: give the run's own flags to resume it")
+        other = [f"{key} {ckpt['args'][key]}" for key, value in vars(args).items()
+                 if key not in NOT_THE_RUN and ckpt.get("args", {}).get(key, value) != value]
+        if "last" not in ckpt or other:
+            raise UserError(f"{path} is not a run of these flags ({', '.join(other) or 'published'}"
+                            f"): give the run's own flags to resume it, or --overwrite")
         model.load_state_dict(ckpt["last"]["state_dict"])
         optimizer.load_state_dict(ckpt["last"]["optimizer"])
         history, kept = ckpt["history"], ckpt["state_dict"]
         print(f"resuming {path} after epoch {len(history)}")
-    elif args.resume and not path.exists():
-        raise UserError(f"nothing to resume at {path}: leave --resume out")
-    meta = dict(meta, args={k: v for k, v in vars(args).items()}, precision=precision)
-    print(f"{meta['model']} on {args.dataset}: {len(train_data['train'][1]):,} train / "
-          f"{len(train_data['val'][1]) if train_data['val'] else 0:,} val images, {device}")
+    meta = dict(meta, args=vars(args).copy(), precision=precision)
+    val = len(train_data["val"][1]) if train_data["val"] else 0
+    print(f"{meta['model']} on {args.dataset}: {len(train_data['train'][1]):,} train / {val:,} "
+          f"val images, {device}")
 
     def save(kept, history):
-        last = {"state_dict": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": len(history)}
+        last = {"state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "epoch": len(history)}
         save_checkpoint(path, dict(meta, state_dict=kept, last=last, history=history))
 
     compiled = torch.compile(model) if args.compile else model
     history, kept = fit(compiled, optimizer, train_data, args, precision, history, kept, save)
-    if args.dry_run:
-        return history
-    best = kept_epoch(history, args.keep)
-    save_json(json_path, {"args": meta["args"], "history": history, "kept_epoch": best,
-                          "best_val_loss": history[best - 1]["val_loss"], "best_val_acc": history[best - 1]["val_acc"],
-                          "checkpoint": str(path)})
-    plot_history(history, json_path.with_suffix(".png"), title, best)
-    print(f"wrote {path}, {json_path} and {json_path.with_suffix('.png')}")
-    return history
+    if not args.dry_run:
+        best = history[kept_epoch(history, args.keep) - 1]
+        save_json(json_path, {"args": meta["args"], "history": history, "kept_epoch": best["epoch"],
+                              "best_val_loss": best["val_loss"], "best_val_acc": best["val_acc"],
+                              "checkpoint": str(path)})
+        plot_history(history, json_path.with_suffix(".png"), f"{meta['model']}: {path}", best)
+        print(f"wrote {path}, {json_path} and its .png")
 
 
 def plot_history(history, path, title, kept):
@@ -255,12 +254,12 @@ def plot_history(history, path, title, kept):
     epochs = [row["epoch"] for row in history]
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
     for axis, key, scale in [(axes[0], "loss", 1), (axes[1], "acc", 100)]:
-        axis.plot(epochs, [scale * row[f"train_{key}"] for row in history], "o-", label="train")
-        if history[0]["val_loss"] is not None:
-            axis.plot(epochs, [scale * row[f"val_{key}"] for row in history], "s-", label="validation")
-        axis.axvline(kept, color="green", alpha=0.6, label=f"kept: epoch {kept}")
-        axis.set(xlabel="epoch", ylabel="cross-entropy" if key == "loss" else "accuracy (%)")
-        axis.grid(alpha=0.3)
+        for split, style in (("train", "o-"), ("val", "s-")):
+            if history[0][f"{split}_loss"] is not None:
+                values = [scale * row[f"{split}_{key}"] for row in history]
+                axis.plot(epochs, values, style, label=split)
+        axis.axvline(kept["epoch"], color="green", alpha=0.6, label=f"kept: epoch {kept['epoch']}")
+        axis.set(xlabel="epoch", ylabel=key)
         axis.legend()
     figure.suptitle(title)
     save_figure(figure, path)
@@ -270,20 +269,24 @@ def plot_history(history, path, title, kept):
 
 def main(argv=None):
     parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="alexnet", choices=sorted(MODELS), help="(default: %(default)s)")
-    parser.add_argument("--params", metavar="FILE", help="a search's JSON: its best lr, batch size, momentum and "
-                                                         "weight decay become the defaults")
+    parser.add_argument("--model", default="alexnet", choices=sorted(MODELS),
+                        help="(default: %(default)s)")
+    parser.add_argument("--params", metavar="FILE", help="a search's JSON: its best values for lr, "
+                                                         "batch size, momentum, weight decay")
     args = parse_settings(add_flags(parser, DEFAULTS), argv, SEARCHED)
     with one_line_errors():
         device = get_device(args.device)
         set_seed(args.seed)
-        train_data = data.training_data(args.dataset, args.data_dir, device, args.seed, args.val_fraction,
-                                        args.subset, download_missing=not (args.no_download or args.dry_run))
+        train_data = data.training_data(args.dataset, args.data_dir, device, args.seed,
+                                        args.val_fraction, args.subset,
+                                        download_missing=not (args.no_download or args.dry_run))
         model = build_model(args.model, train_data["classes"])
         meta = {"model": args.model, "num_classes": train_data["classes"], "dataset": args.dataset,
-                "classes": list(data.DATASETS[args.dataset].classes), "mean": train_data["mean"], "std": train_data["std"]}
-        run_stage(model, train_data, args, device, Path(args.hub) / "pre_trained" / f"{args.model}.pth",
-                  Path(args.outputs) / "train" / f"{args.model}.json", meta, f"{args.model} pre-training")
+                "classes": list(data.DATASETS[args.dataset].classes), "mean": train_data["mean"],
+                "std": train_data["std"]}
+        path = Path(args.hub) / "pre_trained" / f"{args.model}.pth"
+        run_stage(model, train_data, args, device, path,
+                  Path(args.outputs) / "train" / f"{args.model}.json", meta)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Training throughput of each network in fp32 and bf16, side by side in one run, on this machine.
 
-    python benchmarks/throughput.py                       # -> benchmarks/results/throughput-{cpu}.json
+    python benchmarks/throughput.py           # -> benchmarks/results/throughput-{isa}.json
     python benchmarks/throughput.py --models lenet resnet --steps 20
 
 Each measurement is train.train_one_epoch over `--steps` batches of 64 augmented images (the study's

@@ -1,4 +1,4 @@
-"""Shared helpers: the real samples in ../shared/data, briefly trained checkpoints, the slow marker."""
+"""Shared helpers: real samples in ../shared/data, briefly trained checkpoints, the slow marker."""
 
 import os
 import subprocess
@@ -9,15 +9,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-# Real EMNIST and MNIST files live beside the checkout, never in it (../shared/data/README.md); REAL_DATA
-# names another folder of the same layout. .ci/run sets REQUIRE_REAL_DATA=1: there they must not skip.
+# Real EMNIST and MNIST files live beside the checkout, never in it (../shared/data/README.md);
+# REAL_DATA names another folder of that layout. .ci/run sets REQUIRE_REAL_DATA=1: none may skip.
 REAL_DATA = Path(os.environ.get("REAL_DATA") or ROOT.parent / "shared" / "data")
 
 
 def real_data(*parts):
     path = REAL_DATA.joinpath(*parts)
     if not path.exists():
-        message = f"real samples missing: {path} (put ../shared/data beside the checkout, or set REAL_DATA)"
+        message = f"real samples missing: {path} (put ../shared/data beside the checkout)"
         if os.environ.get("REQUIRE_REAL_DATA") == "1":
             pytest.fail(message, pytrace=False)
         pytest.skip(message)
@@ -55,7 +55,7 @@ def one_line_error(result):
 
 
 def refused(main, argv):
-    """main(argv) in this process exits non-zero with one line (what a user sees). Returns the line."""
+    """main(argv) in this process exits non-zero with one line (what a user sees); returns it."""
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     message = str(exit_info.value.code)

@@ -1,4 +1,4 @@
-"""data.py: orientation and labels checked on real EMNIST and MNIST files, splits, batches, augmentation."""
+"""data.py: orientation and labels on real EMNIST and MNIST files, splits, batches, augmentation."""
 
 import numpy as np
 import pytest
@@ -21,7 +21,7 @@ def correlation(a, b):
     "dataset, folder", [("emnist-digits", "emnist"), ("emnist-byclass", "emnist")]
 )
 def test_emnist_is_made_upright_like_mnist(dataset, folder):
-    """Each digit's mean EMNIST image matches MNIST's upright, not transposed (the files store it transposed)."""
+    """Each digit's mean EMNIST image matches MNIST's upright, not transposed as in the files."""
     emnist = class_means(
         *data.load_images(dataset, False, real_data(folder), download_missing=False)
     )

@@ -1,4 +1,4 @@
-"""demo.py: the JSON API, what it refuses, its bounded connections, and the page in a real headless Chromium."""
+"""demo.py: the JSON API, what it refuses, bounded connections, the page in a headless Chromium."""
 
 import base64
 import json

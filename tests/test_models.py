@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from models import MODELS, build_model, load_checkpoint, replace_head, save_checkpoint
+from models import MODELS, build_model, load_checkpoint, save_checkpoint
+from transfer_mnist import replace_head
 from runs import UserError
 
 

@@ -1,5 +1,5 @@
-"""The committed results: the README's numbers are the committed files', the carve is the official one,
-and the published networks and the study's own weights score what the README says."""
+"""The committed results: the README's numbers are the committed files', the carve is the
+official one, and the published networks and the study's own weights score what the README says."""
 import json
 import re
 
@@ -9,6 +9,7 @@ import evaluate
 from conftest import ROOT, real_data, run
 
 BYCLASS = ROOT / "results" / "emnist-byclass"
+CHOSEN = BYCLASS / "chosen-on-validation" / "outputs" / "eval"
 NETWORKS = ["lenet", "alexnet", "vggnet", "resnet", "spinalnet"]
 
 
@@ -32,7 +33,7 @@ def test_the_readme_tables_are_the_committed_numbers(readme):
     for name, label in zip(NETWORKS, ["LeNet", "AlexNet", "VGGNet", "ResNet", "SpinalNet"]):
         theirs, ours, chosen = rows[label][:3]
         assert ours == accuracy(BYCLASS / "study" / "outputs" / "eval" / f"{name}.json")
-        assert chosen == accuracy(BYCLASS / "chosen-on-validation" / "outputs" / "eval" / f"{name}.json")
+        assert chosen == accuracy(CHOSEN / f"{name}.json")
         file = f"{name}_tuned.pth" if f"{name}_tuned.pth" in study else f"{name}.pth"
         assert theirs == (f"{100 * study[file]['accuracy']:.2f}" if file in study else "-")
 
@@ -44,12 +45,13 @@ def test_the_carve_is_the_official_one_and_the_published_networks_score_their_nu
     again = run(BYCLASS / "carve.py", real_data("emnist"), tmp_path / "carve")
     assert again.returncode != 0 and "never written over" in again.stderr
     for name in ("lenet", "resnet"):
-        evaluate.main(["--ckpt", str(BYCLASS / "published" / f"{name}.pth"), "--split", "test", "--data-dir",
-                       str(tmp_path / "carve"), "--no-download", "--outputs", str(tmp_path / "out")])
-        assert accuracy(tmp_path / "out" / "eval" / f"{name}.json") == \
-            accuracy(BYCLASS / "chosen-on-validation" / "outputs" / "eval" / f"{name}.json")
-    scored = run(BYCLASS / "study_weights.py", "--weights", real_data("study-weights"), "--data-dir",
-                 tmp_path / "carve", "--output", tmp_path / "study.json")
+        evaluate.main(["--ckpt", str(BYCLASS / "published" / f"{name}.pth"), "--split", "test",
+                       "--data-dir", str(tmp_path / "carve"), "--no-download",
+                       "--outputs", str(tmp_path / "out")])
+        ours = accuracy(tmp_path / "out" / "eval" / f"{name}.json")
+        assert ours == accuracy(CHOSEN / f"{name}.json")
+    scored = run(BYCLASS / "study_weights.py", "--weights", real_data("study-weights"),
+                 "--data-dir", tmp_path / "carve", "--output", tmp_path / "study.json")
     assert scored.returncode == 0, scored.stderr
     committed = json.loads((BYCLASS / "study-weights.json").read_text())
     assert json.loads((tmp_path / "study.json").read_text()) == committed

@@ -1,4 +1,4 @@
-"""train.py as a user runs it: learning, the files, resume bit for bit, refusals and one-line mistakes."""
+"""train.py as a user runs it: learning, files, resume bit for bit, refusals, one-line mistakes."""
 
 import json
 import signal

@@ -1,12 +1,13 @@
 """Carve the official EMNIST ByClass test split into this study's training and test sets.
 
     python results/emnist-byclass/carve.py SOURCE_DIR data/emnist-byclass-carved
-    python train.py --dataset emnist-byclass --data-dir data/emnist-byclass-carved ...   # every script, unchanged
+    python train.py --data-dir data/emnist-byclass-carved ...     # every script reads it unchanged
 
-SOURCE_DIR holds the official emnist-byclass-test-{images-idx3,labels-idx1}-ubyte[.gz] (from gzip.zip). Their
-contents must match the official files' SHA-256; the carve is a stratified, seeded split (data.stratified_split)
-into 96,323 training and 20,000 test images, written in the official layout and orientation. The folder is
-written whole (a temporary folder renamed) or not at all, and never over another carve.
+SOURCE_DIR holds the official emnist-byclass-test-{images-idx3,labels-idx1}-ubyte[.gz] (from
+gzip.zip), whose contents must match the official files' SHA-256. The carve is a stratified, seeded
+split (data.stratified_split) into 96,323 training and 20,000 test images, written in the official
+layout and orientation. Its folder is written whole (a temporary folder renamed) or not at all,
+and never over another.
 """
 
 import gzip
@@ -21,8 +22,10 @@ import data  # noqa: E402
 from runs import Parser, UserError, one_line_errors  # noqa: E402
 
 OFFICIAL_SHA256 = {  # of the uncompressed official test files
-    "emnist-byclass-test-images-idx3-ubyte": "385559d7d5c96f49cd6b55b3e9e76d7ecbf568897b6067e8cac8f1ffc2f50f81",
-    "emnist-byclass-test-labels-idx1-ubyte": "842d01413932b3ce7afbc9990376a16f8880a212bb42d66fa2922b4218cf300a",
+    "emnist-byclass-test-images-idx3-ubyte":
+        "385559d7d5c96f49cd6b55b3e9e76d7ecbf568897b6067e8cac8f1ffc2f50f81",
+    "emnist-byclass-test-labels-idx1-ubyte":
+        "842d01413932b3ce7afbc9990376a16f8880a212bb42d66fa2922b4218cf300a",
 }
 CARVE_SHA256 = (
     "b7bf6a4c71086b8394afccf8e930732c4ca1f2b6f6763dd2c1646b83f11cdd22"  # of what it writes
@@ -36,7 +39,7 @@ def read_official(source_dir):
         path = data.find_file(name, [Path(source_dir)])
         if path is None:
             raise UserError(
-                f"no {name}[.gz] in {source_dir}: give the folder of the official ByClass test files"
+                f"no {name}[.gz] in {source_dir}: give the official ByClass test files' folder"
             )
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
         if hashlib.sha256(raw).hexdigest() != expected:
@@ -83,11 +86,11 @@ def main(argv=None):
         out.parent.mkdir(parents=True, exist_ok=True)
         partial = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
         for name, raw in files.items():
-            (partial / name).write_bytes(gzip.compress(raw, mtime=0))
+            (partial / name).write_bytes(gzip.compress(raw, compresslevel=6, mtime=0))
         os.chmod(partial, 0o755)
         os.rename(partial, out)
         print(
-            f"carved the official ByClass test split into {out}: 96,323 training and 20,000 test images "
+            f"carved the official ByClass test split into {out}: 96,323 training, 20,000 test "
             f"(sha256 {CARVE_SHA256})"
         )
 

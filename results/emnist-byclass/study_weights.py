@@ -1,13 +1,13 @@
-"""Score the published study's own networks on this carve's 20,000 test images, with evaluate.py's metrics.
+"""Score the published study's own networks on this carve's 20,000 test images (evaluate.metrics).
 
-    python results/emnist-byclass/study_weights.py --weights ../shared/data/study-weights --data-dir data/emnist-byclass-carved
-    python results/emnist-byclass/study_weights.py --data-dir data/emnist-byclass-carved   # downloads them first
+    python results/emnist-byclass/study_weights.py --weights ../shared/data/study-weights
+    python results/emnist-byclass/study_weights.py        # downloads them into data/study-weights
 
-The study (XavierSpycy/EMNIST-Classifier, MIT licence) committed five trained networks in its first commit,
-3335ed77; they were trained on 100,000 images of the official ByClass *training* split and never saw these
-test images. Their module names are the study's, their parameters ours in the same order, so they map one
-to one; they read the raw (transposed) orientation of the official files and the study's normalisation.
-Writes results/emnist-byclass/study-weights.json (or --output).
+The study (XavierSpycy/EMNIST-Classifier, MIT licence) committed five trained networks in its first
+commit, 3335ed77; they were trained on 100,000 images of the official ByClass *training* split and
+never saw these test images. Their module names are the study's, their parameters ours in the same
+order, so they map one to one; they read the raw (transposed) orientation of the official files
+and the study's normalisation. Writes results/emnist-byclass/study-weights.json (or --output).
 """
 
 import hashlib
@@ -23,7 +23,8 @@ import evaluate  # noqa: E402
 from models import build_model  # noqa: E402
 from runs import Parser, UserError, one_line_errors, save_json  # noqa: E402
 
-URL = "https://github.com/XavierSpycy/EMNIST-Classifier/raw/3335ed77ef653203e95ad08086ddaa6257a7ed23/model_hub/"
+URL = ("https://github.com/XavierSpycy/EMNIST-Classifier/raw/"
+       "3335ed77ef653203e95ad08086ddaa6257a7ed23/model_hub/")
 WEIGHTS = {  # file: (network, stage, SHA-256); the file's path at that commit is {stage}/{file}
     "lenet.pth": (
         "lenet",
@@ -55,7 +56,7 @@ MEAN, STD = 0.1736, 0.3248  # the study's Normalize((0.1736,), (0.3248,))
 
 
 def study_network(path, name, sha256):
-    """One of the study's state_dicts as our network (same parameters, same order, the study's names)."""
+    """One of the study's state_dicts as our network (the same parameters in the same order)."""
     if hashlib.sha256(path.read_bytes()).hexdigest() != sha256:
         raise UserError(f"{path} is not the study's file (its SHA-256 differs)")
     theirs = torch.load(path, map_location="cpu", weights_only=True)
@@ -119,10 +120,8 @@ def main(argv=None):
                     )
                 },
             }
-            print(
-                f"the study's {file}: {100 * result['accuracy']:.2f}% of {len(labels):,} test images, weighted F1 "
-                f"{100 * result['f1']:.2f}%"
-            )
+            accuracy, f1 = 100 * result["accuracy"], 100 * result["f1"]
+            print(f"the study's {file}: {accuracy:.2f}% of {len(labels):,} images, F1 {f1:.2f}%")
         save_json(args.output, scores)
 
 
