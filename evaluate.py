@@ -119,9 +119,6 @@ def metrics(labels, probs, classes):
 
 def plot(images, labels, probs, classes, matrix, name, folder, count=32):
     """{name}_cm_test.png (the confusion matrix, rows normalised) and {name}_predictions.png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     matrix, size = np.asarray(matrix, dtype=float), max(6, len(classes) * 0.2)
