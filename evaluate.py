@@ -23,7 +23,8 @@ from models import MODELS, load_checkpoint
 from runs import (Parser, UserError, autocast, get_device, one_line_errors, parse_settings,
                   save_figure, save_json)
 
-CASE_ALIKE = "cijklmopsuvwxyz"  # letters whose two cases differ mostly in size
+CASE_ALIKE = "cijklmopsuvwxyz"
+TTA = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))  # --tta: the image and its 1-pixel shifts  # letters whose two cases differ mostly in size
 PUBLISHED_DEFAULT = "vggnet"  # what --image uses when no network is named
 # The networks the repository publishes (results/emnist-byclass/README.md): what hubconf.py,
 # demo.py and --image serve when the hub holds none of the user's own.
@@ -80,13 +81,19 @@ def find_checkpoint(hub, name, published_fallback=False):
 
 
 @torch.no_grad()
-def probabilities(model, images, mean, std, device, precision="fp32"):
-    """Softmax probabilities [N, classes] of uint8 images [N, 28, 28], on the CPU."""
+def probabilities(model, images, mean, std, device, precision="fp32", shifts=((0, 0),)):
+    """Softmax probabilities [N, classes] of uint8 images [N, 28, 28], on the CPU; averaged over
+    the images moved by each (down, right) pixel shift of `shifts` (TTA: shift only, never a flip)."""
     model.eval().to(device)
-    out = []
-    for inputs, _ in data.eval_batches(images, torch.zeros(len(images)), mean, std):
-        with autocast(precision, device):
-            out.append(model(inputs.to(device)).float().softmax(1).cpu())
+    out, padded = [], torch.nn.functional.pad(images, (2, 2, 2, 2))
+    for start in range(0, len(images), data.EVAL_BATCH):
+        total = 0
+        for down, right in shifts:
+            batch = padded[start:start + data.EVAL_BATCH, 2 - down:30 - down, 2 - right:30 - right]
+            with autocast(precision, device):
+                logits = model(data.normalize(batch.to(device), mean, std))
+            total = total + logits.float().softmax(1).cpu()
+        out.append(total / len(shifts))
     return torch.cat(out)
 
 
@@ -147,9 +154,15 @@ def evaluate_checkpoint(path, args, device, name):
     result = {"model": ckpt["model"], "checkpoint": str(path), "dataset": ckpt["dataset"],
               "parameters": sum(p.numel() for p in model.parameters()), "precision": args.precision}
     for split in ("train", "test") if args.split == "both" else (args.split,):
-        images, labels = data.load_images(ckpt["dataset"], split == "train", args.data_dir,
-                                          not args.no_download)
-        probs = probabilities(model, images, ckpt["mean"], ckpt["std"], device, args.precision)
+        if split == "val":  # the images its pre-training held out (the same seed, subset, fraction)
+            run = ckpt["args"]
+            images, labels = data.training_data(ckpt["dataset"], args.data_dir, "cpu", run["seed"],
+                                                run["val_fraction"], run["subset"])["val"]
+        else:
+            images, labels = data.load_images(ckpt["dataset"], split == "train", args.data_dir,
+                                              not args.no_download)
+        probs = probabilities(model, images, ckpt["mean"], ckpt["std"], device, args.precision,
+                              TTA if args.tta else ((0, 0),))
         result[split] = metrics(labels, probs, ckpt["classes"])
         print(f"{name} {split}: accuracy {100 * result[split]['accuracy']:.2f}%, weighted F1 "
               f"{100 * result[split]['f1']:.2f}% ({len(labels):,} images)")
@@ -168,7 +181,7 @@ def compare(results, ensemble, folder):
              f"probability of {', '.join(results)}.", "", "| | " + " | ".join(columns) + " |",
              "| --- |" + " ---: |" * len(columns)]
     table = {}
-    for split in ("train", "test"):
+    for split in ("train", "val", "test"):
         for key in ("accuracy", "precision", "recall", "f1"):
             if all(split in result for result in columns.values()):
                 row = [100 * result[split][key] for result in columns.values()]
@@ -206,7 +219,9 @@ def main(argv=None):
     add("--model", nargs="+", choices=sorted(MODELS) + ["all"], help="networks in the hub")
     add("--ckpt", metavar="FILE", help="a checkpoint instead of --model")
     add("--image", nargs="+", metavar="FILE", help="pictures to read (top 3 characters each)")
-    add("--split", default="both", choices=["train", "test", "both"], help="(default: %(default)s)")
+    add("--split", default="both", choices=["train", "test", "both", "val"],
+        help="val: the images a pre-training held out (default: %(default)s)")
+    add("--tta", action="store_true", help="average over 1-pixel shifts (never flips)")
     add("--data-dir", default="data", help="(default: %(default)s)")
     add("--no-download", action="store_true", help="never download missing data")
     add("--hub", default="model_hub", help="(default: %(default)s)")
@@ -232,7 +247,8 @@ def main(argv=None):
             result = evaluate_checkpoint(path, args, device, name)
             results[name], probs[name], labels, classes = result
         if len(results) > 1 and args.split != "train":
-            ensemble = {"test": metrics(labels, sum(probs.values()) / len(probs), classes)}
+            split = "val" if args.split == "val" else "test"
+            ensemble = {split: metrics(labels, sum(probs.values()) / len(probs), classes)}
             compare(results, ensemble, Path(args.outputs) / "eval")
 
 

@@ -163,3 +163,30 @@ def test_torch_hub_serves_the_published_networks():
         str(evaluate.Path(__file__).parents[1]), "resnet", source="local", pretrained=False
     )
     assert model(torch.zeros(1, 1, 28, 28)).shape == (1, 62) and len(model.classes) == 62
+
+
+def test_validation_scores_are_reproduced_and_tta_averages_shifted_views(trained_lenet, tmp_path):
+    tmp, path = trained_lenet
+    evaluate.main(["--ckpt", str(path), "--split", "val", "--outputs", str(tmp_path)])
+    kept = json.loads((tmp / "out" / "train" / "lenet.json").read_text())["best_val_acc"]
+    assert json.loads((tmp_path / "eval" / "lenet.json").read_text())["val"]["accuracy"] == kept
+    ckpt, model = evaluate.load_checkpoint(path)
+    images = evaluate.data.load_images("sklearn-digits", False)[0][:50]
+    plain = evaluate.probabilities(model, images, ckpt["mean"], ckpt["std"], torch.device("cpu"))
+    shifted = evaluate.probabilities(model, images, ckpt["mean"], ckpt["std"], torch.device("cpu"),
+                                     shifts=evaluate.TTA)
+    assert torch.allclose(shifted.sum(1), torch.ones(50)) and not torch.allclose(plain, shifted)
+
+
+def test_recalibrated_batchnorm_statistics_are_those_of_the_clean_images(tmp_path):
+    import train
+
+    train.main(train_args(tmp_path, "--model", "resnet", "--recalibrate-bn", model="resnet",
+                          epochs=1))
+    result = json.loads((tmp_path / "out" / "train" / "resnet.json").read_text())
+    assert "recalibrated_val_acc" in result
+    ckpt, model = evaluate.load_checkpoint(tmp_path / "hub" / "pre_trained" / "resnet.pth")
+    images = train.data.training_data("sklearn-digits", "data", "cpu")["train"][0]
+    inputs = train.data.normalize(images, ckpt["mean"], ckpt["std"])
+    first = model.stem[0](inputs)  # the first BatchNorm sees the first convolution's output
+    assert torch.allclose(model.stem[1].running_mean, first.mean((0, 2, 3)), atol=1e-4)
