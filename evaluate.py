@@ -23,8 +23,8 @@ from models import MODELS, load_checkpoint
 from runs import (Parser, UserError, autocast, get_device, one_line_errors, parse_settings,
                   save_figure, save_json)
 
-CASE_ALIKE = "cijklmopsuvwxyz"
-TTA = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))  # --tta: the image and its 1-pixel shifts  # letters whose two cases differ mostly in size
+CASE_ALIKE = "cijklmopsuvwxyz"  # letters whose two cases differ mostly in size
+TTA = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))  # --tta: the image and its 1-pixel shifts
 PUBLISHED_DEFAULT = "vggnet"  # what --image uses when no network is named
 # The networks the repository publishes (results/emnist-byclass/README.md): what hubconf.py,
 # demo.py and --image serve when the hub holds none of the user's own.
@@ -83,7 +83,7 @@ def find_checkpoint(hub, name, published_fallback=False):
 @torch.no_grad()
 def probabilities(model, images, mean, std, device, precision="fp32", shifts=((0, 0),)):
     """Softmax probabilities [N, classes] of uint8 images [N, 28, 28], on the CPU; averaged over
-    the images moved by each (down, right) pixel shift of `shifts` (TTA: shift only, never a flip)."""
+    the images moved by each (down, right) pixel shift of `shifts` (shifts only, never flips)."""
     model.eval().to(device)
     out, padded = [], torch.nn.functional.pad(images, (2, 2, 2, 2))
     for start in range(0, len(images), data.EVAL_BATCH):
