@@ -7,7 +7,8 @@
 
 Writes outputs/eval/{model}.json (accuracy, weighted precision / recall / F1 as the study reports
 them, macro F1, top-5, per-class accuracy, the most-confused pairs, and for ByClass the accuracy
-with the 15 case-alike letters merged), {model}_cm_test.png and {model}_predictions.png; with
+with the 15 case-alike letters merged), {model}_cm_test.png, {model}_predictions.png and the
+training curves {model}_curves.png; with
 several networks comparison.md and .json. It computes in fp32 unless --precision says otherwise,
 so its numbers are the same on any CPU. The test split only ever reports: it chooses nothing.
 """
@@ -20,8 +21,8 @@ import torch
 
 import data
 from models import MODELS, load_checkpoint
-from runs import (Parser, UserError, autocast, get_device, one_line_errors, parse_settings,
-                  save_figure, save_json)
+from runs import (Parser, UserError, atomic_write, autocast, get_device, one_line_errors,
+                  parse_settings, save_json)
 
 CASE_ALIKE = "cijklmopsuvwxyz"  # letters whose two cases differ mostly in size
 TTA = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))  # --tta: the image and its 1-pixel shifts
@@ -124,6 +125,29 @@ def metrics(labels, probs, classes):
     return result
 
 
+def save_figure(figure, path):
+    import matplotlib.pyplot as plt
+
+    atomic_write(path, lambda partial: figure.savefig(partial, format="png", dpi=100))
+    plt.close(figure)
+
+
+def plot_history(history, path, title):
+    """The training curves of a checkpoint's run: loss and accuracy, train and validation."""
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for axis, key, scale in [(axes[0], "loss", 1), (axes[1], "acc", 100)]:
+        for split, style in (("train", "o-"), ("val", "s-")):
+            if history[0][f"{split}_loss"] is not None:
+                values = [scale * row[f"{split}_{key}"] for row in history]
+                axis.plot([row["epoch"] for row in history], values, style, label=split)
+        axis.set(xlabel="epoch", ylabel=key)
+        axis.legend()
+    figure.suptitle(title)
+    save_figure(figure, path)
+
+
 def plot(images, labels, probs, classes, matrix, name, folder, count=32):
     """{name}_cm_test.png (the confusion matrix, rows normalised) and {name}_predictions.png."""
     import matplotlib.pyplot as plt
@@ -167,6 +191,8 @@ def evaluate_checkpoint(path, args, device, name):
         print(f"{name} {split}: accuracy {100 * result[split]['accuracy']:.2f}%, weighted F1 "
               f"{100 * result[split]['f1']:.2f}% ({len(labels):,} images)")
     folder = Path(args.outputs) / "eval"
+    if ckpt.get("history"):
+        plot_history(ckpt["history"], folder / f"{name}_curves.png", f"{name}: {path}")
     if "test" in result:
         matrix = result["test"]["confusion_matrix"]
         plot(images, labels, probs, ckpt["classes"], matrix, name, folder)

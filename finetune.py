@@ -4,7 +4,7 @@
     python finetune.py --ckpt other.pth            # network, classes, normalisation from the file
     python finetune.py --model alexnet --val-fraction 0.1   # validate on what pre-training held out
 
-Writes model_hub/fine_tuned/{model}_tuned.pth, outputs/finetune/{model}.json and .png. Without
+Writes model_hub/fine_tuned/{model}_tuned.pth and outputs/finetune/{model}.json. Without
 --val-fraction every training image is used and the last epoch is kept: the test set never chooses.
 """
 from pathlib import Path

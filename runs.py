@@ -105,10 +105,3 @@ def atomic_write(path, write):
 
 def save_json(path, payload):
     atomic_write(path, lambda partial: partial.write_text(json.dumps(payload, indent=2) + "\n"))
-
-
-def save_figure(figure, path):
-    import matplotlib.pyplot as plt
-
-    atomic_write(path, lambda partial: figure.savefig(partial, format="png", dpi=100))
-    plt.close(figure)

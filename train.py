@@ -8,7 +8,7 @@
 
 Writes model_hub/pre_trained/{model}.pth after every epoch: the kept epoch's weights (the best
 validation loss), and the last epoch's with its optimizer state, which --resume continues; at the
-end outputs/train/{model}.json (settings, history) and .png (curves).
+end outputs/train/{model}.json (settings, history; evaluate.py draws the curves).
 """
 import copy
 import itertools
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import data
 from models import MODELS, build_model, load_checkpoint, save_checkpoint
 from runs import (Parser, UserError, autocast, choose_precision, get_device, one_line_errors,
-                  parse_settings, save_figure, save_json, set_seed)
+                  parse_settings, save_json, set_seed)
 
 # The study's pre-training. --params FILE (a search's result) replaces the SEARCHED ones.
 DEFAULTS = dict(
@@ -275,25 +275,7 @@ def run_stage(model, train_data, args, device, path, json_path, meta):
         save_json(json_path, {"args": meta["args"], "history": history, "kept_epoch": best["epoch"],
                               "best_val_loss": best["val_loss"], "best_val_acc": best["val_acc"],
                               **result, "checkpoint": str(path)})
-        plot_history(history, json_path.with_suffix(".png"), f"{meta['model']}: {path}", best)
-        print(f"wrote {path}, {json_path} and its .png")
-
-
-def plot_history(history, path, title, kept):
-    import matplotlib.pyplot as plt
-
-    epochs = [row["epoch"] for row in history]
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for axis, key, scale in [(axes[0], "loss", 1), (axes[1], "acc", 100)]:
-        for split, style in (("train", "o-"), ("val", "s-")):
-            if history[0][f"{split}_loss"] is not None:
-                values = [scale * row[f"{split}_{key}"] for row in history]
-                axis.plot(epochs, values, style, label=split)
-        axis.axvline(kept["epoch"], color="green", alpha=0.6, label=f"kept: epoch {kept['epoch']}")
-        axis.set(xlabel="epoch", ylabel=key)
-        axis.legend()
-    figure.suptitle(title)
-    save_figure(figure, path)
+        print(f"wrote {path} and {json_path}")
 
 
 # ----------------------------------------------------------------------------- the script

@@ -8,7 +8,7 @@ The EMNIST network is first scored zero-shot: a 10-class head made of its old he
 (the same logits for 0-9). Then it is fine-tuned with Adam on the MNIST training set and scored
 again. Both datasets are upright (data.py turns EMNIST's files upright): that is what makes the
 transfer work. Writes model_hub/transfer/{model}_mnist.pth, outputs/transfer/{model}.json (before
-and after, train and test) and {model}_history.json / .png.
+and after, train and test) and {model}_history.json.
 """
 from pathlib import Path
 

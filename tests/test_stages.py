@@ -59,7 +59,7 @@ def test_fine_tuning_continues_the_pretrained_network_with_adam(trained_lenet, t
         finetune.main, ["--ckpt", str(path), "--val-fraction", "0.2", "--hub", str(tmp_path)]
     )
     assert "not a checkpoint" in refused(
-        finetune.main, ["--ckpt", str(tmp / "out" / "train" / "lenet.png")]
+        finetune.main, ["--ckpt", str(tmp / "out" / "train" / "lenet.json")]
     )
 
 
@@ -101,6 +101,7 @@ def test_evaluation_reports_the_studys_metrics_and_an_ensemble(trained_lenet, tm
         and test["top5_accuracy"] >= test["accuracy"]
     )
     assert (tmp_path / "out" / "eval" / "lenet_cm_test.png").exists()
+    assert (tmp_path / "out" / "eval" / "lenet_curves.png").stat().st_size > 1000
 
 
 def test_the_case_merged_accuracy_counts_c_and_C_as_one():
@@ -159,10 +160,13 @@ def test_transfer_to_mnist_scores_zero_shot_then_after(trained_lenet, tmp_path):
 
 
 def test_torch_hub_serves_the_published_networks():
-    model = torch.hub.load(
-        str(evaluate.Path(__file__).parents[1]), "resnet", source="local", pretrained=False
-    )
-    assert model(torch.zeros(1, 1, 28, 28)).shape == (1, 62) and len(model.classes) == 62
+    root = str(evaluate.Path(__file__).parents[1])
+    fresh = torch.hub.load(root, "resnet", source="local", pretrained=False)
+    assert fresh(torch.zeros(1, 1, 28, 28)).shape == (1, 62) and len(fresh.classes) == 62
+    published = torch.hub.load(root, "resnet", source="local")
+    assert not published.training and 0 < published.mean < 1 and published.classes[10] == "A"
+    state = torch.load(evaluate.PUBLISHED / "resnet.pth", weights_only=True)["state_dict"]
+    assert all(torch.equal(value, state[key]) for key, value in published.state_dict().items())
 
 
 def test_validation_scores_are_reproduced_and_tta_averages_shifted_views(trained_lenet, tmp_path):

@@ -36,7 +36,7 @@ def test_the_loss_falls_and_the_stage_writes_its_checkpoint_json_and_curves(trai
     )
     best = min(history, key=lambda row: row["val_loss"])["epoch"]
     assert result["kept_epoch"] == best and ckpt["last"]["epoch"] == 8
-    assert (tmp / "out" / "train" / "lenet.png").stat().st_size > 1000
+    assert not (tmp / "out" / "train" / "lenet.png").exists()  # evaluate.py draws the curves
 
 
 def test_resuming_gives_the_weights_of_a_run_never_stopped(tmp_path):
