@@ -9,26 +9,26 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 here=results/emnist-byclass
-out=$here/study/outputs hub=$here/work/model_hub logs=$here/study/logs carved=data/emnist-byclass-carved
+outputs=$here/study/outputs hub=$here/work/model_hub logs=$here/study/logs carved=data/emnist-byclass-carved
 data=(--dataset emnist-byclass --data-dir "$carved" --no-download)
 mkdir -p "$logs"
 [ -d "$carved" ] || python $here/carve.py "${EMNIST_DIR:-data}" "$carved"
-stage() {  # output, log, command...: run unless the output exists; resume a stopped run
-  local done=$1 log=$2; shift 2
-  [ -e "$done" ] && return 0
-  echo "$log: running"; local resume=(); [ -e "${RESUME:-/nonexistent}" ] && resume=(--resume)
-  "$@" "${resume[@]}" >> "$logs/$log.log" 2>&1
+stage() {  # result, log, checkpoint ("" for none), command...: run unless the result exists; a stopped run resumes
+  local result=$1 log=$2 checkpoint=$3; shift 3
+  [ -e "$result" ] && return 0
+  echo "$log: running"
+  if [ -n "$checkpoint" ] && [ -e "$checkpoint" ]; then set -- "$@" --resume; fi
+  "$@" >> "$logs/$log.log" 2>&1
 }
-networks=${*:-lenet alexnet vggnet resnet spinalnet}
-for m in $networks; do
-  stage "$out/search/$m.json" "search_$m" python search.py --model "$m" "${data[@]}" --outputs "$out"
-  RESUME=$hub/pre_trained/$m.pth stage "$out/train/$m.json" "train_$m" python train.py --model "$m" \
-    --params "$out/search/$m.json" "${data[@]}" --hub "$hub" --outputs "$out"
-  RESUME=$hub/fine_tuned/${m}_tuned.pth stage "$out/finetune/$m.json" "finetune_$m" python finetune.py --model "$m" \
-    --data-dir "$carved" --no-download --hub "$hub" --outputs "$out"
+for m in ${*:-lenet alexnet vggnet resnet spinalnet}; do
+  stage "$outputs/search/$m.json" "search_$m" "" python search.py --model "$m" "${data[@]}" --outputs "$outputs"
+  stage "$outputs/train/$m.json" "train_$m" "$hub/pre_trained/$m.pth" python train.py --model "$m" \
+    --params "$outputs/search/$m.json" "${data[@]}" --hub "$hub" --outputs "$outputs"
+  stage "$outputs/finetune/$m.json" "finetune_$m" "$hub/fine_tuned/${m}_tuned.pth" python finetune.py \
+    --model "$m" --data-dir "$carved" --no-download --hub "$hub" --outputs "$outputs"
 done
-stage "$out/eval/comparison.json" evaluate python evaluate.py --model all --data-dir "$carved" --no-download \
-  --hub "$hub" --outputs "$out"
-stage "$out/transfer/resnet.json" transfer python transfer_mnist.py --model resnet --data-dir "${MNIST_DIR:-data}" \
-  --hub "$hub" --outputs "$out"
-stage "$here/study-weights.json" study_weights python $here/study_weights.py --data-dir "$carved"
+stage "$outputs/eval/comparison.json" evaluate "" python evaluate.py --model all --data-dir "$carved" --no-download \
+  --hub "$hub" --outputs "$outputs"
+stage "$outputs/transfer/resnet.json" transfer "$hub/transfer/resnet_mnist.pth" python transfer_mnist.py \
+  --model resnet --data-dir "${MNIST_DIR:-data}" --hub "$hub" --outputs "$outputs"
+stage "$here/study-weights.json" study_weights "" python $here/study_weights.py --data-dir "$carved"

@@ -1,16 +1,25 @@
 #!/usr/bin/env bash
 # The study's recipe on Fashion-MNIST (Debian: apt-get install dataset-fashion-mnist), from the repository root.
-# Resumable: each stage is skipped when its output exists. Checkpoints go to results/fashion-mnist/work/ (ignored).
+# Resumable: run it again after an interruption and each stage continues (--resume) or is skipped when its
+# output exists. Checkpoints go to results/fashion-mnist/work/ (ignored).
 #
 #   bash results/fashion-mnist/run_study.sh [networks]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-out=results/fashion-mnist/study/outputs hub=results/fashion-mnist/work/model_hub logs=results/fashion-mnist/study/logs
+outputs=results/fashion-mnist/study/outputs hub=results/fashion-mnist/work/model_hub logs=results/fashion-mnist/study/logs
 mkdir -p "$logs"
+stage() {  # result, log, checkpoint ("" for none), command...: run unless the result exists; a stopped run resumes
+  local result=$1 log=$2 checkpoint=$3; shift 3
+  [ -e "$result" ] && return 0
+  echo "$log: running"
+  if [ -n "$checkpoint" ] && [ -e "$checkpoint" ]; then set -- "$@" --resume; fi
+  "$@" >> "$logs/$log.log" 2>&1
+}
 for m in ${*:-lenet alexnet vggnet resnet spinalnet}; do
-  [ -e "$out/search/$m.json" ] || python search.py --model "$m" --dataset fashion-mnist --outputs "$out" >> "$logs/search_$m.log" 2>&1
-  [ -e "$out/train/$m.json" ] || python train.py --model "$m" --dataset fashion-mnist --params "$out/search/$m.json" \
-    --hub "$hub" --outputs "$out" >> "$logs/train_$m.log" 2>&1
-  [ -e "$out/finetune/$m.json" ] || python finetune.py --model "$m" --hub "$hub" --outputs "$out" >> "$logs/finetune_$m.log" 2>&1
+  stage "$outputs/search/$m.json" "search_$m" "" python search.py --model "$m" --dataset fashion-mnist --outputs "$outputs"
+  stage "$outputs/train/$m.json" "train_$m" "$hub/pre_trained/$m.pth" python train.py --model "$m" \
+    --dataset fashion-mnist --params "$outputs/search/$m.json" --hub "$hub" --outputs "$outputs"
+  stage "$outputs/finetune/$m.json" "finetune_$m" "$hub/fine_tuned/${m}_tuned.pth" python finetune.py --model "$m" \
+    --hub "$hub" --outputs "$outputs"
 done
-[ -e "$out/eval/comparison.json" ] || python evaluate.py --model all --hub "$hub" --outputs "$out" >> "$logs/evaluate.log" 2>&1
+stage "$outputs/eval/comparison.json" evaluate "" python evaluate.py --model all --hub "$hub" --outputs "$outputs"
