@@ -12,7 +12,6 @@ import math
 import time
 from pathlib import Path
 
-import torch
 from sklearn.model_selection import ParameterSampler
 
 import data
@@ -38,18 +37,14 @@ def run_trial(name, params, train_data, args, device, precision):
     rate, size = params["learning_rate"], params["batch_size"]
     optimizer = train.OPTIMIZERS["sgd"](model.parameters(), rate, params["momentum"],
                                         params["weight_decay"])
-    (images, labels), val, mean, std = train_data["train"], train_data["val"], train_data["mean"], \
-        train_data["std"]
-    generator, scores = torch.Generator(), []
+    scores = []
     for epoch in range(1, args.epochs + 1):
-        generator.manual_seed(args.seed * 1_000_003 + epoch)
-        torch.manual_seed(args.seed * 1_000_003 + epoch)
-        batches = data.train_batches(images, labels, mean, std, size, generator,
-                                     data.AUGMENTS[args.augment])
+        batches = train.epoch_batches(train_data, size, args.augment, args.seed, epoch)
         loss, _, _ = train.train_one_epoch(model, optimizer, batches, lambda step: rate, args.clip,
                                            precision)
         if not math.isfinite(loss):
             return {"params": params, "val_loss": None, "val_acc": None, "diverged": True}
+        val, mean, std = train_data["val"], train_data["mean"], train_data["std"]
         scores.append(train.evaluate(model, *val, mean, std, precision))
     val_loss, val_acc = min(scores)
     return {"params": params, "val_loss": val_loss, "val_acc": val_acc}

@@ -93,6 +93,22 @@ def add_flags(parser, defaults):
 
 # ----------------------------------------------------------------------------- the loop
 
+def forward(model, inputs, precision):
+    """The network's logits in the run's precision and memory format."""
+    with autocast(precision, inputs.device):
+        return model(inputs.contiguous(memory_format=FORMATS[precision]))
+
+
+def epoch_batches(train_data, batch_size, augment, seed, epoch):
+    """One epoch's batches, with shuffling, augmentation and dropout seeded from (seed, epoch):
+    a resumed run repeats exactly what an uninterrupted one would have done."""
+    torch.manual_seed(seed * 1_000_003 + epoch)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    (images, labels), mean, std = train_data["train"], train_data["mean"], train_data["std"]
+    recipe = data.AUGMENTS[augment]
+    return data.train_batches(images, labels, mean, std, batch_size, generator, recipe)
+
+
 def train_one_epoch(model, optimizer, batches, lr_at, clip, precision="fp32", smoothing=0.0):
     """One pass over `batches`; returns (mean loss, accuracy, images seen)."""
     model.train()
@@ -101,8 +117,7 @@ def train_one_epoch(model, optimizer, batches, lr_at, clip, precision="fp32", sm
     for step, (inputs, target) in enumerate(batches):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        with autocast(precision, device):
-            logits = model(inputs.contiguous(memory_format=FORMATS[precision]))
+        logits = forward(model, inputs, precision)
         loss = F.cross_entropy(logits.float(), target, label_smoothing=smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -121,8 +136,7 @@ def evaluate(model, images, labels, mean, std, precision="fp32"):
     model.eval()
     loss_sum, correct = torch.zeros((), device=images.device), torch.zeros((), device=images.device)
     for inputs, target in data.eval_batches(images, labels, mean, std):
-        with autocast(precision, images.device):
-            logits = model(inputs.contiguous(memory_format=FORMATS[precision]))
+        logits = forward(model, inputs, precision)
         loss_sum += F.cross_entropy(logits.float(), target, reduction="sum")
         correct += (logits.argmax(1) == target).sum()
     return loss_sum.item() / max(len(labels), 1), correct.item() / max(len(labels), 1)
@@ -138,24 +152,17 @@ def learning_rate(args, epoch, step, steps):
 
 def fit(model, optimizer, train_data, args, precision, history=(), kept=None, save=None, log=print):
     """Train to args.epochs after `history`; after each epoch `save(kept weights, history)`.
-
-    Every epoch reseeds shuffling, augmentation and dropout from (seed, epoch), so a resumed
-    run repeats exactly what an uninterrupted one would have done. Returns (history, kept).
-    """
-    history, generator = list(history), torch.Generator()
-    (images, labels), val, mean, std = train_data["train"], train_data["val"], train_data["mean"], \
-        train_data["std"]
-    steps = math.ceil(len(labels) / args.batch_size)
+    Returns (history, kept weights)."""
+    history, val = list(history), train_data["val"]
+    mean, std = train_data["mean"], train_data["std"]
+    steps = math.ceil(len(train_data["train"][1]) / args.batch_size)
     for epoch in range(len(history) + 1, args.epochs + 1):
         best = kept_epoch(history, "best") if history else 0
         if val and args.schedule == "constant" and 0 < args.patience <= epoch - 1 - best:
             log(f"early stop: no better validation loss for {args.patience} epochs (best: {best})")
             break
-        generator.manual_seed(args.seed * 1_000_003 + epoch)
-        torch.manual_seed(args.seed * 1_000_003 + epoch)
         start = time.time()
-        batches = data.train_batches(images, labels, mean, std, args.batch_size, generator,
-                                     data.AUGMENTS[args.augment])
+        batches = epoch_batches(train_data, args.batch_size, args.augment, args.seed, epoch)
         batches = itertools.islice(batches, 1) if args.dry_run else progress(batches, steps, log)
         loss, acc, seen = train_one_epoch(model, optimizer, batches, lambda step: learning_rate(
             args, epoch, step, steps), args.clip, precision, args.label_smoothing)
@@ -192,8 +199,7 @@ def recalibrate_bn(model, images, labels, mean, std, precision, batch_size=256):
     for inputs, _ in data.train_batches(images, labels, mean, std, batch_size, torch.Generator()):
         for norm in norms:  # each batch weighted by its size: the mean of every image
             norm.momentum = len(inputs) / (seen + len(inputs))
-        with autocast(precision, images.device):
-            model(inputs.contiguous(memory_format=FORMATS[precision]))
+        forward(model, inputs, precision)
         seen += len(inputs)
     for norm in norms:
         norm.momentum = 0.1
