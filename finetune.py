@@ -24,18 +24,16 @@ def main(argv=None):
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(MODELS), help="(default: the checkpoint's)")
     parser.add_argument("--ckpt", metavar="FILE", help="(default: HUB/pre_trained/MODEL.pth)")
-    args = parse_settings(train.add_flags(parser, DEFAULTS), argv)
-    if not args.model and not args.ckpt:
+    known, _ = train.add_flags(parser, DEFAULTS).parse_known_args(argv)
+    if not known.model and not known.ckpt:
         parser.error("give --model NAME (uses HUB/pre_trained/NAME.pth) or --ckpt FILE")
     with one_line_errors():
-        path = Path(args.ckpt or Path(args.hub) / "pre_trained" / f"{args.model}.pth")
-        ckpt, model = load_checkpoint(path, args.model)
-        pretraining, args.model = ckpt.get("args", {}), ckpt["model"]
-        for key, value in ("dataset", ckpt["dataset"]), ("batch_size", pretraining.get(
-                "batch_size")):
-            if getattr(args, key) is None:
-                setattr(args, key, value or 64)
-                print(f"  {key:14s} {value!s:24s} (the pre-training's, {path})")
+        path = Path(known.ckpt or Path(known.hub) / "pre_trained" / f"{known.model}.pth")
+        ckpt, model = load_checkpoint(path, known.model)
+        pretraining = ckpt.get("args", {})
+        args = parse_settings(parser, argv, layers=[(f"pre-training {path}", {
+            "model": ckpt["model"], "dataset": ckpt["dataset"],
+            "batch_size": pretraining.get("batch_size") or 64})])
         if args.dataset != ckpt["dataset"]:
             raise UserError(f"{path} was trained on {ckpt['dataset']}: leave --dataset out")
         held_out = {key: pretraining.get(key) for key in ("seed", "subset", "val_fraction")}

@@ -37,24 +37,27 @@ def one_line_errors():
         sys.exit(f"error: {err.strerror or err}: {err.filename or ''}")
 
 
-def parse_settings(parser, argv=None, params_keys=()):
-    """Parse argv; `--params FILE` (a search's best_params) replaces the defaults of `params_keys`.
-    Prints every value once with its source: a flag, the params file, or the script's default."""
+def parse_settings(parser, argv=None, params_keys=(), layers=()):
+    """Parse argv; `layers`, each (source, {key: value}), replace defaults (e.g. the checkpoint
+    fine-tuned), and so does `--params FILE` (a search's best_params) for `params_keys`. Prints
+    every value once with its source: a flag, a layer, the params file, or the script's default."""
     known, _ = parser.parse_known_args(argv)
-    params = {}
+    layers = list(layers)
     if getattr(known, "params", None):
         try:
             best = json.loads(Path(known.params).read_text())["best_params"]
-            params = {key: best[key] for key in params_keys}
+            layers.append((f"--params {known.params}", {key: best[key] for key in params_keys}))
         except (OSError, ValueError, KeyError, TypeError) as err:
             parser.error(f"--params {known.params} is not a finished search ({type(err).__name__})")
-        parser.set_defaults(**params)
+    sources = {}
+    for source, values in layers:
+        parser.set_defaults(**values)
+        sources.update(dict.fromkeys(values, source))
     unset = object()
     given = parser.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in parser._actions}))
     args = parser.parse_args(argv)
     for key, value in vars(args).items():
-        source = "flag" if getattr(given, key) is not unset else \
-            f"--params {known.params}" if key in params else "default"
+        source = "flag" if getattr(given, key) is not unset else sources.get(key, "default")
         print(f"  {key:14s} {value!s:24s} ({source})")
     return args
 

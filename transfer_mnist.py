@@ -60,17 +60,18 @@ def main(argv=None):
     parser.add_argument("--ckpt", metavar="FILE",
                         help="EMNIST checkpoint (default: the hub's fine-tuned, else pre-trained)")
     parser.add_argument("--from-scratch", action="store_true", help="start from random weights")
-    args = parse_settings(train.add_flags(parser, DEFAULTS), argv)
-    if not args.model and not args.ckpt:
+    known, _ = train.add_flags(parser, DEFAULTS).parse_known_args(argv)
+    if not known.model and not known.ckpt:
         parser.error("give --model NAME or --ckpt FILE")
     with one_line_errors():
+        path = Path(known.ckpt) if known.ckpt else evaluate.find_checkpoint(known.hub, known.model)
+        ckpt, model = load_checkpoint(path, known.model)
+        args = parse_settings(parser, argv, layers=[(str(path), {"model": ckpt["model"]})])
         if args.dataset != "mnist":
             raise UserError("transfer_mnist.py transfers to MNIST only: leave --dataset out")
-        path = Path(args.ckpt) if args.ckpt else evaluate.find_checkpoint(args.hub, args.model)
-        ckpt, model = load_checkpoint(path, args.model)
         if not all(digit in ckpt["classes"] for digit in data.DIGITS):
             raise UserError(f"{path} was trained on {ckpt['dataset']}: it has no digits")
-        args.model, device = ckpt["model"], get_device(args.device)
+        device = get_device(args.device)
         set_seed(args.seed)
         rows = [ckpt["classes"].index(digit) for digit in data.DIGITS]
         model = build_model(args.model, 10) if args.from_scratch else replace_head(model, 10, rows)
