@@ -37,6 +37,7 @@ DEFAULTS = dict(
     patience=10,  # stop after this many epochs without a better validation loss (constant rate)
     clip=1.0,  # the study's gradient-norm clip (0: none)
     label_smoothing=0.0,  # the study's plain cross-entropy
+    dropout=None,  # the rate of every Dropout layer while training (None: the network's own)
     augment="study",  # data.AUGMENTS: the study's random affine
     schedule="constant",  # or cosine: the rate falls to 0 over --epochs
     keep="best",  # the epoch with the lowest validation loss, or the last
@@ -70,6 +71,7 @@ def add_flags(parser, defaults):
         help="stop after N epochs with no better validation loss, 0: never (default: %(default)s)")
     add("--clip", type=float, metavar="X", help="gradient-norm clip, 0: off (default: %(default)s)")
     add("--label-smoothing", type=float, metavar="X", help="(default: %(default)s)")
+    add("--dropout", type=float, metavar="X", help="while training (default: the network's own)")
     add("--augment", choices=list(data.AUGMENTS), help="(default: %(default)s)")
     add("--schedule", choices=["constant", "cosine"], help="(default: %(default)s)")
     add("--keep", choices=["best", "last"], help="the epoch kept (default: %(default)s)")
@@ -234,6 +236,9 @@ def run_stage(model, train_data, args, device, path, json_path, meta):
     precision, why = choose_precision(args.precision, device)
     print(f"precision: {precision} ({why})")
     model = model.to(device, memory_format=FORMATS[precision])
+    for layer in model.modules():  # evaluation never drops
+        if isinstance(layer, torch.nn.Dropout) and args.dropout is not None:
+            layer.p = args.dropout
     optimizer = OPTIMIZERS[args.optimizer](model.parameters(), args.learning_rate, args.momentum,
                                            args.weight_decay)
     history, kept = [], None
