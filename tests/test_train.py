@@ -47,6 +47,14 @@ def test_resuming_gives_the_weights_of_a_run_never_stopped(tmp_path):
     assert same(weights(a), weights(b)) and same(weights(a, "last"), weights(b, "last"))
 
 
+def test_dropout_sets_the_training_rate_and_its_default_is_the_networks_own(tmp_path):
+    for name, extra in [("own", []), ("half", ["--dropout", "0.5"]), ("none", ["--dropout", "0"])]:
+        train.main(train_args(tmp_path / name, *extra, epochs=2))
+    own, half, none = (weights(tmp_path / name / "hub" / "pre_trained" / "lenet.pth", "last")
+                       for name in ("own", "half", "none"))
+    assert same(own, half) and not same(own, none)  # LeNet's Dropout layers drop half
+
+
 @pytest.mark.slow
 def test_ctrl_c_then_resume_ends_with_the_same_weights_as_a_run_never_stopped(tmp_path):
     args = train_args(
