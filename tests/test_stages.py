@@ -11,7 +11,7 @@ import evaluate
 import finetune
 import search
 import transfer_mnist
-from conftest import real_data, refused, train_args
+from conftest import ROOT, one_line_error, real_data, refused, run, train_args
 
 
 def test_search_ranks_its_trials_and_resumes_where_it_stopped(tmp_path):
@@ -194,3 +194,16 @@ def test_recalibrated_batchnorm_statistics_are_those_of_the_clean_images(tmp_pat
     inputs = train.data.normalize(images, ckpt["mean"], ckpt["std"])
     first = model.stem[0](inputs)  # the first BatchNorm sees the first convolution's output
     assert torch.allclose(model.stem[1].running_mean, first.mean((0, 2, 3)), atol=1e-4)
+
+
+def test_publishing_keeps_the_kept_weights_without_the_optimizer_state(trained_lenet, tmp_path):
+    _, path = trained_lenet
+    publish = ROOT / "results" / "emnist-byclass" / "publish.py"
+    as_trained = run(publish, path, "--as-trained", "--out", tmp_path)
+    assert "did not keep its last epoch" in one_line_error(as_trained)
+    published = run(publish, path, "--out", tmp_path)
+    assert published.returncode == 0, published.stderr
+    ours, theirs = (torch.load(file, weights_only=True) for file in (path, tmp_path / "lenet.pth"))
+    assert "last" not in theirs and theirs["classes"] == ours["classes"]
+    assert all(torch.equal(ours["state_dict"][key], theirs["state_dict"][key])
+               for key in ours["state_dict"])
