@@ -47,8 +47,8 @@ def main(argv=None):
                 note = f"on the {len(train_data['train'][1]):,} unaugmented training images"
             keep = ("model", "num_classes", "dataset", "classes", "mean", "std", "args", "history")
             out = Path(args.out) / f"{ckpt['model']}.pth"
-            save_checkpoint(out, dict({key: ckpt[key] for key in keep}, state_dict=model.state_dict(),
-                                      **({"recalibrated_bn": note} if note else {})))
+            published = dict({key: ckpt[key] for key in keep}, state_dict=model.state_dict())
+            save_checkpoint(out, dict(published, recalibrated_bn=note) if note else published)
             print(f"wrote {out}")
 
 
