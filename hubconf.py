@@ -4,6 +4,9 @@
     model.classes, model.mean, model.std   # "0-9A-Za-z", and the normalisation of its inputs
 
 The weights are results/emnist-byclass/published/{name}.pth (its README says how they were trained).
+They were trained on 96,323 images of EMNIST ByClass's official *test* split (the only complete
+ByClass split at hand; its other 20,000 images tested them): scored on the whole official test
+split, they measure mostly training accuracy, not test accuracy.
 A network takes [N, 1, 28, 28] upright images in [0, 1], normalised as (x - mean) / std;
 evaluate.prepare_picture turns a photo or a drawing into one.
 """
@@ -28,25 +31,25 @@ def _network(name, pretrained):
 
 
 def lenet(pretrained=True):
-    """LeNet, trained on EMNIST ByClass (62 classes)."""
+    """LeNet, trained on 96,323 images of the official ByClass *test* split."""
     return _network("lenet", pretrained)
 
 
 def alexnet(pretrained=True):
-    """AlexNet, trained on EMNIST ByClass (62 classes)."""
+    """AlexNet, trained on 96,323 images of the official ByClass *test* split."""
     return _network("alexnet", pretrained)
 
 
 def vggnet(pretrained=True):
-    """VGGNet, trained on EMNIST ByClass (62 classes)."""
+    """VGGNet, trained on 96,323 images of the official ByClass *test* split."""
     return _network("vggnet", pretrained)
 
 
 def resnet(pretrained=True):
-    """ResNet, trained on EMNIST ByClass (62 classes)."""
+    """ResNet, trained on 96,323 images of the official ByClass *test* split."""
     return _network("resnet", pretrained)
 
 
 def spinalnet(pretrained=True):
-    """SpinalNet, trained on EMNIST ByClass (62 classes)."""
+    """SpinalNet, trained on 96,323 images of the official ByClass *test* split."""
     return _network("spinalnet", pretrained)
