@@ -8,13 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 outputs=results/fashion-mnist/study/outputs hub=results/fashion-mnist/work/model_hub logs=results/fashion-mnist/study/logs
 mkdir -p "$logs"
-stage() {  # result, log, checkpoint ("" for none), command...: run unless the result exists; a stopped run resumes
-  local result=$1 log=$2 checkpoint=$3; shift 3
-  [ -e "$result" ] && return 0
-  echo "$log: running"
-  if [ -n "$checkpoint" ] && [ -e "$checkpoint" ]; then set -- "$@" --resume; fi
-  "$@" >> "$logs/$log.log" 2>&1
-}
+source results/stage.sh  # stage RESULT LOG CHECKPOINT COMMAND...
 for m in ${*:-lenet alexnet vggnet resnet spinalnet}; do
   stage "$outputs/search/$m.json" "search_$m" "" python search.py --model "$m" --dataset fashion-mnist --outputs "$outputs"
   stage "$outputs/train/$m.json" "train_$m" "$hub/pre_trained/$m.pth" python train.py --model "$m" \
