@@ -37,14 +37,13 @@ def run_trial(name, params, train_data, args, device, precision):
     rate, size = params["learning_rate"], params["batch_size"]
     optimizer = train.OPTIMIZERS["sgd"](model.parameters(), rate, params["momentum"],
                                         params["weight_decay"])
-    scores = []
+    val, mean, std, scores = train_data["val"], train_data["mean"], train_data["std"], []
     for epoch in range(1, args.epochs + 1):
         batches = train.epoch_batches(train_data, size, args.augment, args.seed, epoch)
         loss, _, _ = train.train_one_epoch(model, optimizer, batches, lambda step: rate, args.clip,
                                            precision)
         if not math.isfinite(loss):
             return {"params": params, "val_loss": None, "val_acc": None, "diverged": True}
-        val, mean, std = train_data["val"], train_data["mean"], train_data["std"]
         scores.append(train.evaluate(model, *val, mean, std, precision))
     val_loss, val_acc = min(scores)
     return {"params": params, "val_loss": val_loss, "val_acc": val_acc}

@@ -236,9 +236,10 @@ def run_stage(model, train_data, args, device, path, json_path, meta):
     precision, why = choose_precision(args.precision, device)
     print(f"precision: {precision} ({why})")
     model = model.to(device, memory_format=FORMATS[precision])
-    for layer in model.modules():  # evaluation never drops
-        if isinstance(layer, torch.nn.Dropout) and args.dropout is not None:
-            layer.p = args.dropout
+    if args.dropout is not None:  # the training rate; evaluation never drops
+        for layer in model.modules():
+            if isinstance(layer, torch.nn.Dropout):
+                layer.p = args.dropout
     optimizer = OPTIMIZERS[args.optimizer](model.parameters(), args.learning_rate, args.momentum,
                                            args.weight_decay)
     history, kept = [], None
