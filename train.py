@@ -10,6 +10,7 @@ Writes model_hub/pre_trained/{model}.pth after every epoch: the kept epoch's wei
 validation loss), and the last epoch's with its optimizer state, which --resume continues; at the
 end outputs/train/{model}.json (settings, history; evaluate.py draws the curves).
 """
+import argparse
 import copy
 import itertools
 import math
@@ -55,6 +56,13 @@ NOT_THE_RUN = {"resume", "overwrite", "epochs", "patience", "device", "data_dir"
                "hub", "outputs", "compile", "dry_run", "recalibrate_bn"}  # may change on resume
 
 
+def fraction(text):
+    """An argparse type: a number from 0 up to, not including, 1."""
+    if not 0 <= float(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not from 0 up to 1")
+    return float(text)
+
+
 def add_flags(parser, defaults):
     """The flags of every training stage, their defaults the stage's DEFAULTS (shown by --help)."""
     parser.set_defaults(**defaults)
@@ -70,14 +78,15 @@ def add_flags(parser, defaults):
     add("--patience", type=int, metavar="N",
         help="stop after N epochs with no better validation loss, 0: never (default: %(default)s)")
     add("--clip", type=float, metavar="X", help="gradient-norm clip, 0: off (default: %(default)s)")
-    add("--label-smoothing", type=float, metavar="X", help="(default: %(default)s)")
-    add("--dropout", type=float, metavar="X", help="while training (default: the network's own)")
+    add("--label-smoothing", type=fraction, metavar="X", help="(default: %(default)s)")
+    add("--dropout", type=fraction, metavar="X", help="while training (default: the network's own)")
     add("--augment", choices=list(data.AUGMENTS), help="(default: %(default)s)")
     add("--schedule", choices=["constant", "cosine"], help="(default: %(default)s)")
     add("--keep", choices=["best", "last"], help="the epoch kept (default: %(default)s)")
     add("--recalibrate-bn", action="store_true",
         help="at the end, measure BatchNorm statistics again on the unaugmented training images")
-    add("--val-fraction", type=float, metavar="X", help="held out, 0: none (default: %(default)s)")
+    add("--val-fraction", type=fraction, metavar="X",
+        help="held out, 0: none (default: %(default)s)")
     add("--seed", type=int, default=0, help="of split, init, order, augmentation (default: 0)")
     add("--data-dir", default="data", metavar="DIR", help="dataset files (default: %(default)s)")
     add("--no-download", action="store_true", help="never download missing data")

@@ -160,6 +160,7 @@ def test_every_value_is_printed_once_with_its_source(tmp_path):
         (["--hub", "README.md/hub"], "README.md"),
         (["--params", "missing.json"], "not a finished search"),
         (["--lr", "1e6", "--clip", "0"], "diverged"),
+        (["--dropout", "2"], "not from 0 up to 1"),
     ],
 )
 def test_a_users_mistake_is_one_line_and_a_non_zero_exit(tmp_path, extra, expected):
