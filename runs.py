@@ -58,7 +58,7 @@ def parse_settings(parser, argv=None, params_keys=(), layers=()):
     args = parser.parse_args(argv)
     for key, value in vars(args).items():
         source = "flag" if getattr(given, key) is not unset else sources.get(key, "default")
-        print(f"  {key:14s} {value!s:24s} ({source})")
+        print(f"  {key:15s} {value!s:24s} ({source})")
     return args
 
 
