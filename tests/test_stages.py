@@ -207,3 +207,21 @@ def test_publishing_keeps_the_kept_weights_without_the_optimizer_state(trained_l
     assert "last" not in theirs and theirs["classes"] == ours["classes"]
     assert all(torch.equal(ours["state_dict"][key], theirs["state_dict"][key])
                for key in ours["state_dict"])
+
+
+def test_averaging_publishes_one_network_with_the_mean_of_the_weights(trained_lenet, tmp_path):
+    _, path = trained_lenet
+    ckpt = torch.load(path, weights_only=True)
+    convolutions = [key for key, value in ckpt["state_dict"].items() if value.dim() == 4]
+    moved = {key: value + 1 if key in convolutions else value
+             for key, value in ckpt["state_dict"].items()}
+    torch.save(dict(ckpt, state_dict=moved), tmp_path / "moved.pth")
+    publish = ROOT / "results" / "emnist-byclass" / "publish.py"
+    refused = run(publish, path, tmp_path / "moved.pth", "--average", "--out", tmp_path)
+    assert "--recalibrate" in one_line_error(refused)
+    averaged = run(publish, path, tmp_path / "moved.pth", "--average", "--recalibrate",
+                   "--out", tmp_path)
+    assert averaged.returncode == 0, averaged.stderr
+    mean = torch.load(tmp_path / "lenet.pth", weights_only=True)["state_dict"]
+    assert convolutions and all(torch.allclose(mean[key], ckpt["state_dict"][key] + 0.5)
+                                for key in convolutions)

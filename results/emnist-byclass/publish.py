@@ -5,7 +5,9 @@
 --recalibrate measures the BatchNorm statistics again on the unaugmented images the checkpoint
 trained on (train.recalibrate_bn: dropout off, a cumulative average over every image), as
 `--recalibrate-bn` does at the end of a run; --as-trained takes the last epoch's weights as they
-were trained, before such a recalibration (for a run that kept its last epoch).
+were trained, before such a recalibration (for a run that kept its last epoch); --average publishes
+one network, the mean of the checkpoints' weights (runs of one network from one start: a "soup"),
+recalibrated.
 """
 import sys
 from pathlib import Path
@@ -26,18 +28,30 @@ def main(argv=None):
     how = parser.add_mutually_exclusive_group()
     how.add_argument("--recalibrate", action="store_true", help="measure BatchNorm again")
     how.add_argument("--as-trained", action="store_true", help="the last epoch, not recalibrated")
+    parser.add_argument("--average", action="store_true", help="publish the mean of their weights")
     parser.add_argument("--data-dir", default="data/emnist-byclass-carved", help="the carve")
     args = parser.parse_args(argv)
     with one_line_errors():
+        loaded = []
         for path in map(Path, args.ckpt):
             ckpt, model = load_checkpoint(path)
-            run = ckpt["args"]
-            note = "at the end of its run" if run.get("recalibrate_bn") else None
             if args.as_trained:
-                if run.get("keep") != "last" or "last" not in ckpt:
+                if ckpt["args"].get("keep") != "last" or "last" not in ckpt:
                     raise UserError(f"{path} did not keep its last epoch: leave --as-trained out")
                 model.load_state_dict(ckpt["last"]["state_dict"])
-                note = None
+            loaded.append((ckpt, model))
+        if args.average:
+            if not args.recalibrate or len({ckpt["model"] for ckpt, _ in loaded}) > 1:
+                raise UserError("--average takes checkpoints of one network and --recalibrate")
+            states = [model.state_dict() for _, model in loaded]
+            mean = {key: sum(state[key] for state in states) / len(states)
+                    if value.is_floating_point() else value for key, value in states[0].items()}
+            loaded[0][1].load_state_dict(mean)
+            loaded = [(dict(loaded[0][0], averaged=args.ckpt), loaded[0][1])]
+        for ckpt, model in loaded:
+            run = ckpt["args"]
+            recalibrated = run.get("recalibrate_bn") and not args.as_trained
+            note = "at the end of its run" if recalibrated else None
             if args.recalibrate:
                 train_data = data.training_data(ckpt["dataset"], args.data_dir, torch.device("cpu"),
                                                  run["seed"], run["val_fraction"], run["subset"],
@@ -45,9 +59,11 @@ def main(argv=None):
                                                  stats=(ckpt["mean"], ckpt["std"]))
                 train.recalibrate_bn(model, *train_data["train"], ckpt["mean"], ckpt["std"], "fp32")
                 note = f"on the {len(train_data['train'][1]):,} unaugmented training images"
-            keep = ("model", "num_classes", "dataset", "classes", "mean", "std", "args", "history")
+            keep = ("model", "num_classes", "dataset", "classes", "mean", "std", "args", "history",
+                    "averaged")
             out = Path(args.out) / f"{ckpt['model']}.pth"
-            published = dict({key: ckpt[key] for key in keep}, state_dict=model.state_dict())
+            published = dict({key: ckpt[key] for key in keep if key in ckpt},
+                             state_dict=model.state_dict())
             save_checkpoint(out, dict(published, recalibrated_bn=note) if note else published)
             print(f"wrote {out}")
 
