@@ -141,10 +141,10 @@ def test_every_value_is_printed_once_with_its_source(tmp_path):
     out = run(
         "train.py", *train_args(tmp_path, "--params", search, "--dry-run", "--momentum", "0.8")
     ).stdout
-    assert f"batch_size     16                       (--params {search})" in out
-    assert "learning_rate  0.05                     (flag)" in out  # a flag beats the file
-    assert "momentum       0.8                      (flag)" in out
-    assert "clip           1.0                      (default)" in out
+    assert f"batch_size      16                       (--params {search})" in out
+    assert "learning_rate   0.05                     (flag)" in out  # a flag beats the file
+    assert "momentum        0.8                      (flag)" in out
+    assert "clip            1.0                      (default)" in out
     assert out.count("learning_rate ") == 1
 
 
