@@ -47,7 +47,7 @@ def main(argv=None):
             mean = {key: sum(state[key] for state in states) / len(states)
                     if value.is_floating_point() else value for key, value in states[0].items()}
             loaded[0][1].load_state_dict(mean)
-            loaded = [(dict(loaded[0][0], averaged=args.ckpt), loaded[0][1])]
+            loaded = loaded[:1]
         for ckpt, model in loaded:
             run = ckpt["args"]
             recalibrated = run.get("recalibrate_bn") and not args.as_trained
@@ -59,11 +59,11 @@ def main(argv=None):
                                                  stats=(ckpt["mean"], ckpt["std"]))
                 train.recalibrate_bn(model, *train_data["train"], ckpt["mean"], ckpt["std"], "fp32")
                 note = f"on the {len(train_data['train'][1]):,} unaugmented training images"
-            keep = ("model", "num_classes", "dataset", "classes", "mean", "std", "args", "history",
-                    "averaged")
+            keep = ("model", "num_classes", "dataset", "classes", "mean", "std", "args", "history")
             out = Path(args.out) / f"{ckpt['model']}.pth"
-            published = dict({key: ckpt[key] for key in keep if key in ckpt},
-                             state_dict=model.state_dict())
+            published = dict({key: ckpt[key] for key in keep}, state_dict=model.state_dict())
+            if args.average:
+                published["averaged"] = args.ckpt
             save_checkpoint(out, dict(published, recalibrated_bn=note) if note else published)
             print(f"wrote {out}")
 
